@@ -1,0 +1,42 @@
+"""Engine-wide settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import InvalidRequestError
+
+
+@dataclass
+class EngineConfig:
+    # Most requests decoded together in one forward pass.
+    max_batch: int = 16
+    # Requests allowed to wait for a batch slot; beyond this, submit() raises QueueFullError.
+    max_waiting: int = 256
+    # Tokens one engine step may process: one per decoding row, the rest goes to
+    # prompt chunks, so a long prompt is prefilled in slices between decode steps.
+    step_token_budget: int = 512
+    # "auto": float32 weights on the CPU backend (bf16/quantized CPU kernels are
+    # several times slower there), the checkpoint's own dtype on a GPU.
+    dtype: str = "auto"
+    # Where converted models (GGUF -> mlx-lm directory) are kept; None = default.
+    model_cache_dir: str | None = None
+    # Longest prompt + completion; None = the model's max_position_embeddings.
+    max_context: int | None = None
+    # Show tqdm progress bars while converting/loading.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1:
+            raise InvalidRequestError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_waiting < 0:
+            raise InvalidRequestError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.step_token_budget < self.max_batch + 1:
+            raise InvalidRequestError(
+                f"step_token_budget ({self.step_token_budget}) must exceed max_batch "
+                f"({self.max_batch}) so prompts always make progress"
+            )
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):
+            raise InvalidRequestError(
+                f"dtype must be one of auto, float32, float16, bfloat16, model; got {self.dtype!r}"
+            )

@@ -1,0 +1,389 @@
+"""The engine: one long-lived thread owns the model and every MLX call.
+
+Callers on any thread (notebook cells, the HTTP server's loop) submit requests
+through a thread-safe inbox and read results from a RequestHandle. MLX must
+only ever run on this thread: MLX aborts at exit when generation ran on
+short-lived threads, and one owner means no locks around the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Callable, Iterator
+
+import mlx.core as mx
+
+from . import backend, loader
+from .config import EngineConfig
+from .errors import EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from .handle import RequestHandle
+from .metrics import EngineMetrics
+from .model_runner import ModelRunner
+from .worker import MLXWorker
+from .model_store import DEFAULT_MODEL, resolve_model
+from .outputs import Completion, Delta, TokenLogprob, Usage
+from .sampler import sample_row, top_logprobs
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, SeqStatus
+from .text_stream import TextStream
+
+Prompt = str | list[dict] | list[int]
+_ids = itertools.count(1)
+
+
+class Engine:
+    """Use `Engine.load(model, config)`; the constructor is internal."""
+
+    def __init__(self, model_path, config: EngineConfig, name: str):
+        self.config = config
+        self.model_name = name
+        self.model_path = model_path
+        self.metrics_ = EngineMetrics()
+        self.scheduler = Scheduler(config)
+        self._worker = MLXWorker.get()
+        self._waiting_lock = threading.Lock()
+        self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
+        self._closed = False
+        ready: Future = Future()
+        self._worker.post(self, ("attach", ready))
+        ready.result()  # re-raises a load error in the caller
+
+    @classmethod
+    def load(cls, model: str | os.PathLike = DEFAULT_MODEL,
+             config: EngineConfig | None = None) -> "Engine":
+        config = config or EngineConfig()
+        path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
+        return cls(path, config, name=str(model))
+
+    # -- public API (any thread) ---------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._loaded.tokenizer
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: text, chat messages (chat template) or ids as they are."""
+        tok = self._loaded.tokenizer
+        if isinstance(prompt, str):
+            ids = tok.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        elif isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            ids = self._encode_chat(prompt)
+        else:
+            raise InvalidRequestError(
+                "prompt must be a string, a list of chat messages ({'role', 'content'}) "
+                f"or a list of token ids; got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty (no tokens)")
+        vocab = self._loaded.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"token ids must be in [0, {vocab})")
+        return ids
+
+    def _encode_chat(self, messages: list[dict]) -> list[int]:
+        for m in messages:
+            if "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"chat messages need 'role' and 'content': {m!r}")
+        tok = self._loaded.tokenizer
+        if tok.has_chat_template:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        else:  # plain fallback for models without a template
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            return tok.encode(text)
+        return tok.encode(text, add_special_tokens=False)
+
+    def submit(self, prompt: Prompt, params: SamplingParams | None = None, *,
+               source: str = "python", **kwargs) -> RequestHandle:
+        """Queue a request; returns at once with a handle to stream, wait on or cancel."""
+        self._check_open()
+        params = params or SamplingParams(**kwargs)
+        prompt_ids = self.encode(prompt)
+        max_len = self.max_context
+        if len(prompt_ids) >= max_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_len}")
+        with self._waiting_lock:
+            # Free batch slots take requests at the next step; the rest must wait.
+            free = self.config.max_batch - len(self.scheduler.running) - len(self.scheduler.prefilling)
+            if self._queued - max(free, 0) >= self.config.max_waiting:
+                self.metrics_.count("requests_rejected")
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
+            self._queued += 1
+        request_id = f"req-{next(_ids)}"
+        handle = RequestHandle(request_id, on_cancel=lambda h: self._worker.post(self, ("wake",)))
+        seq = Sequence(
+            request_id=request_id, prompt_ids=prompt_ids, params=params,
+            seed=params.seed if params.seed is not None else random.getrandbits(63),
+            handle=handle, text=TextStream(self._loaded.tokenizer.detokenizer, params.stop),
+            max_len=max_len, source=source)
+        self.metrics_.count("requests_submitted")
+        self._worker.post(self, ("submit", seq))
+        return handle
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs) -> Completion:
+        """Run one request to the end (blocking)."""
+        handle = self.submit(prompt, params, **kwargs)
+        try:
+            return handle.result()
+        except BaseException:
+            handle.cancel()  # e.g. KeyboardInterrupt in a notebook cell
+            raise
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None,
+               **kwargs) -> Iterator[Delta]:
+        """Yield Deltas as tokens are produced; closing the iterator cancels the request."""
+        handle = self.submit(prompt, params, **kwargs)
+        try:
+            yield from handle
+        finally:
+            handle.cancel()
+
+    async def astream(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs):
+        """Async version of stream() for asyncio code (the HTTP server)."""
+        handle = self.submit(prompt, params, **kwargs)
+        try:
+            async for delta in handle:
+                yield delta
+        finally:
+            handle.cancel()
+
+    async def agenerate(self, prompt: Prompt, params: SamplingParams | None = None,
+                        **kwargs) -> Completion:
+        handle = self.submit(prompt, params, **kwargs)
+        try:
+            return await handle.aresult()
+        finally:
+            handle.cancel()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread between steps (for anything that touches MLX)."""
+        self._check_open()
+        if self._worker.on_thread():
+            return fn()
+        future: Future = Future()
+        self._worker.post(self, ("call", fn, future))
+        return future.result()
+
+    def metrics(self) -> dict:
+        out = self.metrics_.snapshot()
+        out.update(
+            model=self.model_name, backend=self.backend, blas=backend.blas(),
+            dtype=self._loaded.dtype, max_batch=self.config.max_batch,
+            running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
+            waiting=len(self.scheduler.waiting))
+        return out
+
+    @property
+    def backend(self) -> str:
+        return "cpu" if loader.on_cpu() else "gpu"
+
+    @property
+    def max_context(self) -> int:
+        return min(self.config.max_context or self._loaded.max_context, self._loaded.max_context)
+
+    def close(self) -> None:
+        """Cancel everything and free the model. The shared MLX thread keeps running."""
+        if self._closed:
+            return
+        self._closed = True
+        done: Future = Future()
+        self._worker.post(self, ("stop", done))
+        if not self._worker.on_thread():
+            done.result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("the engine is closed")
+
+    # -- on the MLX worker thread ----------------------------------------------
+    def _start(self, ready: Future) -> bool:
+        try:
+            self._loaded = loader.load(self.model_path, self.config.dtype)
+            self._eos = set(self._loaded.tokenizer.eos_token_ids)
+            self.runner = ModelRunner(self._loaded.model)
+        except BaseException as e:
+            self._closed = True
+            ready.set_exception(e)
+            return False
+        ready.set_result(None)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def _handle(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "submit":
+            if self._closed:
+                item[1].handle._fail(EngineClosedError("the engine was closed"))
+            else:
+                self.scheduler.add(item[1])
+        elif kind == "call":
+            _, fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+        # "wake" only interrupts the worker's wait; cancellations are read at each step
+
+    def _shutdown(self) -> None:
+        self._abort_all(EngineClosedError("the engine was closed"))
+        self._loaded.model = None
+
+    def _recover(self, error: Exception) -> None:
+        """An unexpected error inside a step: fail what was in flight, keep serving."""
+        self._abort_all(error)
+
+    def _abort_all(self, error: Exception) -> None:
+        for seq in self.scheduler.active():
+            self._fail(seq, error)
+        with self._waiting_lock:
+            self._queued -= len(self.scheduler.waiting)
+        self.scheduler = Scheduler(self.config)
+        self.runner.reset()
+
+    def _step(self) -> None:
+        for seq in self.scheduler.active():
+            if seq.handle.cancel_requested:
+                self._finish(seq, "cancelled", Delta("", []))
+        self._drop_finished()
+        was_waiting = len(self.scheduler.waiting)
+        plan = self.scheduler.schedule()
+        with self._waiting_lock:
+            self._queued -= was_waiting - len(self.scheduler.waiting)
+        prefilled = 0
+        for seq, n in plan.prefill:
+            prefilled += n
+            try:
+                self._prefill(seq, n)
+            except Exception as e:
+                self._fail(seq, e)
+        joining = [s for s in plan.join if s.status is SeqStatus.PREFILLING]
+        if joining:
+            self.runner.add_rows([s.cache if s.cache is not None else self.runner.new_cache()
+                                  for s in joining])
+            for s in joining:
+                s.cache = None
+            self.scheduler.join(joining)
+        rows = self.scheduler.running
+        if rows:
+            try:
+                self._decode(rows)
+            except Exception as e:
+                for seq in rows:
+                    self._fail(seq, e)
+                self.runner.reset()
+        self.metrics_.step(decoded=len(rows), prefilled=prefilled, rows=len(rows))
+        self._drop_finished()
+
+    def _prefill(self, seq: Sequence, n: int) -> None:
+        if seq.cache is None:
+            seq.cache = self.runner.new_cache()
+            seq.t_prefill_start = time.perf_counter()
+        start = seq.num_computed
+        self.runner.prefill(seq.cache, seq.prompt_ids[start:start + n])
+        seq.num_computed += n
+        if seq.prefill_remaining == 0:
+            seq.t_prefill_end = time.perf_counter()
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        logits = self.runner.decode([s.last_token for s in rows])
+        plain = all(s.params.greedy and not s.params.has_penalties for s in rows)
+        if plain:  # the common case: one batched argmax
+            picked = mx.argmax(logits, axis=-1)
+        else:
+            picked = mx.stack([
+                sample_row(logits[i], s.params, s.seed, s.position, s.context, s.output_counts)
+                for i, s in enumerate(rows)])
+        wanted = {i: top_logprobs(logits[i], s.params.logprobs)
+                  for i, s in enumerate(rows) if s.params.logprobs is not None}
+        mx.eval(picked, wanted)
+        tokens = picked.tolist()
+        now = time.perf_counter()
+        for i, (seq, token) in enumerate(zip(rows, tokens)):
+            self._emit(seq, token, wanted.get(i), now)
+
+    def _emit(self, seq: Sequence, token: int, logprob_info, now: float) -> None:
+        if seq.t_first_token is None:
+            seq.t_first_token = now
+            self.metrics_.ttft(now - seq.t_submit)
+        seq.t_last_token = now
+        seq.completion_tokens += 1
+        if token in self._eos:
+            self._finish(seq, "stop", Delta("", []))
+            return
+        seq.append(token)
+        delta = Delta(seq.text.add(token), [token])
+        if logprob_info is not None:
+            delta.logprobs = [self._token_logprob(token, *logprob_info)]
+            seq.logprobs.extend(delta.logprobs)
+        if seq.text.stopped:
+            self._finish(seq, "stop", delta)
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.position >= seq.max_len:
+            self._finish(seq, "length", delta)
+        else:
+            seq.handle._push(delta)
+
+    def _token_logprob(self, token: int, logprobs: mx.array, top_ids: mx.array) -> TokenLogprob:
+        decode = self._loaded.tokenizer.decode
+        values = logprobs.tolist()
+        return TokenLogprob(token, decode([token]), values[token],
+                            [(t, decode([t]), values[t]) for t in top_ids.tolist()])
+
+    def _finish(self, seq: Sequence, reason: str, delta: Delta) -> None:
+        delta.text += seq.text.finish()
+        delta.finish_reason = reason
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.cache = None
+        usage = self._usage(seq)
+        delta.usage = usage
+        name = {"cancelled": "requests_cancelled"}.get(reason, "requests_completed")
+        self.metrics_.count(name)
+        self.metrics_.count("prompt_tokens", usage.prompt_tokens)
+        self.metrics_.count("cached_tokens", usage.cached_tokens)
+        completion = Completion(text=seq.text.text, token_ids=list(seq.output_ids),
+                                finish_reason=reason, usage=usage, logprobs=seq.logprobs,
+                                request_id=seq.request_id)
+        seq.handle._push(delta, completion=completion)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.cache = None
+        self.metrics_.count("requests_failed")
+        seq.handle._fail(error)
+
+    def _drop_finished(self) -> None:
+        was_waiting = len(self.scheduler.waiting)
+        keep = self.scheduler.remove_finished()
+        with self._waiting_lock:
+            self._queued -= was_waiting - len(self.scheduler.waiting)
+        if keep is not None:
+            self.runner.keep_rows(keep)
+
+    @staticmethod
+    def _usage(seq: Sequence) -> Usage:
+        end = seq.t_last_token or time.perf_counter()
+        prefill_s = (seq.t_prefill_end or 0) - (seq.t_prefill_start or 0)
+        computed = seq.num_computed - seq.cached_tokens
+        decode_s = end - (seq.t_first_token or end)
+        return Usage(
+            prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.completion_tokens,
+            cached_tokens=seq.cached_tokens,
+            ttft_s=(seq.t_first_token - seq.t_submit) if seq.t_first_token else 0.0,
+            prefill_tps=computed / prefill_s if prefill_s > 0 else 0.0,
+            decode_tps=(seq.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
+            total_s=end - seq.t_submit)

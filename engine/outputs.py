@@ -1,0 +1,49 @@
+"""What a request returns: streamed deltas and the final Completion."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (id, text, logprob)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    ttft_s: float = 0.0  # submit -> first token
+    prefill_tps: float = 0.0  # prompt tokens computed per second
+    decode_tps: float = 0.0  # tokens per second after the first
+    total_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Delta:
+    """One streamed step of a request: new text and the tokens behind it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # set on the last delta: "stop", "length" or "cancelled"
+    usage: Usage | None = None  # set on the last delta
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[TokenLogprob] | None = None
+    request_id: str = ""

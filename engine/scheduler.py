@@ -1,0 +1,74 @@
+"""Decides what each engine step computes. It never touches MLX.
+
+Every running request decodes one token per step. Whatever remains of the
+step's token budget goes to prompt chunks of requests still prefilling (first
+come, first served), so a long prompt is spread over several steps instead of
+freezing the streams that are already generating.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class StepPlan:
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, tokens)
+    join: list[Sequence] = field(default_factory=list)  # prefilled: join the decode batch now
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []  # order = rows of the decode batch
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def active(self) -> list[Sequence]:
+        return [*self.waiting, *self.prefilling, *self.running]
+
+    def schedule(self) -> StepPlan:
+        slots = self.config.max_batch - len(self.running) - len(self.prefilling)
+        while slots > 0 and self.waiting:
+            seq = self.waiting.popleft()
+            seq.status = SeqStatus.PREFILLING
+            self.prefilling.append(seq)
+            slots -= 1
+        plan = StepPlan()
+        budget = self.config.step_token_budget - len(self.running)
+        for seq in self.prefilling:
+            n = min(seq.prefill_remaining, budget)
+            if n > 0:
+                plan.prefill.append((seq, n))
+                budget -= n
+            if n == seq.prefill_remaining:
+                plan.join.append(seq)
+            if budget <= 0:
+                break
+        return plan
+
+    def join(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.prefilling.remove(seq)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+
+    def remove_finished(self) -> list[int] | None:
+        """Drop finished requests; returns the batch rows to keep, or None if all rows stay."""
+        self.waiting = deque(s for s in self.waiting if s.status is not SeqStatus.FINISHED)
+        self.prefilling = [s for s in self.prefilling if s.status is not SeqStatus.FINISHED]
+        keep = [i for i, s in enumerate(self.running) if s.status is not SeqStatus.FINISHED]
+        if len(keep) == len(self.running):
+            return None
+        self.running = [self.running[i] for i in keep]
+        return keep

@@ -1,0 +1,75 @@
+"""Engine-side state of one request."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .handle import RequestHandle
+from .outputs import TokenLogprob
+from .sampling_params import SamplingParams
+from .text_stream import TextStream
+
+
+class SeqStatus(Enum):
+    WAITING = "waiting"  # queued, holds no cache
+    PREFILLING = "prefilling"  # own single-row cache, prompt being computed in chunks
+    RUNNING = "running"  # a row of the decode batch
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    handle: RequestHandle
+    text: TextStream
+    max_len: int  # context limit: prompt + output never exceed it
+    source: str = "python"
+    status: SeqStatus = SeqStatus.WAITING
+    # Prompt tokens whose KV is in `cache`; the last prompt token is never
+    # prefilled here, it is the first decode input (as in mlx-lm's generate).
+    num_computed: int = 0
+    cached_tokens: int = 0
+    cache: list | None = None
+    output_ids: list[int] = field(default_factory=list)
+    output_counts: Counter = field(default_factory=Counter)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # output_ids plus a final EOS token, which is not shown
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_prefill_start: float | None = None
+    t_prefill_end: float | None = None
+    t_first_token: float | None = None
+    t_last_token: float | None = None
+
+    def __post_init__(self) -> None:
+        self.context = set(self.prompt_ids)  # for the repetition penalty
+        if self.params.logprobs is not None:
+            self.logprobs = []
+
+    @property
+    def prefill_target(self) -> int:
+        return len(self.prompt_ids) - 1
+
+    @property
+    def prefill_remaining(self) -> int:
+        return self.prefill_target - self.num_computed
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def position(self) -> int:
+        """Absolute position of the next token this request will sample."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def append(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.output_counts[token] += 1
+        self.context.add(token)
