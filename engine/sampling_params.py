@@ -21,6 +21,10 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None = off; n >= 0 = chosen token + top-n alternatives
+    # Speculative decoding: draft depth for this request (None = the engine's choice,
+    # 0 = plain decode); generation_mode "ar" forces plain autoregressive decoding.
+    depth: int | None = None
+    generation_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +52,10 @@ class SamplingParams:
         _check(len(self.stop) <= 16, "at most 16 stop strings")
         _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
                f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+        _check(self.depth is None or (isinstance(self.depth, int) and 0 <= self.depth <= 16),
+               f"depth must be None or an integer in [0, 16], got {self.depth!r}")
+        _check(self.generation_mode in ("auto", "ar"),
+               f"generation_mode must be 'auto' or 'ar', got {self.generation_mode!r}")
 
     @property
     def greedy(self) -> bool:

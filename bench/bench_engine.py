@@ -1,0 +1,195 @@
+"""Engine throughput against raw mlx-lm and mlx_lm.server, measured side by side.
+
+    .venv/bin/python bench/bench_engine.py [--model gemma-3-270m] [--gen-tokens 64]
+
+Prints ratios measured in this one run (the machine is shared and noisy, so
+absolute numbers move; ratios of interleaved runs are what to compare):
+  1. single stream: engine vs mlx-lm `stream_generate` on the same loaded weights
+     (decode and prefill tok/s; target engine >= 0.95x);
+  2. aggregate decode tok/s at 1, 2, 4, 8, 16 concurrent streams (target 8 >= 5x 1);
+  3. 8 concurrent requests: engine vs `mlx_lm.server` on 127.0.0.1, started stock
+     (as a user would) and with the same fast BLAS preloaded (target >= 1.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine  # noqa: E402  (loads the fast BLAS before mlx)
+from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+
+TOPICS = ["the history of Paris", "how a compiler works", "why the sky is blue",
+          "the rules of chess", "a recipe for bread", "the water cycle",
+          "how vaccines work", "the life of bees", "the Roman empire", "quantum computing",
+          "volcanoes", "the printing press", "jazz music", "black holes", "photosynthesis",
+          "the internet"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
+
+
+def long_prompt_ids(eng: Engine, n_tokens: int) -> list[int]:
+    text = " ".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(n_tokens))
+    return eng.encode(text)[:n_tokens]
+
+
+def single_stream(eng: Engine, prompt_tokens: int, gen_tokens: int, rounds: int) -> dict:
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    ids = long_prompt_ids(eng, prompt_tokens)
+    model, tokenizer = eng._loaded.model, eng._loaded.tokenizer
+
+    def raw():  # runs on the engine's MLX thread, on the very same weights
+        last = None
+        for last in stream_generate(model, tokenizer, ids, max_tokens=gen_tokens,
+                                    sampler=make_sampler(0.0)):
+            pass
+        return last.prompt_tps, last.generation_tps
+
+    def ours():
+        u = eng.generate(ids, SamplingParams(max_tokens=gen_tokens)).usage
+        return u.prefill_tps, u.decode_tps
+
+    raw(), ours()  # warm-up
+    runs = {"mlx-lm": [], "engine": []}
+    for _ in range(rounds):  # interleaved so drift hits both alike
+        runs["mlx-lm"].append(eng.call(raw))
+        runs["engine"].append(ours())
+    out = {}
+    for name, values in runs.items():
+        out[name] = {"prefill_tps": statistics.median(v[0] for v in values),
+                     "decode_tps": statistics.median(v[1] for v in values)}
+    return out
+
+
+def concurrent(eng: Engine, n: int, gen_tokens: int) -> dict:
+    params = SamplingParams(max_tokens=gen_tokens, temperature=0.0)
+    t0 = time.perf_counter()
+    handles = [eng.submit(p, params) for p in prompts(n)]
+    results = [h.result() for h in handles]
+    wall = time.perf_counter() - t0
+    firsts = [t0 + r.usage.ttft_s for r in results]
+    ends = [t0 + r.usage.total_s for r in results]
+    tokens = sum(r.usage.completion_tokens for r in results)
+    decode_span = max(ends) - max(firsts)  # time when all streams were decoding
+    decode_tokens = sum(r.usage.completion_tokens - 1 for r in results)
+    return {"streams": n, "tokens": tokens, "wall_s": wall, "end_to_end_tps": tokens / wall,
+            "decode_tps": decode_tokens / decode_span if decode_span > 0 else 0.0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mlx_lm_server(model_dir: Path, n: int, gen_tokens: int, preload: str | None) -> dict:
+    port = _free_port()
+    env = dict(os.environ, KERNELEXT_BLAS="none")
+    if preload:
+        env["LD_PRELOAD"] = preload
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--decode-concurrency", str(max(n, 8)), "--log-level", "ERROR"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlx_lm.server did not start")
+
+        def post(prompt: str, out: list):
+            body = json.dumps({"model": str(model_dir), "prompt": prompt, "max_tokens": gen_tokens,
+                               "temperature": 0.0}).encode()
+            req = urllib.request.Request(base + "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            out.append(json.loads(urllib.request.urlopen(req, timeout=1800).read()))
+
+        warm: list = []
+        post("Hello", warm)
+        results: list = []
+        threads = [threading.Thread(target=post, args=(p, results)) for p in prompts(n)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        tokens = sum(r["usage"]["completion_tokens"] for r in results)
+        return {"streams": n, "tokens": tokens, "wall_s": wall, "end_to_end_tps": tokens / wall}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=engine.DEFAULT_MODEL)
+    ap.add_argument("--prompt-tokens", type=int, default=256)
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--streams", default="1,2,4,8,16")
+    ap.add_argument("--skip-server", action="store_true")
+    args = ap.parse_args()
+
+    eng = Engine.load(args.model, EngineConfig(max_batch=16))
+    print(f"model {args.model}  backend {eng.backend}  blas {backend.blas()}  dtype {eng.metrics()['dtype']}")
+
+    single = single_stream(eng, args.prompt_tokens, args.gen_tokens, args.rounds)
+    print(f"\n## Single stream ({args.prompt_tokens}-token prompt, {args.gen_tokens} tokens, median of {args.rounds})")
+    print(f"{'':10} {'prefill tok/s':>14} {'decode tok/s':>13}")
+    for name, v in single.items():
+        print(f"{name:10} {v['prefill_tps']:14.1f} {v['decode_tps']:13.2f}")
+    print(f"engine / mlx-lm: prefill {single['engine']['prefill_tps'] / single['mlx-lm']['prefill_tps']:.2f}x, "
+          f"decode {single['engine']['decode_tps'] / single['mlx-lm']['decode_tps']:.2f}x  (target >= 0.95x)")
+
+    print(f"\n## Concurrent streams ({args.gen_tokens} tokens each)")
+    print(f"{'streams':>7} {'decode tok/s':>13} {'end-to-end tok/s':>17} {'vs 1 stream':>12}")
+    rows = {}
+    for n in (int(s) for s in args.streams.split(",")):
+        concurrent(eng, n, 4)  # warm the shapes
+        rows[n] = concurrent(eng, n, args.gen_tokens)
+        base = rows[min(rows)]["decode_tps"]
+        print(f"{n:7d} {rows[n]['decode_tps']:13.2f} {rows[n]['end_to_end_tps']:17.2f} "
+              f"{rows[n]['decode_tps'] / base:11.2f}x")
+    if 1 in rows and 8 in rows:
+        print(f"8 streams / 1 stream (decode): {rows[8]['decode_tps'] / rows[1]['decode_tps']:.2f}x  (target >= 5x)")
+
+    if not args.skip_server:
+        model_dir = eng.model_path
+        ours = concurrent(eng, 8, args.gen_tokens)
+        eng.close()
+        print(f"\n## 8 concurrent requests, end-to-end tok/s (engine direct vs mlx_lm.server over HTTP)")
+        print(f"engine                              {ours['end_to_end_tps']:8.2f}")
+        for label, preload in (("mlx_lm.server (stock BLAS)", None),
+                               ("mlx_lm.server (same BLAS preloaded)", backend._state["blas"])):
+            if label.endswith("preloaded)") and not preload:
+                continue
+            theirs = mlx_lm_server(model_dir, 8, args.gen_tokens, preload)
+            print(f"{label:35} {theirs['end_to_end_tps']:8.2f}   engine / server: "
+                  f"{ours['end_to_end_tps'] / theirs['end_to_end_tps']:.2f}x  (target >= 1.5x)")
+    else:
+        eng.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import engine  # noqa: E402,F401  (loads the fast BLAS before anything imports mlx)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
