@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InvalidRequestError
 
@@ -25,18 +27,36 @@ class EngineConfig:
     max_context: int | None = None
     # Show tqdm progress bars while converting/loading.
     progress: bool = True
+    # Prefix KV cache. Prompts are cut into blocks of `block_size` tokens and
+    # prefill computes whole blocks per forward pass, so cached and computed
+    # prefixes leave identical states.
+    prefix_cache: bool = True
+    block_size: int = 128
+    hot_cache_bytes: int = 1 << 30  # RAM tier budget
+    ssd_cache: bool = True
+    ssd_cache_bytes: int = 8 << 30  # SSD tier budget, over every file in cache_dir
+    cache_dir: str | None = None  # None = $KERNELEXT_KV_CACHE or ~/.cache/kernelext/kv
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise InvalidRequestError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_waiting < 0:
             raise InvalidRequestError(f"max_waiting must be >= 0, got {self.max_waiting}")
-        if self.step_token_budget < self.max_batch + 1:
+        if self.block_size < 16:
+            raise InvalidRequestError(f"block_size must be >= 16, got {self.block_size}")
+        if self.step_token_budget < self.max_batch + self.block_size:
             raise InvalidRequestError(
-                f"step_token_budget ({self.step_token_budget}) must exceed max_batch "
-                f"({self.max_batch}) so prompts always make progress"
+                f"step_token_budget ({self.step_token_budget}) must be at least max_batch "
+                f"({self.max_batch}) + block_size ({self.block_size}) so prompts always make progress"
             )
+        for name in ("hot_cache_bytes", "ssd_cache_bytes"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"{name} must be >= 0")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):
             raise InvalidRequestError(
                 f"dtype must be one of auto, float32, float16, bfloat16, model; got {self.dtype!r}"
             )
+
+
+def default_kv_cache_dir() -> Path:
+    return Path(os.environ.get("KERNELEXT_KV_CACHE") or Path.home() / ".cache" / "kernelext" / "kv")

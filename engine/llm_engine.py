@@ -13,17 +13,22 @@ import os
 import random
 import threading
 import time
+import warnings
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 
 from . import backend, loader
-from .config import EngineConfig
-from .errors import EngineClosedError, EngineError, InvalidRequestError, QueueFullError
+from .config import EngineConfig, default_kv_cache_dir
+from .errors import (EngineClosedError, EngineError, InvalidRequestError, QueueFullError,
+                     UnsupportedModelError)
 from .handle import RequestHandle
 from .metrics import EngineMetrics
+from .kv_blocks import model_fingerprint
 from .model_runner import ModelRunner
+from .prefix_cache import PrefixCache
 from .worker import MLXWorker
 from .model_store import DEFAULT_MODEL, resolve_model
 from .outputs import Completion, Delta, TokenLogprob, Usage
@@ -46,6 +51,7 @@ class Engine:
         self.model_path = model_path
         self.metrics_ = EngineMetrics()
         self.scheduler = Scheduler(config)
+        self.prefix_cache: PrefixCache | None = None
         self._worker = MLXWorker.get()
         self._waiting_lock = threading.Lock()
         self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
@@ -178,7 +184,40 @@ class Engine:
             dtype=self._loaded.dtype, max_batch=self.config.max_batch,
             running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
             waiting=len(self.scheduler.waiting))
+        out["cache_efficiency"] = (out["cached_tokens"] / out["prompt_tokens"]
+                                   if out["prompt_tokens"] else 0.0)
+        if self.prefix_cache is not None:
+            out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
+                        if isinstance(v, (int, float))})
         return out
+
+    def cache_info(self) -> dict:
+        """Prefix-cache state: hits, misses, efficiency, hot/SSD usage against budgets."""
+        pc = self.prefix_cache
+        m = self.metrics_.snapshot()
+        info = {"enabled": pc is not None,
+                "cached_tokens": m["cached_tokens"], "prompt_tokens": m["prompt_tokens"],
+                "efficiency": m["cached_tokens"] / m["prompt_tokens"] if m["prompt_tokens"] else 0.0}
+        if pc is not None:
+            info.update(pc.info())
+        return info
+
+    def clear_cache(self) -> None:
+        """Drop every cached block, in RAM and on SSD (this model's and any other's)."""
+        if self.prefix_cache is not None:
+            self.call(self.prefix_cache.clear)
+
+    def set_cache_budgets(self, hot_bytes: int | None = None, ssd_bytes: int | None = None) -> None:
+        """Change the RAM and/or SSD budgets of the running engine; evicts down to them."""
+        for value in (hot_bytes, ssd_bytes):
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise InvalidRequestError(f"cache budgets must be integers >= 0, got {value!r}")
+        if self.prefix_cache is not None:
+            self.call(lambda: self.prefix_cache.set_budgets(hot_bytes, ssd_bytes))
+        if hot_bytes is not None:
+            self.config.hot_cache_bytes = hot_bytes
+        if ssd_bytes is not None:
+            self.config.ssd_cache_bytes = ssd_bytes
 
     @property
     def backend(self) -> str:
@@ -214,12 +253,28 @@ class Engine:
             self._loaded = loader.load(self.model_path, self.config.dtype)
             self._eos = set(self._loaded.tokenizer.eos_token_ids)
             self.runner = ModelRunner(self._loaded.model)
+            self.prefix_cache = self._make_prefix_cache()
         except BaseException as e:
             self._closed = True
             ready.set_exception(e)
             return False
         ready.set_result(None)
         return True
+
+    def _make_prefix_cache(self) -> PrefixCache | None:
+        cfg = self.config
+        if not cfg.prefix_cache:
+            return None
+        kv_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_kv_cache_dir()
+        fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
+                                        memo_file=kv_dir / "weight-digests.json")
+        try:
+            return PrefixCache(self.runner.new_cache(), fingerprint, cfg.block_size,
+                               cfg.hot_cache_bytes, kv_dir / "blocks" if cfg.ssd_cache else None,
+                               cfg.ssd_cache_bytes)
+        except UnsupportedModelError as e:
+            warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
+            return None
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -241,6 +296,8 @@ class Engine:
 
     def _shutdown(self) -> None:
         self._abort_all(EngineClosedError("the engine was closed"))
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()  # flushes queued SSD writes
         self._loaded.model = None
 
     def _recover(self, error: Exception) -> None:
@@ -271,13 +328,11 @@ class Engine:
                 self._prefill(seq, n)
             except Exception as e:
                 self._fail(seq, e)
-        joining = [s for s in plan.join if s.status is SeqStatus.PREFILLING]
+        joining = self.scheduler.join_ready()
         if joining:
-            self.runner.add_rows([s.cache if s.cache is not None else self.runner.new_cache()
-                                  for s in joining])
+            self.runner.add_rows([s.cache for s in joining])
             for s in joining:
                 s.cache = None
-            self.scheduler.join(joining)
         rows = self.scheduler.running
         if rows:
             try:
@@ -289,15 +344,41 @@ class Engine:
         self.metrics_.step(decoded=len(rows), prefilled=prefilled, rows=len(rows))
         self._drop_finished()
 
-    def _prefill(self, seq: Sequence, n: int) -> None:
+    def _prefill(self, seq: Sequence, budget: int) -> None:
+        """Bring seq's cache forward: restore cached blocks, compute whole blocks within budget."""
+        block, pc = self.config.block_size, self.prefix_cache
         if seq.cache is None:
             seq.cache = self.runner.new_cache()
             seq.t_prefill_start = time.perf_counter()
-        start = seq.num_computed
-        self.runner.prefill(seq.cache, seq.prompt_ids[start:start + n])
-        seq.num_computed += n
+            if pc is not None:
+                seq.block_keys = pc.keys(seq.prompt_ids[:seq.prefill_target])
+        while True:
+            # At every block boundary take what is cached by now (maybe published
+            # a moment ago by a request with the same prefix that is ahead of this one).
+            done_blocks = seq.num_computed // block
+            if pc is not None and seq.num_computed % block == 0 and done_blocks < len(seq.block_keys):
+                found = pc.lookup(seq.block_keys[done_blocks:])
+                if found:
+                    seq.blocks.extend(found)
+                    seq.cache = pc.restore(seq.blocks)
+                    seq.num_computed += len(found) * block
+                    seq.cached_tokens += len(found) * block
+            take = min(block - seq.num_computed % block, seq.prefill_remaining)
+            if take == 0 or take > budget:
+                break
+            start = seq.num_computed
+            self.runner.prefill(seq.cache, seq.prompt_ids[start:start + take])
+            seq.num_computed += take
+            budget -= take
+            done_blocks = seq.num_computed // block
+            if pc is not None and seq.num_computed % block == 0 and done_blocks <= len(seq.block_keys):
+                seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
         if seq.prefill_remaining == 0:
             seq.t_prefill_end = time.perf_counter()
+            if pc is not None:
+                hits = seq.cached_tokens // block
+                pc.record(hits, len(seq.block_keys) - hits)
+            seq.blocks = []
 
     def _decode(self, rows: list[Sequence]) -> None:
         logits = self.runner.decode([s.last_token for s in rows])

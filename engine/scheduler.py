@@ -17,8 +17,8 @@ from .sequence import Sequence, SeqStatus
 
 @dataclass
 class StepPlan:
-    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (request, tokens)
-    join: list[Sequence] = field(default_factory=list)  # prefilled: join the decode batch now
+    # (request, token budget): prompt tokens to compute, cached blocks restored for free
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -46,22 +46,26 @@ class Scheduler:
             slots -= 1
         plan = StepPlan()
         budget = self.config.step_token_budget - len(self.running)
+        block = self.config.block_size
         for seq in self.prefilling:
+            # Every prefilling request is visited, even with no budget left: restoring
+            # cached blocks costs no compute, and a fully cached prompt can join now.
             n = min(seq.prefill_remaining, budget)
-            if n > 0:
-                plan.prefill.append((seq, n))
-                budget -= n
-            if n == seq.prefill_remaining:
-                plan.join.append(seq)
-            if budget <= 0:
-                break
+            if n < seq.prefill_remaining:
+                n -= n % block  # whole blocks only, except a prompt's final partial block
+            plan.prefill.append((seq, n))
+            budget -= n
         return plan
 
-    def join(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
+    def join_ready(self) -> list[Sequence]:
+        """Move fully prefilled requests into the decode batch; returns them."""
+        ready = [s for s in self.prefilling
+                 if s.prefill_remaining == 0 and s.status is SeqStatus.PREFILLING]
+        for seq in ready:
             self.prefilling.remove(seq)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+        return ready
 
     def remove_finished(self) -> list[int] | None:
         """Drop finished requests; returns the batch rows to keep, or None if all rows stay."""

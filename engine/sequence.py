@@ -36,6 +36,8 @@ class Sequence:
     num_computed: int = 0
     cached_tokens: int = 0
     cache: list | None = None
+    block_keys: list[str] = field(default_factory=list)  # prefix-cache keys of full prompt blocks
+    blocks: list[dict] = field(default_factory=list)  # payloads of the blocks now in `cache`
     output_ids: list[int] = field(default_factory=list)
     output_counts: Counter = field(default_factory=Counter)
     logprobs: list[TokenLogprob] | None = None

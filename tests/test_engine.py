@@ -32,7 +32,7 @@ def family(request):
 @pytest.fixture(scope="module")
 def eng(family):
     e = Engine.load(tiny_model(family), EngineConfig(progress=False, max_batch=8,
-                                                     step_token_budget=48))
+                                                     step_token_budget=48, block_size=16))
     yield e
     e.close()
 
@@ -50,9 +50,9 @@ def test_greedy_matches_mlx_lm(eng, family):
     for prompt in PROMPTS[:4]:
         ids = eng.encode(prompt)
         got = eng.generate(ids, max_tokens=24)
-        # Same prefill chunking as the engine uses alone (its step budget).
+        # Same prefill chunking as the engine: one block per forward pass.
         want = mlx_lm_greedy(tiny_model(family), ids, 24,
-                             prefill_step_size=eng.config.step_token_budget - 1)
+                             prefill_step_size=eng.config.block_size)
         assert got.token_ids == want, prompt
         assert got.finish_reason == "length"
         assert len(got.token_ids) == 24
@@ -64,7 +64,7 @@ def test_long_prompt_chunked_prefill_matches_mlx_lm(eng, family):
     assert len(ids) > 3 * eng.config.step_token_budget
     got = eng.generate(ids, max_tokens=16)
     want = mlx_lm_greedy(tiny_model(family), ids, 16,
-                         prefill_step_size=eng.config.step_token_budget - 1)
+                         prefill_step_size=eng.config.block_size)
     assert got.token_ids == want
 
 
