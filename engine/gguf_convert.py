@@ -181,7 +181,10 @@ def _hf_name(name: str, arch: str, path: Path) -> str:
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if match:
         layer, part, kind = match.groups()
-        target = _FFN_NORM.get(arch, "post_attention_layernorm") if part == "ffn_norm" else _LAYER_TENSORS.get(part)
+        if part == "ffn_norm":
+            target = _FFN_NORM.get(arch, "post_attention_layernorm")
+        else:
+            target = _LAYER_TENSORS.get(part)
         if target is not None:
             return f"model.layers.{layer}.{target}.{kind}"
     else:
@@ -279,7 +282,9 @@ def _round(value: float) -> float:
     return float(f"{value:.7g}")
 
 
-def _write_weights(tensors: dict, names: dict, arch: str, config: dict, out: Path, path: Path, progress: bool) -> None:
+def _write_weights(
+    tensors: dict, names: dict, arch: str, config: dict, out: Path, path: Path, progress: bool
+) -> None:
     # Plan shards from the tensor sizes first, so only one shard is ever held in memory.
     shards, size = [[]], 0
     for name in names:
@@ -316,7 +321,9 @@ def _tensor(tensor, arch: str, config: dict, path: Path) -> np.ndarray:
     try:
         array = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError as e:
-        raise UnsupportedModelError(f"tensor {name!r} of {path} has type {qtype.name}, which cannot be dequantized") from e
+        raise UnsupportedModelError(
+            f"tensor {name!r} of {path} has type {qtype.name}, which cannot be dequantized"
+        ) from e
     except Exception as e:
         raise ModelLoadError(f"cannot read tensor {name!r} ({qtype.name}) of {path}: {e}") from e
     # GGUF lists dimensions innermost first; HF/mlx-lm want [out, in].

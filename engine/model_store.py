@@ -30,7 +30,9 @@ def default_model_cache_dir() -> Path:
     return Path(os.environ.get("KERNELEXT_MODEL_CACHE") or Path.home() / ".cache" / "kernelext" / "models")
 
 
-def resolve_model(model: str | os.PathLike, cache_dir: str | Path | None = None, progress: bool = True) -> Path:
+def resolve_model(
+    model: str | os.PathLike, cache_dir: str | Path | None = None, progress: bool = True
+) -> Path:
     """The mlx-lm model directory for `model`: an alias (`gemma-3-270m`), an mlx-lm model
     directory (returned as is once validated) or a `.gguf` file (converted into the cache once).
     Raises ModelLoadError (or UnsupportedModelError) naming the problem and the path."""
@@ -75,7 +77,9 @@ def validate_model_dir(path: Path) -> Path:
         or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file())
     )
     if not has_tokenizer:
-        raise ModelLoadError(f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + merges.txt)")
+        raise ModelLoadError(
+            f"{path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json + merges.txt)"
+        )
     return path
 
 
@@ -86,7 +90,8 @@ def _mlx_lm_supports(model_type: str) -> bool:
     # engine's BLAS setup (engine/__init__.py does that before importing this module).
     from mlx_lm.utils import MODEL_REMAPPING
 
-    return importlib.util.find_spec(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}") is not None
+    module = MODEL_REMAPPING.get(model_type, model_type)
+    return importlib.util.find_spec(f"mlx_lm.models.{module}") is not None
 
 
 def _has_gguf_magic(path: Path) -> bool:
