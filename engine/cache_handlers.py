@@ -1,4 +1,4 @@
-"""One small handler per kind of per-layer cache, for saving and restoring blocks.
+"""One small handler per kind of per-layer cache: prefix-cache blocks and spec rollback.
 
 A block payload holds, per layer, what is needed to rebuild that layer's cache
 exactly as block-by-block prefill leaves it:
@@ -6,12 +6,19 @@ exactly as block-by-block prefill leaves it:
   sliding    the block's own keys/values too; a prefix keeps the trailing
              tokens a RotatingKVCache holds after a block-sized chunk;
   recurrent  a checkpoint of the whole state (conv + recurrent) after the block.
+
+After a speculative verify window of W tokens, row i keeps only its first
+keep[i] positions (`rollback`): attention rows are shifted right by the number
+of rejected positions, which become left padding (masked), exactly as mlx-lm
+finalizes right-padded prompts; recurrent rows take the state captured after
+their last kept position.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import ArraysCache, KVCache, RotatingKVCache
+from mlx_lm.models.cache import (ArraysCache, BatchKVCache, BatchRotatingKVCache, KVCache,
+                                 RotatingKVCache)
 
 from .errors import UnsupportedModelError
 
@@ -30,6 +37,10 @@ class FullAttentionHandler:
         cache.values = mx.concatenate([p["v"] for p in payloads], axis=2)
         cache.offset = cache.keys.shape[2]
         return cache
+
+    def rollback(self, cache: BatchKVCache, rejected: mx.array, keep: mx.array, record) -> None:
+        cache._right_padding = rejected
+        cache.finalize()
 
 
 class SlidingWindowHandler:
@@ -55,6 +66,11 @@ class SlidingWindowHandler:
         cache.offset, cache._idx = total, held
         return cache
 
+    def rollback(self, cache: BatchRotatingKVCache, rejected: mx.array, keep: mx.array,
+                 record) -> None:
+        cache._lengths = cache.offset - rejected
+        cache.finalize()
+
 
 class RecurrentStateHandler:
     kind = "recurrent"
@@ -67,6 +83,15 @@ class RecurrentStateHandler:
         cache.cache = [payloads[-1][f"s{i}"] for i in range(len(template.cache))]
         return cache
 
+    def rollback(self, cache: ArraysCache, rejected: mx.array, keep: mx.array, record) -> None:
+        conv_input, states = record["conv_input"], record["states"]
+        n_keep = cache[0].shape[1]
+        positions = (keep[:, None] + mx.arange(n_keep))[..., None]
+        cache[0] = mx.take_along_axis(conv_input, positions, axis=1)
+        stacked = mx.stack(states, axis=1)  # [rows, window, ...]
+        index = (keep - 1).reshape((-1,) + (1,) * (stacked.ndim - 1))
+        cache[1] = mx.take_along_axis(stacked, index, axis=1).squeeze(1)
+
 
 def handler_for(layer_cache):
     # Exact types: subclasses (quantized or chunked KV) store differently.
@@ -78,3 +103,22 @@ def handler_for(layer_cache):
         return RecurrentStateHandler()
     raise UnsupportedModelError(
         f"the prefix cache has no handler for {type(layer_cache).__name__} layers")
+
+
+_BATCH_HANDLERS = {BatchKVCache: FullAttentionHandler(), BatchRotatingKVCache: SlidingWindowHandler(),
+                   ArraysCache: RecurrentStateHandler()}
+
+
+def rollback(batch_cache: list, keep: list[int], window: int, records: list[dict]) -> None:
+    """Keep the first keep[i] of the `window` positions just written for each batch row."""
+    if min(keep) == window:
+        return
+    keep_arr = mx.array(keep)
+    rejected = window - keep_arr
+    recurrent = iter(records)
+    for layer in batch_cache:
+        handler = _BATCH_HANDLERS.get(type(layer))
+        if handler is None:
+            raise UnsupportedModelError(f"speculation cannot roll back {type(layer).__name__} layers")
+        record = next(recurrent) if isinstance(handler, RecurrentStateHandler) else None
+        handler.rollback(layer, rejected, keep_arr, record)

@@ -36,6 +36,16 @@ class EngineConfig:
     ssd_cache: bool = True
     ssd_cache_bytes: int = 8 << 30  # SSD tier budget, over every file in cache_dir
     cache_dir: str | None = None  # None = $KERNELEXT_KV_CACHE or ~/.cache/kernelext/kv
+    # Speculative decoding. "mtp": the model's own Multi-Token-Prediction head
+    # (native or trained); "ngram": prompt lookup; "none": plain decoding.
+    drafter: str = "ngram"
+    # Draft tokens per verify: an int (0 = off) or "auto" (adaptive per row from
+    # measured acceptance and measured step cost).
+    depth: int | str = "auto"
+    max_depth: int = 4  # the most "auto" ever drafts
+    # A trained draft head file for models without native MTP weights (None = look
+    # next to the model and in the bundled heads).
+    mtp_head: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -49,6 +59,7 @@ class EngineConfig:
                 f"step_token_budget ({self.step_token_budget}) must be at least max_batch "
                 f"({self.max_batch}) + block_size ({self.block_size}) so prompts always make progress"
             )
+        check_speculation(self.drafter, self.depth, self.max_depth)
         for name in ("hot_cache_bytes", "ssd_cache_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0")
@@ -60,3 +71,16 @@ class EngineConfig:
 
 def default_kv_cache_dir() -> Path:
     return Path(os.environ.get("KERNELEXT_KV_CACHE") or Path.home() / ".cache" / "kernelext" / "kv")
+
+
+DRAFTERS = ("mtp", "ngram", "none")
+
+
+def check_speculation(drafter, depth, max_depth=16) -> None:
+    if drafter not in DRAFTERS:
+        raise InvalidRequestError(f"drafter must be one of {', '.join(DRAFTERS)}; got {drafter!r}")
+    if not (depth == "auto" or (isinstance(depth, int) and not isinstance(depth, bool)
+                                and 0 <= depth <= 16)):
+        raise InvalidRequestError(f"depth must be 'auto' or an integer in [0, 16]; got {depth!r}")
+    if not (isinstance(max_depth, int) and 1 <= max_depth <= 16):
+        raise InvalidRequestError(f"max_depth must be an integer in [1, 16]; got {max_depth!r}")

@@ -23,3 +23,7 @@ class QueueFullError(EngineError):
 
 class EngineClosedError(EngineError):
     """The engine was closed (or its thread died) and cannot take requests."""
+
+
+class NoDraftHeadError(EngineError):
+    """The model has no MTP draft head (native or trained) for drafter='mtp'."""

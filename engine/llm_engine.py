@@ -8,6 +8,7 @@ short-lived threads, and one owner means no locks around the model.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -22,10 +23,11 @@ import mlx.core as mx
 
 from . import backend, loader
 from .config import EngineConfig, default_kv_cache_dir
-from .errors import (EngineClosedError, EngineError, InvalidRequestError, QueueFullError,
+from .errors import (EngineClosedError, InvalidRequestError, NoDraftHeadError, QueueFullError,
                      UnsupportedModelError)
 from .handle import RequestHandle
 from .metrics import EngineMetrics
+from .drafters import Draft, NgramDrafter, NoDrafter
 from .kv_blocks import model_fingerprint
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
@@ -35,6 +37,8 @@ from .outputs import Completion, Delta, TokenLogprob, Usage
 from .sampler import sample_row, top_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .speculation import SpeculationController
+from .speculative import verify_row
 from .sequence import Sequence, SeqStatus
 from .text_stream import TextStream
 
@@ -54,6 +58,7 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None
         self._worker = MLXWorker.get()
         self._waiting_lock = threading.Lock()
+        self._options_lock = threading.Lock()
         self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
         self._closed = False
         ready: Future = Future()
@@ -189,6 +194,7 @@ class Engine:
         if self.prefix_cache is not None:
             out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
                         if isinstance(v, (int, float))})
+        out.update(self.speculation.metrics())
         return out
 
     def cache_info(self) -> dict:
@@ -218,6 +224,17 @@ class Engine:
             self.config.hot_cache_bytes = hot_bytes
         if ssd_bytes is not None:
             self.config.ssd_cache_bytes = ssd_bytes
+
+    def set_options(self, **options) -> None:
+        """Change EngineConfig fields of the running engine, validated as at load. Thread-safe;
+        the engine reads its config at each step."""
+        with self._options_lock:
+            try:
+                checked = dataclasses.replace(self.config, **options)  # runs EngineConfig's checks
+            except TypeError as e:  # not an EngineConfig field
+                raise InvalidRequestError(str(e)) from None
+            for name in options:
+                setattr(self.config, name, getattr(checked, name))
 
     @property
     def backend(self) -> str:
@@ -254,6 +271,8 @@ class Engine:
             self._eos = set(self._loaded.tokenizer.eos_token_ids)
             self.runner = ModelRunner(self._loaded.model)
             self.prefix_cache = self._make_prefix_cache()
+            self.drafter = self._make_drafter(self.config.drafter)
+            self.speculation = SpeculationController(self.config, self.drafter.name)
         except BaseException as e:
             self._closed = True
             ready.set_exception(e)
@@ -275,6 +294,15 @@ class Engine:
         except UnsupportedModelError as e:
             warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
             return None
+
+    def _make_drafter(self, name: str):
+        if name == "ngram":
+            return NgramDrafter()
+        if name == "none":
+            return NoDrafter()
+        raise NoDraftHeadError(
+            f"{self.model_name} has no MTP draft head (native mtp.* weights or a trained head); "
+            "use drafter='ngram', or train one with engine.train_mtp_head()")
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -381,6 +409,19 @@ class Engine:
             seq.blocks = []
 
     def _decode(self, rows: list[Sequence]) -> None:
+        depths = self.speculation.depths(rows)
+        drafts = self.drafter.propose(rows, depths) if any(depths) else None
+        if drafts is not None and any(d.tokens for d in drafts):
+            try:
+                self._speculative_decode(rows, drafts)
+                return
+            except Exception as e:  # the caches are as they were: decode this step plainly
+                warnings.warn(f"kernelext: speculative step failed, decoding plainly: {e!r}",
+                              RuntimeWarning, stacklevel=2)
+        self._plain_decode(rows)
+
+    def _plain_decode(self, rows: list[Sequence]) -> None:
+        start = time.perf_counter()
         logits = self.runner.decode([s.last_token for s in rows])
         plain = all(s.params.greedy and not s.params.has_penalties for s in rows)
         if plain:  # the common case: one batched argmax
@@ -394,29 +435,58 @@ class Engine:
         mx.eval(picked, wanted)
         tokens = picked.tolist()
         now = time.perf_counter()
+        self.speculation.observe_step(len(rows), 1, now - start, len(rows))
         for i, (seq, token) in enumerate(zip(rows, tokens)):
-            self._emit(seq, token, wanted.get(i), now)
+            self._emit(seq, [token], [wanted.get(i)], now)
 
-    def _emit(self, seq: Sequence, token: int, logprob_info, now: float) -> None:
+    def _speculative_decode(self, rows: list[Sequence], drafts: list[Draft]) -> None:
+        start = time.perf_counter()
+        window = 1 + max(len(d.tokens) for d in drafts)
+        # Rows with fewer drafts are padded; their extra positions are rolled back.
+        windows = [[s.last_token] + d.tokens + [s.last_token] * (window - 1 - len(d.tokens))
+                   for s, d in zip(rows, drafts)]
+        logits = self.runner.verify(windows)
+        try:
+            emitted = [verify_row(logits[i], s, d) for i, (s, d) in enumerate(zip(rows, drafts))]
+            self.runner.commit([len(e) for e in emitted], window)
+        except BaseException:
+            self.runner.abort()
+            raise
+        wanted = {i: [top_logprobs(logits[i, j], s.params.logprobs) for j in range(len(emitted[i]))]
+                  for i, s in enumerate(rows) if s.params.logprobs is not None}
+        mx.eval(wanted)
+        now = time.perf_counter()
+        self.speculation.observe_step(len(rows), window, now - start, sum(map(len, emitted)))
+        for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
+            self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
+            self._emit(seq, tokens, wanted.get(i, [None] * len(tokens)), now)
+
+    def _emit(self, seq: Sequence, tokens: list[int], logprob_infos: list, now: float) -> None:
+        """Deliver this step's tokens of one row, stopping at the first that ends it."""
         if seq.t_first_token is None:
             seq.t_first_token = now
             self.metrics_.ttft(now - seq.t_submit)
         seq.t_last_token = now
-        seq.completion_tokens += 1
-        if token in self._eos:
-            self._finish(seq, "stop", Delta("", []))
-            return
-        seq.append(token)
-        delta = Delta(seq.text.add(token), [token])
-        if logprob_info is not None:
-            delta.logprobs = [self._token_logprob(token, *logprob_info)]
-            seq.logprobs.extend(delta.logprobs)
-        if seq.text.stopped:
-            self._finish(seq, "stop", delta)
-        elif len(seq.output_ids) >= seq.params.max_tokens or seq.position >= seq.max_len:
-            self._finish(seq, "length", delta)
-        else:
-            seq.handle._push(delta)
+        delta = Delta("", [])
+        for token, info in zip(tokens, logprob_infos):
+            seq.completion_tokens += 1
+            if token in self._eos:
+                self._finish(seq, "stop", delta)
+                return
+            seq.append(token)
+            delta.text += seq.text.add(token)
+            delta.token_ids.append(token)
+            if info is not None:
+                entry = self._token_logprob(token, *info)
+                delta.logprobs = (delta.logprobs or []) + [entry]
+                seq.logprobs.append(entry)
+            if seq.text.stopped:
+                self._finish(seq, "stop", delta)
+                return
+            if len(seq.output_ids) >= seq.params.max_tokens or seq.position >= seq.max_len:
+                self._finish(seq, "length", delta)
+                return
+        seq.handle._push(delta)
 
     def _token_logprob(self, token: int, logprobs: mx.array, top_ids: mx.array) -> TokenLogprob:
         decode = self._loaded.tokenizer.decode
@@ -467,4 +537,5 @@ class Engine:
             ttft_s=(seq.t_first_token - seq.t_submit) if seq.t_first_token else 0.0,
             prefill_tps=computed / prefill_s if prefill_s > 0 else 0.0,
             decode_tps=(seq.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-            total_s=end - seq.t_submit)
+            total_s=end - seq.t_submit, draft_tokens=seq.drafted_tokens,
+            accepted_tokens=seq.accepted_tokens, verify_calls=seq.verify_calls)

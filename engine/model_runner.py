@@ -10,13 +10,18 @@ every step decodes one token for all rows in a single forward pass.
 from __future__ import annotations
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import ArraysCache, make_prompt_cache
+
+from .cache_handlers import rollback
+from .recurrent_capture import RecurrentCapture
 
 
 class ModelRunner:
     def __init__(self, model):
         self.model = model
         self.batch_cache: list | None = None  # one batch cache per layer
+        self.capture = RecurrentCapture(model)
+        self._saved: list | None = None  # cache state before an uncommitted verify
 
     def new_cache(self) -> list:
         return make_prompt_cache(self.model)
@@ -49,3 +54,41 @@ class ModelRunner:
         """Logits [rows, vocab] for the next token of every row (lazy)."""
         logits = self.model(mx.array(tokens)[:, None], cache=self.batch_cache)
         return logits[:, -1, :]
+
+    # -- speculative verification: nothing is final until commit() ------------
+    def verify(self, windows: list[list[int]]) -> mx.array:
+        """Logits [rows, window, vocab] for equal-length windows (last token + drafts)."""
+        self._saved = [_snapshot(c) for c in self.batch_cache]
+        try:
+            with self.capture:
+                logits = self.model(mx.array(windows), cache=self.batch_cache)
+            mx.eval(logits)
+        except BaseException:
+            self.abort()
+            raise
+        return logits
+
+    def commit(self, keep: list[int], window: int) -> None:
+        """Keep the first keep[i] window positions of row i in every layer's cache."""
+        try:
+            rollback(self.batch_cache, keep, window, self.capture.records)
+            mx.eval([c.state for c in self.batch_cache])
+        except BaseException:
+            self.abort()
+            raise
+        self._saved = None
+        self.capture.records = []
+
+    def abort(self) -> None:
+        """Put the caches back as they were before verify()."""
+        if self._saved is not None:
+            for c, state in zip(self.batch_cache, self._saved):
+                c.state = state
+        self._saved = None
+        self.capture.records = []
+
+
+def _snapshot(cache):
+    if isinstance(cache, ArraysCache):  # its state list is mutated in place
+        return [list(cache.cache), cache.left_padding, cache.lengths]
+    return cache.state

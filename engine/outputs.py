@@ -22,6 +22,15 @@ class Usage:
     prefill_tps: float = 0.0  # prompt tokens computed per second
     decode_tps: float = 0.0  # tokens per second after the first
     total_s: float = 0.0
+    # Speculative decoding: drafts proposed and accepted, verify windows run.
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_calls: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of draft tokens accepted (None when nothing was drafted)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def total_tokens(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
 from .sampling_params import SamplingParams
@@ -26,10 +27,18 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def _mix(seed: int, position: int, role: int) -> int:
+    return _splitmix64((seed & _MASK64) ^ _splitmix64((position << 4) | role))
+
+
 def rng_key(seed: int, position: int, role: int = ROLE_SAMPLE) -> mx.array:
     """A PRNG key that depends only on the request's seed, the token position and the role."""
-    mixed = _splitmix64((seed & _MASK64) ^ _splitmix64((position << 4) | role))
-    return mx.random.key(mixed)
+    return mx.random.key(_mix(seed, position, role))
+
+
+def keyed_uniform(seed: int, position: int, role: int) -> float:
+    """A float64 uniform in [0, 1) keyed like rng_key (for exact accept/reject draws)."""
+    return np.random.Generator(np.random.PCG64(_mix(seed, position, role))).random()
 
 
 def apply_penalties(logits: mx.array, params: SamplingParams, context: set[int],

@@ -42,6 +42,11 @@ class Sequence:
     output_counts: Counter = field(default_factory=Counter)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    draft_state: dict | None = None  # the drafter's per-request index or cache rows
+    acceptance: float = 0.5  # running estimate of P(a draft token is accepted)
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_calls: int = 0
     completion_tokens: int = 0  # output_ids plus a final EOS token, which is not shown
     t_submit: float = field(default_factory=time.perf_counter)
     t_prefill_start: float | None = None

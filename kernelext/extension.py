@@ -223,6 +223,9 @@ def unload(shell) -> None:
     ext, _instance = _instance, None
     _saved.update(config=ext.config, sessions=ext.sessions)
     atexit.unregister(ext.unload)
+    from widgets import close_dashboards
+
+    close_dashboards()  # they watch the engine closed below
     ext.unload()
     if ext.shell is not None:
         ext.detach()

@@ -398,51 +398,50 @@ def _config(family: str) -> dict:
             "tie_word_embeddings": True,
             **ids,
         }
-    if family == "qwen3_5":
-        layers, interval = 4, 2
-        text = {
-            "model_type": "qwen3_5_text",
-            **common,
-            "num_hidden_layers": layers,
-            "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attn_output_gate": True,
-            "full_attention_interval": interval,
-            "layer_types": [
-                "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)
-            ],
-            "linear_conv_kernel_dim": 4,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_num_key_heads": 2,
-            "linear_num_value_heads": 4,
-            "mamba_ssm_dtype": "float32",
+    # qwen3_5
+    layers, interval = 4, 2
+    text = {
+        "model_type": "qwen3_5_text",
+        **common,
+        "num_hidden_layers": layers,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attn_output_gate": True,
+        "full_attention_interval": interval,
+        "layer_types": [
+            "full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)
+        ],
+        "linear_conv_kernel_dim": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "mamba_ssm_dtype": "float32",
+        "partial_rotary_factor": 0.25,
+        # mrope_section sums to rotary_dim / 2 = 32 * 0.25 / 2 (text-only: unused).
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
             "partial_rotary_factor": 0.25,
-            # mrope_section sums to rotary_dim / 2 = 32 * 0.25 / 2 (text-only: unused).
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000000.0,
-                "partial_rotary_factor": 0.25,
-                "mrope_section": [2, 1, 1],
-                "mrope_interleaved": True,
-            },
-            "mtp_num_hidden_layers": 1,
-            "mtp_use_dedicated_embeddings": False,
-            "tie_word_embeddings": False,
-            **ids,
-        }
-        return {
-            "architectures": ["Qwen3_5ForConditionalGeneration"],
-            "model_type": "qwen3_5",
-            "text_config": text,
-            "tie_word_embeddings": False,
-            **ids,
-        }
-    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+        "mtp_num_hidden_layers": 1,
+        "mtp_use_dedicated_embeddings": False,
+        "tie_word_embeddings": False,
+        **ids,
+    }
+    return {
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "model_type": "qwen3_5",
+        "text_config": text,
+        "tie_word_embeddings": False,
+        **ids,
+    }
 
 
 class _Init:
@@ -601,6 +600,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32") -> Path:
     """Write a tiny random checkpoint of `family` into directory `path`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, not {dtype!r}")
     config = _config(family)

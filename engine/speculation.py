@@ -1,0 +1,114 @@
+"""Chooses draft depth per row and keeps the speculation statistics.
+
+Adaptive depth: each row keeps a running estimate a of the probability that a
+draft token is accepted; a window of k drafts then emits (1 - a^(k+1)) / (1 - a)
+tokens on average. The engine measures what a step costs for each (batch
+size, window) it has run; the depth that maximises tokens per unit of cost
+wins, and 0 wins when the batch is compute-bound (cost grows with the window
+as fast as the expected tokens do).
+"""
+
+from __future__ import annotations
+
+from .config import EngineConfig
+from .sequence import Sequence
+
+_EWMA = 0.2  # weight of a new observation
+_UNMEASURED_SLOPE = 0.05  # assumed extra cost per window token before a (batch, window) is measured
+
+
+class SpeculationController:
+    def __init__(self, config: EngineConfig, drafter_name: str):
+        self.config = config
+        self.drafter_name = drafter_name
+        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, window) -> seconds
+        self.attempts = [0] * 16  # per draft position: drafts verified there
+        self.accepts = [0] * 16
+        self.verify_calls = 0
+        self.drafted = 0
+        self.accepted = 0
+        self.spec_time = self.spec_tokens = 0.0
+        self.plain_time = self.plain_tokens = 0.0
+        self.last_depths: list[int] = []
+        self.tuned_depth: int | None = None  # set by Engine.tune()
+
+    # -- decisions --------------------------------------------------------------
+    def depths(self, rows: list[Sequence]) -> list[int]:
+        if self.drafter_name == "none":
+            self.last_depths = [0] * len(rows)
+            return self.last_depths
+        self.last_depths = [self._depth(seq, len(rows)) for seq in rows]
+        return self.last_depths
+
+    def _depth(self, seq: Sequence, batch: int) -> int:
+        params = seq.params
+        room = min(params.max_tokens - len(seq.output_ids), seq.max_len - seq.position) - 1
+        if params.generation_mode == "ar" or room <= 0:
+            return 0
+        if params.depth is not None:
+            return min(params.depth, room)
+        if self.config.depth != "auto":
+            return min(self.config.depth, room)
+        limit = min(self.tuned_depth if self.tuned_depth is not None else self.config.max_depth,
+                    self.config.max_depth, room)
+        return self.best_depth(seq.acceptance, batch, limit)
+
+    def best_depth(self, acceptance: float, batch: int, limit: int) -> int:
+        base = self._cost(batch, 1)
+        best, best_rate = 0, 1.0 / base
+        a = min(acceptance, 0.999)
+        for k in range(1, limit + 1):
+            rate = ((1 - a ** (k + 1)) / (1 - a)) / self._cost(batch, k + 1)
+            if rate > best_rate * 1.02:  # a margin against noise in the cost table
+                best, best_rate = k, rate
+        return best
+
+    def _cost(self, batch: int, window: int) -> float:
+        cost = self.step_cost.get((batch, window))
+        if cost is not None:
+            return cost
+        base = self.step_cost.get((batch, 1), 1.0)
+        return base * (1 + _UNMEASURED_SLOPE * (window - 1))
+
+    # -- observations -----------------------------------------------------------
+    def observe_step(self, batch: int, window: int, seconds: float, tokens: int) -> None:
+        key = (batch, window)
+        old = self.step_cost.get(key)
+        self.step_cost[key] = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds
+        if window > 1:
+            self.spec_time += seconds
+            self.spec_tokens += tokens
+        else:
+            self.plain_time += seconds
+            self.plain_tokens += tokens
+
+    def observe_row(self, seq: Sequence, drafted: int, accepted: int) -> None:
+        if drafted == 0:
+            return
+        self.verify_calls += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        seq.verify_calls += 1
+        seq.drafted_tokens += drafted
+        seq.accepted_tokens += accepted
+        for j in range(min(accepted + 1, drafted)):
+            self.attempts[j] += 1
+            self.accepts[j] += j < accepted
+        # Per-token acceptance seen in this window (a rejection ends the window).
+        observed = accepted / (accepted + (accepted < drafted))
+        seq.acceptance = (1 - _EWMA) * seq.acceptance + _EWMA * observed
+
+    def metrics(self) -> dict:
+        positions = [a / n for a, n in zip(self.accepts, self.attempts) if n]
+        return {
+            "spec_drafter": self.drafter_name,
+            "spec_depth": self.config.depth,
+            "spec_row_depths": list(self.last_depths),
+            "spec_acceptance_per_position": positions,
+            "spec_mean_accepted": self.accepted / self.verify_calls if self.verify_calls else 0.0,
+            "spec_verify_calls": self.verify_calls,
+            "spec_drafted_tokens": self.drafted,
+            "spec_accepted_tokens": self.accepted,
+            "spec_decode_tps": self.spec_tokens / self.spec_time if self.spec_time else 0.0,
+            "plain_decode_tps": self.plain_tokens / self.plain_time if self.plain_time else 0.0,
+        }

@@ -1,0 +1,234 @@
+"""The ASGI app (plain ASGI, no framework): routing, auth, JSON bodies, error
+bodies, server-sent events, client disconnects and the server's own stats.
+
+It runs on the server's event loop and only submits to and reads from the
+engine; all MLX work stays on the engine's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+
+from engine import EngineClosedError, InvalidRequestError, QueueFullError
+
+from . import anthropic_api, openai_api, responses_api
+from .common import SSE, ApiError, Text, anthropic_error, openai_error
+from .generation import Generation
+
+log = logging.getLogger("kernelext.server")
+
+MAX_BODY = 32 << 20
+RETRY_AFTER_S = "1"  # a batch slot frees up as soon as any running request finishes
+
+
+async def _health(call, body: dict) -> dict:
+    return {"status": "ok", "model": call.engine.model_name}
+
+
+async def _metrics(call, body: dict) -> Text:
+    return Text(prometheus(call.engine.metrics(), call.app.stats()),
+                "text/plain; version=0.0.4; charset=utf-8")
+
+
+# path -> (method, handler, needs the API key); /health stays open for liveness probes.
+ROUTES = {
+    "/health": ("GET", _health, False),
+    "/metrics": ("GET", _metrics, True),
+    "/v1/models": ("GET", openai_api.models, True),
+    "/v1/chat/completions": ("POST", openai_api.chat_completions, True),
+    "/v1/completions": ("POST", openai_api.completions, True),
+    "/v1/responses": ("POST", responses_api.create, True),
+    "/v1/messages": ("POST", anthropic_api.messages, True),
+    "/v1/messages/count_tokens": ("POST", anthropic_api.count_tokens, True),
+}
+
+
+class Call:
+    """One HTTP request's engine work, cancelled together on disconnect or server stop."""
+
+    def __init__(self, app: "App"):
+        self.app, self.engine = app, app.engine
+        self.generations: list[Generation] = []
+
+    def submit(self, prompt_ids: list[int], params, *, tools, chat: bool) -> Generation:
+        if self.app.closing:
+            raise ApiError(503, "the server is stopping")
+        limit = self.engine.max_context
+        if len(prompt_ids) >= limit:
+            raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the context limit is {limit}",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        try:
+            handle = self.engine.submit(prompt_ids, params, source="http")
+        except QueueFullError as e:
+            raise ApiError(429, str(e), headers={"retry-after": RETRY_AFTER_S}) from None
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e)) from None
+        except EngineClosedError as e:
+            raise ApiError(503, str(e)) from None
+        gen = Generation(self.engine, handle, prompt_ids, params, tools, chat)
+        self.generations.append(gen)
+        return gen
+
+    def cancel(self) -> None:
+        for gen in self.generations:
+            gen.handle.cancel()  # a no-op once finished
+
+
+class App:
+    def __init__(self, engine, api_key: str | None = None, on_started=None):
+        self.engine = engine
+        self._key = api_key.encode() if api_key else None
+        self._on_started = on_started
+        self._calls: set[Call] = set()
+        self._streams = 0
+        self._counts = dict.fromkeys(("requests", "errors", "rejected", "cancelled"), 0)
+        self.closing = False
+
+    def stats(self) -> dict:
+        return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams}
+
+    def shutdown(self) -> None:
+        """On the server's loop: refuse new work and cancel what runs (streams then end)."""
+        self.closing = True
+        for call in list(self._calls):
+            call.cancel()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _lifespan(self, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+                if self._on_started:
+                    self._on_started()
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope, receive, send):
+        path = scope["path"]
+        error_body = anthropic_error if path.startswith("/v1/messages") else openai_error
+        self._counts["requests"] += 1
+        call, watcher, status = Call(self), None, 200
+        self._calls.add(call)
+        try:
+            route = ROUTES.get(path)
+            if route is None:
+                raise ApiError(404, f"no such endpoint: {path}")
+            method, handler, needs_key = route
+            if scope["method"] != method:
+                raise ApiError(405, f"{path} takes {method}", headers={"allow": method})
+            if needs_key and not self._authorized(scope["headers"]):
+                raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' "
+                               "or 'x-api-key: KEY')", code="invalid_api_key")
+            body = await _read_json(receive) if method == "POST" else {}
+            watcher = asyncio.create_task(self._watch(receive, call))
+            await self._respond(send, await handler(call, body))
+        except ApiError as e:
+            status = e.status
+            await _send(send, e.status, json.dumps(error_body(e)).encode(), "application/json", e.headers)
+        except Exception:  # a bug: answer it rather than leave the client hanging
+            log.exception("error handling %s", path)
+            status = 500
+            await _send(send, 500, json.dumps(error_body(ApiError(500, "internal server error"))).encode(),
+                        "application/json")
+        finally:
+            if watcher:
+                watcher.cancel()
+            call.cancel()  # nothing outlives its request, whatever ended it
+            self._calls.discard(call)
+            status = max([status] + [g.error.status for g in call.generations if g.error])
+            if any(g.cancelled for g in call.generations):
+                self._counts["cancelled"] += 1
+            elif status >= 400:
+                self._counts["errors"] += 1
+                self._counts["rejected"] += status == 429
+
+    def _authorized(self, headers) -> bool:
+        if self._key is None:
+            return True
+        given = [v for k, v in headers if k == b"x-api-key"]
+        given += [v[7:].strip() for k, v in headers if k == b"authorization" and v[:7].lower() == b"bearer "]
+        return any(hmac.compare_digest(v, self._key) for v in given)
+
+    async def _watch(self, receive, call: Call) -> None:
+        """Cancel the call's requests when the client disconnects (hypercorn reports it
+        as soon as the connection closes; sends to a closed connection are dropped)."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        call.cancel()
+
+    async def _respond(self, send, result) -> None:
+        if isinstance(result, SSE):
+            self._streams += 1
+            try:
+                await send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+                try:
+                    async for chunk in result.events:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except Exception:  # a bug mid-stream: the 200 is sent, so just end the stream
+                    log.exception("error in an event stream")
+                    self._counts["errors"] += 1
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                self._streams -= 1
+        elif isinstance(result, Text):
+            await _send(send, 200, result.text.encode(), result.content_type)
+        else:
+            await _send(send, 200, json.dumps(result, ensure_ascii=False).encode(), "application/json")
+
+
+async def _read_json(receive) -> dict:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "the client disconnected")  # nobody reads this answer
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB")
+        if not message.get("more_body"):
+            break
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    return body
+
+
+async def _send(send, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+    extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode()), *extra]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def prometheus(engine_metrics: dict, server_stats: dict) -> str:
+    """Prometheus text exposition: engine numbers, server stats (http_*), strings as info labels."""
+    def name(key: str) -> str:
+        return "kernelext_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+    def quote(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    numbers = {k: v for k, v in engine_metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers.update({f"http_{k}": v for k, v in server_stats.items()})
+    labels = ",".join(f'{k}="{quote(v)}"' for k, v in engine_metrics.items() if isinstance(v, str))
+    lines = ["# TYPE kernelext_info gauge", f"kernelext_info{{{labels}}} 1"]
+    for key, value in numbers.items():
+        lines += [f"# TYPE {name(key)} gauge", f"{name(key)} {value}"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""hypercorn on a thread of its own with its own asyncio loop, so requests are
+answered while the notebook's loop (or a busy cell) is blocked."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import socket
+import threading
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from .app import App
+
+log = logging.getLogger("kernelext.server")
+
+STOP_TIMEOUT_S = 10.0
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse to expose the model beyond this machine without a key."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        loopback = False
+    if not loopback and not api_key:
+        raise ValueError(f"refusing to serve on {host!r} without an API key: anyone who can reach "
+                         "it could use the model. Pass an API key, or bind 127.0.0.1.")
+
+
+class ServerHandle:
+    """A running server; `stop()` ends it (idempotent)."""
+
+    def __init__(self, engine, host: str, port: int, api_key: str | None):
+        self.engine, self.host, self.port, self.api_key = engine, host, port, api_key
+        self._started = threading.Event()
+        self._app = App(engine, api_key, on_started=self._started.set)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stats(self) -> dict:
+        return self._app.stats()
+
+    def stop(self) -> None:
+        """Cancel active requests (their streams end), close the port, join the thread."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        try:
+            self._loop.call_soon_threadsafe(self._begin_stop)
+        except RuntimeError:  # its loop is closed: the server thread already ended
+            pass
+        self._thread.join(STOP_TIMEOUT_S)
+
+    def _begin_stop(self) -> None:
+        self._app.shutdown()
+        self._stop_event.set()
+
+    def _start(self, sock: socket.socket) -> None:
+        config = Config()
+        # hypercorn adopts our already-listening socket, so the port is known (and any
+        # bind error raised) in the caller's thread.
+        config.bind = [f"fd://{sock.detach()}"]
+        config.accesslog = None
+        config.errorlog = log  # hypercorn's INFO banner stays quiet; warnings still show
+        config.graceful_timeout = 5.0
+        self._thread = threading.Thread(target=self._run, args=(config,), daemon=True,
+                                        name=f"kernelext-server-{self.port}")
+        self._thread.start()
+        while not self._started.wait(0.05):
+            if not self._thread.is_alive():
+                raise RuntimeError(f"the server failed to start: {self._error!r}") from self._error
+
+    def _run(self, config: Config) -> None:
+        try:
+            with asyncio.Runner() as runner:
+                self._loop = runner.get_loop()
+                self._stop_event = asyncio.Event()
+                runner.run(serve(self._app, config, shutdown_trigger=self._stop_event.wait))
+        except Exception as e:  # reported by _start, or logged if it happens later
+            self._error = e
+            if self._started.is_set():
+                log.exception("the server stopped with an error")
+
+    def snippets(self) -> str:
+        """Copy-paste configuration for the OpenAI and Anthropic clients and Codex CLI."""
+        key = self.api_key or "none"
+        model = json.dumps(self.engine.model_name)
+        hi = '[{"role": "user", "content": "Hi"}]'
+        env_key = f'env_key = "KERNELEXT_API_KEY"  # export KERNELEXT_API_KEY={key}\n' if self.api_key else ""
+        return (
+            "# OpenAI Python client (chat, completions, responses)\n"
+            "from openai import OpenAI\n"
+            f'client = OpenAI(base_url="{self.url}/v1", api_key="{key}")\n'
+            f"client.chat.completions.create(model={model}, messages={hi})\n\n"
+            "# Anthropic Python client (or ANTHROPIC_BASE_URL / ANTHROPIC_API_KEY for other tools)\n"
+            "from anthropic import Anthropic\n"
+            f'client = Anthropic(base_url="{self.url}", api_key="{key}")\n'
+            f"client.messages.create(model={model}, max_tokens=256, messages={hi})\n\n"
+            "# Codex CLI: ~/.codex/config.toml\n"
+            f"model = {model}\n"
+            'model_provider = "kernelext"\n\n'
+            "[model_providers.kernelext]\n"
+            'name = "kernelext"\n'
+            f'base_url = "{self.url}/v1"\n'
+            'wire_api = "responses"\n'
+            f"{env_key}"
+        )
+
+
+def start_server(engine, host: str = "127.0.0.1", port: int = 8000,
+                 api_key: str | None = None) -> ServerHandle:
+    """Serve `engine` over HTTP; returns once listening (port 0 = a free port)."""
+    check_bind(host, api_key)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.create_server((host, port), family=family, backlog=128)
+    handle = ServerHandle(engine, host, sock.getsockname()[1], api_key)
+    handle._start(sock)
+    return handle

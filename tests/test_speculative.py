@@ -1,0 +1,294 @@
+"""Speculative decoding is exact: laws, greedy identity, cache state, batch invariance."""
+
+import itertools
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_map
+from mlx_lm.models import llama
+
+import engine.llm_engine as llm_engine
+from engine import Engine, EngineConfig, SamplingParams
+from engine.drafters import Draft
+from engine.model_runner import ModelRunner
+from engine.sampler import target_logprobs
+from engine.speculative import accept_probability, probs64, residual_distribution, run_window
+from tiny_models import FAMILIES, tiny_model
+
+PROMPTS = ["def fibonacci(n):", "Hello", "The quick brown fox jumps over the lazy dog, and then",
+           "import os\nimport sys\n\n", "class Config:\n    def __init__(self, path):\n",
+           "one two three four five six", "for i in range(10):", "x = [1, 2, 3]"]
+
+
+class ScriptedDrafter:
+    """Drafts from a known continuation per prompt: right for the first `good` tokens of
+    each window, then wrong ones, so every accept pattern can be forced."""
+
+    name = "scripted"
+    deterministic = True
+
+    def __init__(self, references: dict, good: int, vocab: int):
+        self.references, self.good, self.vocab = references, good, vocab
+
+    def propose(self, rows, depths):
+        out = []
+        for seq, k in zip(rows, depths):
+            ref = self.references[tuple(seq.prompt_ids)]
+            done = len(seq.output_ids)
+            right = ref[done + 1:done + 1 + k]  # ref[done] is what this step's first position emits
+            draft = [t if j < self.good else (t + 1 + j) % self.vocab for j, t in enumerate(right)]
+            out.append(Draft(draft))
+        return out
+
+
+def make_engine(family, **kw):
+    cfg = dict(progress=False, max_batch=8, block_size=16, step_token_budget=64, drafter="none")
+    cfg.update(kw)
+    return Engine.load(tiny_model(family), EngineConfig(**cfg))
+
+
+def use_drafter(eng, drafter):
+    def swap():
+        eng.drafter = drafter
+        eng.speculation.drafter_name = drafter.name
+    eng.call(swap)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def eng(family):
+    e = make_engine(family)
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("good", [0, 1, 2, 4])
+@pytest.mark.parametrize("depth", [1, 3, 4])
+def test_greedy_identity_for_every_accept_pattern(eng, good, depth):
+    use_drafter(eng, type("Off", (), {"name": "none", "propose": None})())
+    ref = {tuple(eng.encode(p)): eng.generate(p, max_tokens=23).token_ids for p in PROMPTS}
+    vocab = eng._loaded.vocab_size
+    use_drafter(eng, ScriptedDrafter(ref, good, vocab))
+    # max_tokens=23 makes the last window end mid-window for every depth tested.
+    handles = [eng.submit(p, max_tokens=23, depth=depth) for p in PROMPTS]
+    results = [h.result() for h in handles]
+    assert [r.token_ids for r in results] == list(ref.values())
+    assert all(r.usage.verify_calls > 0 for r in results)
+    accepted = sum(r.usage.accepted_tokens for r in results)
+    drafted = sum(r.usage.draft_tokens for r in results)
+    if good >= depth:
+        assert accepted == drafted  # every draft right: all accepted
+    elif good == 0:
+        assert accepted == 0
+    else:
+        assert 0 < accepted < drafted
+
+
+def test_stop_string_and_eos_mid_window(eng):
+    use_drafter(eng, type("Off", (), {"name": "none", "propose": None})())
+    full = eng.generate(PROMPTS[2], max_tokens=30)
+    stop = full.text[len(full.text) // 2:len(full.text) // 2 + 3]
+    want = eng.generate(PROMPTS[2], max_tokens=30, stop=[stop])
+    ref = {tuple(eng.encode(PROMPTS[2])): full.token_ids}
+    use_drafter(eng, ScriptedDrafter(ref, 4, eng._loaded.vocab_size))
+    got = eng.generate(PROMPTS[2], max_tokens=30, stop=[stop], depth=4)
+    assert got.text == want.text and got.finish_reason == "stop"
+    assert stop not in got.text
+
+
+def test_seeded_sampling_is_batch_invariant_with_speculation(eng):
+    use_drafter(eng, type("Off", (), {"name": "none", "propose": None})())
+    greedy = {tuple(eng.encode(p)): eng.generate(p, max_tokens=40).token_ids for p in PROMPTS}
+    use_drafter(eng, ScriptedDrafter(greedy, 3, eng._loaded.vocab_size))
+    params = [SamplingParams(max_tokens=20, temperature=0.7, top_k=5, seed=i, depth=3)
+              for i in range(len(PROMPTS))]
+    alone = [eng.generate(p, params[i]).token_ids for i, p in enumerate(PROMPTS)]
+    handles = [eng.submit(p, params[i]) for i, p in enumerate(PROMPTS)]
+    assert [h.result().token_ids for h in handles] == alone
+
+
+def test_failed_verification_leaves_caches_untouched(eng, monkeypatch):
+    use_drafter(eng, type("Off", (), {"name": "none", "propose": None})())
+    ref = {tuple(eng.encode(p)): eng.generate(p, max_tokens=16).token_ids for p in PROMPTS[:3]}
+    use_drafter(eng, ScriptedDrafter(ref, 2, eng._loaded.vocab_size))
+    calls = Counter()
+    real = llm_engine.verify_row
+
+    def flaky(logits, seq, draft):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("injected verification failure")
+        return real(logits, seq, draft)
+
+    monkeypatch.setattr(llm_engine, "verify_row", flaky)
+    with pytest.warns(RuntimeWarning, match="speculative step failed"):
+        handles = [eng.submit(p, max_tokens=16, depth=3) for p in PROMPTS[:3]]
+        got = [h.result().token_ids for h in handles]
+    assert got == list(ref.values())
+
+
+def _row_state(runner, row):
+    """One batch row's cache contents: attention KV in temporal order, recurrent states."""
+    out = []
+    for c in runner.batch_cache:
+        if hasattr(c, "extract") and not hasattr(c, "cache"):
+            single = c.extract(row)
+            keys, values = single.keys, single.values
+            if hasattr(single, "_temporal_order"):  # rotating: unroll the ring buffer
+                keys, values = single._temporal_order(keys), single._temporal_order(values)
+            n = min(single.offset, keys.shape[2])
+            if hasattr(single, "max_size"):  # the next token sees the last window-1 of them
+                n = min(n, single.max_size - 1)
+            out += [np.array(keys[..., -n:, :]), np.array(values[..., -n:, :])]
+        else:
+            out += [np.array(c.cache[0][row]), np.array(c.cache[1][row])]
+    return out
+
+
+@pytest.mark.parametrize("keep", [[1, 3], [4, 2], [2, 2], [4, 4]])
+def test_cache_state_after_accept_pattern_equals_plain_decoding(family, keep):
+    e = make_engine(family)
+    model = e._loaded.model
+    prompts = [e.encode(p) for p in PROMPTS[2:4]]
+    e.close()
+    window = 4
+    fed = [[prompts[0][-1], 7, 9, 11], [prompts[1][-1], 21, 23, 25]]
+
+    def runner_for(rows):
+        r = ModelRunner(model)
+        caches = []
+        for ids in rows:
+            c = r.new_cache()
+            r.prefill(c, ids[:-1])
+            caches.append(c)
+        r.add_rows(caches)
+        return r
+
+    spec = runner_for(prompts)
+    spec.verify(fed)
+    spec.commit(keep, window)
+    plains = []
+    for row in range(2):
+        plain = runner_for([prompts[row]])
+        for token in fed[row][:keep[row]]:
+            plain.decode([token])
+        mx.eval([c.state for c in plain.batch_cache])
+        for got, want in zip(_row_state(spec, row), _row_state(plain, 0)):
+            assert got.shape == want.shape
+            np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+        plains.append(plain)
+    # And the next step computes the same thing from either state.
+    next_logits = spec.decode([41, 41])
+    for row, plain in enumerate(plains):
+        np.testing.assert_allclose(np.array(next_logits[row]), np.array(plain.decode([41])[0]),
+                                   atol=5e-4, rtol=1e-4)
+
+
+# -- the law of one speculative window, enumerated exactly ------------------------------
+
+V = 5
+
+
+def tiny_vocab_model(seed):
+    args = llama.ModelArgs(model_type="llama", hidden_size=16, num_hidden_layers=1,
+                           intermediate_size=32, num_attention_heads=2, num_key_value_heads=1,
+                           rms_norm_eps=1e-5, vocab_size=V, rope_theta=10000.0,
+                           tie_word_embeddings=False)
+    mx.random.seed(seed)
+    m = llama.Model(args)
+    m.update(tree_map(lambda p: p * 3.0, m.parameters()))
+    return m
+
+
+def dist_fn(model, params):
+    """context -> float64 probabilities of the next token under `params` (memoized)."""
+    memo = {}
+
+    def p(context):
+        key = tuple(context)
+        if key not in memo:
+            logits = model(mx.array(context)[None])[0, -1]
+            memo[key] = probs64(target_logprobs(logits, params))
+        return memo[key]
+    return p
+
+
+def enumerate_window(drafts, p, q):
+    """Exact law of run_window's output: drive it through every branch of its draws."""
+    law = Counter()
+    stack = [[]]
+    while stack:
+        script = stack.pop()
+        weight, pos = [1.0], [0]
+
+        def choose(options):
+            if pos[0] < len(script):
+                value, prob = options[script[pos[0]]]
+            else:
+                for i in range(1, len(options)):
+                    stack.append(script[:pos[0]] + [i])
+                script.append(0)
+                value, prob = options[0]
+            pos[0] += 1
+            weight[0] *= prob
+            return value
+
+        a = [accept_probability(p[j][d], q[j][d] if q else 1.0) for j, d in enumerate(drafts)]
+        out = run_window(
+            drafts, lambda j: a[j],
+            lambda j: choose([(0.0, a[j]), (1.0, 1 - a[j])]),  # u < a  <=> accept
+            lambda j: choose(list(enumerate(
+                residual_distribution(p[j], q[j] if q else None, drafts[j]).tolist()))),
+            lambda: choose(list(enumerate(p[len(drafts)].tolist()))))
+        if weight[0] > 0:
+            law[tuple(out)] += weight[0]
+    return law
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4])
+@pytest.mark.parametrize("drafter", ["model", "deterministic"])
+def test_window_law_equals_ar_law(K, drafter):
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=3)
+    p = dist_fn(tiny_vocab_model(0), params)
+    q = dist_fn(tiny_vocab_model(1), SamplingParams(temperature=1.3))  # a different drafter
+    ctx = [1, 3]
+    n = K + 1
+    ar = Counter()
+    for seq in itertools.product(range(V), repeat=n):
+        prob = 1.0
+        for j in range(n):
+            prob *= p(ctx + list(seq[:j]))[seq[j]]
+        if prob > 0:
+            ar[seq] += prob
+    spec = Counter()
+    draft_space = itertools.product(range(V), repeat=K)
+    for drafts in draft_space:
+        if drafter == "model":
+            qd = [q(ctx + list(drafts[:j])) for j in range(K)]
+            w = float(np.prod([qd[j][drafts[j]] for j in range(K)]))
+        else:  # a deterministic drafter proposing this fixed guess
+            if drafts != tuple((ctx[-1] + 1 + j) % V for j in range(K)):
+                continue
+            qd, w = None, 1.0
+        if w == 0:
+            continue
+        pd = [p(ctx + list(drafts[:j])) for j in range(K + 1)]
+        for out, prob in enumerate_window(list(drafts), pd, qd).items():
+            # Complete to n tokens with AR draws so both laws are over the same space.
+            tails = itertools.product(range(V), repeat=n - len(out))
+            for tail in tails:
+                full = out + tail
+                tp = 1.0
+                for j in range(len(out), n):
+                    tp *= p(ctx + list(full[:j]))[full[j]]
+                if tp > 0:
+                    spec[full] += w * prob * tp
+    keys = set(ar) | set(spec)
+    assert max(abs(ar[k] - spec[k]) for k in keys) < 1e-9
+    assert abs(sum(spec.values()) - 1) < 1e-9
