@@ -89,6 +89,16 @@ class ModelRunner:
 
 
 def _snapshot(cache):
-    if isinstance(cache, ArraysCache):  # its state list is mutated in place
-        return [list(cache.cache), cache.left_padding, cache.lengths]
-    return cache.state
+    """The cache's state, detached: `a -= 1` and `a[i] = x` mutate an mx.array's Python
+    object in place, so every array gets a wrapper of its own (the data is shared)."""
+    if isinstance(cache, ArraysCache):
+        state = [list(cache.cache), cache.left_padding, cache.lengths]
+    else:
+        state = list(cache.state)
+    return [_detach(x) for x in state]
+
+
+def _detach(x):
+    if isinstance(x, list):
+        return [_detach(v) for v in x]
+    return mx.array(x) if isinstance(x, mx.array) else x

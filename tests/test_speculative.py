@@ -37,7 +37,7 @@ class ScriptedDrafter:
         for seq, k in zip(rows, depths):
             ref = self.references[tuple(seq.prompt_ids)]
             done = len(seq.output_ids)
-            right = ref[done + 1:done + 1 + k]  # ref[done] is what this step's first position emits
+            right = ref[done:done + k]  # draft j is checked against window position j
             draft = [t if j < self.good else (t + 1 + j) % self.vocab for j, t in enumerate(right)]
             out.append(Draft(draft))
         return out

@@ -153,7 +153,7 @@ def test_server_row_shows_url_requests_and_errors(eng):
                 assert e.code == 400
         wait_for(lambda: server.stats()["active_requests"] == 0)  # it counts after the reply
         dash.refresh()
-        assert dash.server.value == f"{server.url} · 2 requests served · 0 active · 1 errors"
+        assert dash.server.value == f"{server.url} · requests served 2 · active 0 · errors 1"
     finally:
         dash.close()
         server.stop()
@@ -168,8 +168,8 @@ def test_unchanged_values_send_nothing_and_changes_one_message_each(dash, frozen
     assert sent == []
     frozen.update(decode_tps=frozen["decode_tps"] + 10, cache_hit_blocks=frozen["cache_hit_blocks"] + 1)
     dash.refresh()
-    assert sorted(id(widget) for widget, _ in sent) == sorted(map(id, (dash.decode, dash.decode_chart,
-                                                                       dash.cache)))
+    # Not the sparkline: drawn to its peak, its one point (fixed clock) is still the peak.
+    assert [widget for widget, _ in sent] == [dash.decode, dash.cache]
     sent.clear()
     _show(dash.decode, value="1", tooltip="2")  # two traits, one message
     assert [msg["state"] for _, msg in sent] == [{"value": "1", "tooltip": "2"}]
