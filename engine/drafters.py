@@ -50,9 +50,9 @@ class NgramDrafter:
         Only n-grams ending before the last token are indexed, so a lookup of the
         current suffix always finds an earlier occurrence, never itself.
         """
-        state = seq.draft_state
+        state = seq.draft_state.get("ngram")
         if state is None:
-            state = seq.draft_state = {"upto": 0, **{n: {} for n in range(self.min_n, self.max_n + 1)}}
+            state = seq.draft_state["ngram"] = {"upto": 0, **{n: {} for n in range(self.min_n, self.max_n + 1)}}
         for end in range(state["upto"], len(tokens) - 1):  # n-gram tokens[end-n+1 .. end]
             for n in range(self.min_n, self.max_n + 1):
                 if end + 1 >= n:
@@ -67,3 +67,88 @@ class NoDrafter:
 
     def propose(self, rows: list[Sequence], depths: list[int]) -> list[Draft]:
         return [Draft([]) for _ in rows]
+
+
+class MTPDrafter:
+    """Drafts with a Multi-Token-Prediction head (native mtp.* weights or a trained head).
+
+    The head's position t reads the trunk's hidden state at t and the token at t+1,
+    and predicts the token at t+2. After every step, each row's newly committed
+    (hidden, next token) pairs are pending; propose() feeds them to the head's own
+    KV cache in one batched pass, whose last output drafts token 1; depth > 1
+    chains the head on its own output, and those chained positions are trimmed
+    from its cache again (they are not committed).
+    """
+
+    name = "mtp"
+    deterministic = False
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.head = runner.head
+
+    @staticmethod
+    def observe(rows: list[Sequence], emitted: list[list[int]], hidden) -> None:
+        """Queue each row's newly committed pairs (hidden: [rows, window, D]) for the head."""
+        import mlx.core as mx
+
+        for i, (seq, tokens) in enumerate(zip(rows, emitted)):
+            new = hidden[i, :len(tokens)]
+            old = seq.draft_state.get("mtp")
+            if old is not None:  # steps without drafting still feed the head later
+                new, tokens = mx.concatenate([old["hidden"], new]), old["tokens"] + tokens
+            seq.draft_state["mtp"] = {"hidden": new, "tokens": tokens}
+
+    def propose(self, rows: list[Sequence], depths: list[int]) -> list[Draft]:
+        import mlx.core as mx
+
+        from .cache_handlers import rollback
+        from .sampler import rng_key, target_logprobs
+        from .speculative import ROLE_DRAFT
+
+        head_cache = self.runner.batch_cache[self.runner.n_trunk:]
+        pending = [seq.draft_state.pop("mtp", None) or {"hidden": None, "tokens": []} for seq in rows]
+        counts = [len(p["tokens"]) for p in pending]
+        window = max(counts)
+        drafts = [Draft([], []) for _ in rows]
+        if window == 0:
+            return [Draft([]) for _ in rows]
+        dim = self.head.hidden_size
+        hidden = mx.stack([mx.concatenate([p["hidden"], mx.zeros((window - n, dim), p["hidden"].dtype)])
+                           if n else mx.zeros((window, dim)) for p, n in zip(pending, counts)])
+        tokens = mx.array([p["tokens"] + [0] * (window - n) for p, n in zip(pending, counts)])
+        logits, out = self.head(hidden, tokens, head_cache)
+        rollback(head_cache, counts, window, [])  # keep only the real pairs
+        last = mx.array([max(n - 1, 0) for n in counts])
+        logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        out = mx.take_along_axis(out, last[:, None, None], axis=1)
+        active = [i for i, (n, k) in enumerate(zip(counts, depths)) if n and k]
+        chained = 0
+        for step in range(max((depths[i] for i in active), default=0)):
+            picks = []
+            for i in range(len(rows)):
+                seq, q = rows[i], None
+                if i in active and step < depths[i]:
+                    if seq.params.greedy:
+                        tok = mx.argmax(logits[i])
+                    else:
+                        q = target_logprobs(logits[i], seq.params)
+                        tok = mx.random.categorical(q, key=rng_key(seq.seed, seq.position + step,
+                                                                   ROLE_DRAFT))
+                    drafts[i].tokens.append(tok)
+                    drafts[i].q_logprobs.append(q)
+                picks.append(drafts[i].tokens[-1] if drafts[i].tokens else mx.array(0))
+            if step + 1 < max(depths[i] for i in active):
+                logits, out = self.head(out, mx.stack(picks)[:, None], head_cache)
+                logits = logits[:, 0]
+                chained += 1
+        mx.eval([d.tokens for d in drafts], [q for d in drafts for q in d.q_logprobs if q is not None])
+        if chained:
+            for c in head_cache:
+                c.trim(chained)
+        result = []
+        for seq, d in zip(rows, drafts):
+            tokens = [int(t.item()) for t in d.tokens]
+            q = d.q_logprobs if tokens and not seq.params.greedy else None
+            result.append(Draft(tokens, q))
+        return result

@@ -33,6 +33,11 @@ def _file_digest(path: Path, memo: dict) -> str:
     return memo[memo_key]
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of a file (not memoized: for small files such as draft heads)."""
+    return _file_digest(Path(path), {})
+
+
 def model_fingerprint(model_dir: Path, dtype: str, memo_file: Path | None = None) -> str:
     """Hash of everything that determines KV contents: config, weights, tokenizer, dtype, format.
 

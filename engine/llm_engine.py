@@ -9,6 +9,7 @@ short-lived threads, and one owner means no locks around the model.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import os
 import random
@@ -22,13 +23,15 @@ from typing import Any, Callable, Iterator
 import mlx.core as mx
 
 from . import backend, loader
-from .config import EngineConfig, default_kv_cache_dir
+from .config import EngineConfig, check_speculation, default_kv_cache_dir
 from .errors import (EngineClosedError, InvalidRequestError, NoDraftHeadError, QueueFullError,
                      UnsupportedModelError)
 from .handle import RequestHandle
 from .metrics import EngineMetrics
-from .drafters import Draft, NgramDrafter, NoDrafter
-from .kv_blocks import model_fingerprint
+from . import tuning
+from .drafters import Draft, MTPDrafter, NgramDrafter, NoDrafter
+from .kv_blocks import file_digest, model_fingerprint
+from .mtp_head import MTPHead, head_candidates, head_matches
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
 from .worker import MLXWorker
@@ -236,6 +239,52 @@ class Engine:
             for name in options:
                 setattr(self.config, name, getattr(checked, name))
 
+    def set_options(self, *, max_batch: int | None = None, depth: int | str | None = None,
+                    drafter: str | None = None) -> None:
+        """Change batch size and speculation of the running engine (applied between steps)."""
+        cfg = self.config
+        if max_batch is not None and not (isinstance(max_batch, int) and
+                                          1 <= max_batch <= cfg.step_token_budget - cfg.block_size):
+            raise InvalidRequestError(
+                f"max_batch must be an integer in [1, {cfg.step_token_budget - cfg.block_size}]")
+        check_speculation(drafter or cfg.drafter, cfg.depth if depth is None else depth)
+
+        def apply():
+            if drafter is not None and drafter != self.drafter.name:
+                self.drafter = self._make_drafter(drafter)  # raises if mtp has no head
+                cfg.drafter = self.speculation.drafter_name = drafter
+                self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
+            if max_batch is not None:
+                cfg.max_batch = max_batch
+            if depth is not None:
+                cfg.depth = depth
+
+        self.call(apply)
+
+    def tune(self, *, batch: int | None = None, temperature: float = 0.0, gen_tokens: int = 48,
+             depths: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
+        """Measure decode tok/s with plain decoding (depth 0) and each draft depth, at the
+        current batch size and sampling, on a code-editing workload; keep the fastest for
+        depth="auto" and persist it per model, machine and drafter."""
+        batch = batch or max(1, len(self.scheduler.running))
+        prompts = [tuning.TUNING_PROMPTS[i % len(tuning.TUNING_PROMPTS)] for i in range(batch)]
+
+        def run(depth: int) -> float:
+            params = SamplingParams(max_tokens=gen_tokens, temperature=temperature, seed=0,
+                                    depth=depth)
+            handles = [self.submit(p, params, source="tune") for p in prompts]
+            usages = [h.result().usage for h in handles]
+            # Decode speed: tokens after the first over the time after the first.
+            return sum(u.completion_tokens - 1 for u in usages) / max(
+                max(u.total_s - u.ttft_s for u in usages), 1e-9)
+
+        run(0)  # warm-up: prefill the prompts once (the prefix cache keeps them)
+        results = {d: run(d) for d in depths}
+        best = max(results, key=results.get)
+        self.speculation.tuned_depth = best
+        tuning.save(self._tune_key(), best, results)
+        return {"depth": best, "tok_s": results, "batch": batch, "drafter": self.drafter.name}
+
     @property
     def backend(self) -> str:
         return "cpu" if loader.on_cpu() else "gpu"
@@ -269,10 +318,14 @@ class Engine:
         try:
             self._loaded = loader.load(self.model_path, self.config.dtype)
             self._eos = set(self._loaded.tokenizer.eos_token_ids)
-            self.runner = ModelRunner(self._loaded.model)
-            self.prefix_cache = self._make_prefix_cache()
+            self.fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
+                                                 memo_file=self._kv_dir() / "weight-digests.json")
+            head, head_id = self._load_head() if self.config.drafter == "mtp" else (None, "")
+            self.runner = ModelRunner(self._loaded.model, head)
+            self.prefix_cache = self._make_prefix_cache(head_id)
             self.drafter = self._make_drafter(self.config.drafter)
             self.speculation = SpeculationController(self.config, self.drafter.name)
+            self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
         except BaseException as e:
             self._closed = True
             ready.set_exception(e)
@@ -280,13 +333,32 @@ class Engine:
         ready.set_result(None)
         return True
 
-    def _make_prefix_cache(self) -> PrefixCache | None:
+    def _kv_dir(self) -> Path:
+        return Path(self.config.cache_dir) if self.config.cache_dir else default_kv_cache_dir()
+
+    def _load_head(self) -> tuple[MTPHead, str]:
+        """The native MTP head, else a trained head made for exactly this model."""
+        model = self._loaded.model
+        try:
+            return MTPHead.from_checkpoint(self._loaded.path, model), "native"
+        except NoDraftHeadError as missing:
+            for path in head_candidates(self.config.mtp_head, self._loaded.path):
+                if head_matches(path, self.fingerprint):
+                    return MTPHead.load(path, model, self.fingerprint), file_digest(path)
+            if self.config.mtp_head:  # asked for explicitly: say why it does not fit
+                return MTPHead.load(self.config.mtp_head, model, self.fingerprint), ""
+            raise NoDraftHeadError(
+                f"{self.model_name} has no MTP draft head (no native mtp.* weights and no "
+                "trained head for it); use drafter='ngram', or train one with "
+                "engine.train_mtp_head()") from missing
+
+    def _make_prefix_cache(self, head_id: str) -> PrefixCache | None:
         cfg = self.config
         if not cfg.prefix_cache:
             return None
-        kv_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_kv_cache_dir()
-        fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
-                                        memo_file=kv_dir / "weight-digests.json")
+        kv_dir = self._kv_dir()
+        # With a draft head its KV is cached too, so the head is part of the identity.
+        fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}".encode()).hexdigest()
         try:
             return PrefixCache(self.runner.new_cache(), fingerprint, cfg.block_size,
                                cfg.hot_cache_bytes, kv_dir / "blocks" if cfg.ssd_cache else None,
@@ -300,9 +372,14 @@ class Engine:
             return NgramDrafter()
         if name == "none":
             return NoDrafter()
-        raise NoDraftHeadError(
-            f"{self.model_name} has no MTP draft head (native mtp.* weights or a trained head); "
-            "use drafter='ngram', or train one with engine.train_mtp_head()")
+        if self.runner.head is None:
+            raise NoDraftHeadError(
+                f"{self.model_name} was loaded without an MTP head: load it with "
+                "EngineConfig(drafter='mtp') to draft with one")
+        return MTPDrafter(self.runner)
+
+    def _tune_key(self) -> str:
+        return tuning.key(self.fingerprint, self.backend, backend.blas(), self.drafter.name)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -395,7 +472,8 @@ class Engine:
             if take == 0 or take > budget:
                 break
             start = seq.num_computed
-            self.runner.prefill(seq.cache, seq.prompt_ids[start:start + take])
+            self.runner.prefill(seq.cache, seq.prompt_ids[start:start + take],
+                                seq.prompt_ids[start + 1:start + take + 1])
             seq.num_computed += take
             budget -= take
             done_blocks = seq.num_computed // block
@@ -436,6 +514,8 @@ class Engine:
         tokens = picked.tolist()
         now = time.perf_counter()
         self.speculation.observe_step(len(rows), 1, now - start, len(rows))
+        if self.runner.head is not None:
+            MTPDrafter.observe(rows, [[t] for t in tokens], self.runner.hidden)
         for i, (seq, token) in enumerate(zip(rows, tokens)):
             self._emit(seq, [token], [wanted.get(i)], now)
 
@@ -457,6 +537,8 @@ class Engine:
         mx.eval(wanted)
         now = time.perf_counter()
         self.speculation.observe_step(len(rows), window, now - start, sum(map(len, emitted)))
+        if self.runner.head is not None:
+            MTPDrafter.observe(rows, emitted, self.runner.hidden)
         for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
             self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
             self._emit(seq, tokens, wanted.get(i, [None] * len(tokens)), now)

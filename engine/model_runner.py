@@ -5,6 +5,11 @@ single-row cache (mlx-lm's per-layer cache objects: full KV, rotating
 sliding-window KV, recurrent arrays). A prefilled request then joins the decode
 batch: its cache is merged into mlx-lm's batch caches (left-padded rows), and
 every step decodes one token for all rows in a single forward pass.
+
+With an MTP draft head, each request's cache list is the trunk's layers
+followed by the head's own layer(s), so the prefix cache and the batch treat
+the head's KV like any other layer; forwards then also keep the trunk's final
+hidden states, which the head consumes.
 """
 
 from __future__ import annotations
@@ -13,21 +18,35 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from .cache_handlers import rollback
+from .mtp_head import trunk_forward
 from .recurrent_capture import RecurrentCapture
 
 
 class ModelRunner:
-    def __init__(self, model):
+    def __init__(self, model, head=None):
         self.model = model
+        self.head = head
+        self.n_trunk = len(make_prompt_cache(model))  # trunk layers come first in every cache list
         self.batch_cache: list | None = None  # one batch cache per layer
+        self.hidden: mx.array | None = None  # trunk hidden states of the last decode/verify
         self.capture = RecurrentCapture(model)
         self._saved: list | None = None  # cache state before an uncommitted verify
 
     def new_cache(self) -> list:
-        return make_prompt_cache(self.model)
+        cache = make_prompt_cache(self.model)
+        return cache + self.head.make_cache() if self.head is not None else cache
 
-    def prefill(self, cache: list, tokens: list[int]) -> None:
-        self.model(mx.array(tokens)[None], cache=cache)
+    def _forward(self, inputs: mx.array, cache: list) -> mx.array:
+        if self.head is None:
+            return self.model(inputs, cache=cache)
+        logits, self.hidden = trunk_forward(self.model, inputs, cache[:self.n_trunk])
+        return logits
+
+    def prefill(self, cache: list, tokens: list[int], next_tokens: list[int]) -> None:
+        """Compute `tokens` into `cache`; `next_tokens` (each token's successor) feed the head."""
+        self._forward(mx.array(tokens)[None], cache)
+        if self.head is not None:
+            self.head(self.hidden, mx.array(next_tokens)[None], cache[self.n_trunk:])
         mx.eval([c.state for c in cache])
 
     def add_rows(self, caches: list[list]) -> None:
@@ -52,7 +71,7 @@ class ModelRunner:
 
     def decode(self, tokens: list[int]) -> mx.array:
         """Logits [rows, vocab] for the next token of every row (lazy)."""
-        logits = self.model(mx.array(tokens)[:, None], cache=self.batch_cache)
+        logits = self._forward(mx.array(tokens)[:, None], self.batch_cache)
         return logits[:, -1, :]
 
     # -- speculative verification: nothing is final until commit() ------------
@@ -61,8 +80,8 @@ class ModelRunner:
         self._saved = [_snapshot(c) for c in self.batch_cache]
         try:
             with self.capture:
-                logits = self.model(mx.array(windows), cache=self.batch_cache)
-            mx.eval(logits)
+                logits = self._forward(mx.array(windows), self.batch_cache)
+            mx.eval(logits, self.hidden)
         except BaseException:
             self.abort()
             raise
@@ -71,7 +90,7 @@ class ModelRunner:
     def commit(self, keep: list[int], window: int) -> None:
         """Keep the first keep[i] window positions of row i in every layer's cache."""
         try:
-            rollback(self.batch_cache, keep, window, self.capture.records)
+            rollback(self.batch_cache[:self.n_trunk], keep, window, self.capture.records)
             mx.eval([c.state for c in self.batch_cache])
         except BaseException:
             self.abort()

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import struct
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,18 +52,12 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from .errors import EngineError, ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
 
 FORMAT = "kernelext-mtp-head"
 FORMAT_VERSION = 1
 _META_KEY = "kernelext_mtp"
 
-
-class NoDraftHeadError(EngineError):
-    """The model has no MTP head to draft with."""
-
-
-# ------------------------------------------------------------------ trunk ---
 
 def _text_model(model) -> nn.Module:
     """The module holding `.model` (embeddings, layers, final norm) and `.args`:
@@ -288,3 +283,28 @@ class MTPHead(nn.Module):
         except ValueError as e:  # missing / unexpected keys, wrong shapes
             raise ModelLoadError(f"{source}: the MTP head's weights do not fit this model: {e}") from e
         mx.eval(self.parameters())
+
+
+# --------------------------------------------------------- finding heads ---
+
+BUNDLED_HEADS = Path(__file__).with_name("heads")  # trained heads shipped with kernelext
+
+
+def head_candidates(explicit, model_dir) -> list[Path]:
+    """Where a trained head for a model may be: the configured file, next to the
+    model, then the heads bundled with kernelext."""
+    paths = [Path(explicit)] if explicit else []
+    paths.append(Path(model_dir) / "kernelext_mtp_head.safetensors")
+    paths += sorted(BUNDLED_HEADS.glob("*.safetensors"))
+    return paths
+
+
+def head_matches(path: Path, base_fingerprint: str) -> bool:
+    """Whether the head file at `path` was trained for this base model (header only)."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            meta = json.loads(f.read(n)).get("__metadata__", {})
+        return json.loads(meta[_META_KEY]).get("base_fingerprint") == base_fingerprint
+    except (OSError, ValueError, KeyError, struct.error):
+        return False

@@ -43,6 +43,31 @@ class ScriptedDrafter:
         return out
 
 
+class SelfDrafter:
+    """A model drafter: samples drafts from the target model itself at a colder
+    temperature (no cache: tiny models only). q then piles onto p's favourite token,
+    so rejections happen and the residual (p - q)+ differs sharply from p."""
+
+    name = "self"
+    deterministic = False
+
+    def __init__(self, model, temperature=0.4):
+        self.model, self.params = model, SamplingParams(temperature=temperature, top_k=4)
+
+    def propose(self, rows, depths):
+        out = []
+        for seq, k in zip(rows, depths):
+            context, tokens, qs = seq.prompt_ids + seq.output_ids, [], []
+            for j in range(k):
+                logits = self.model(mx.array(context + tokens)[None])[0, -1]
+                q = target_logprobs(logits, self.params)
+                key = mx.random.key(seq.seed * 1000 + seq.position + j)
+                tokens.append(mx.random.categorical(q, key=key).item())
+                qs.append(q)
+            out.append(Draft(tokens, qs if k else None))
+        return out
+
+
 def make_engine(family, **kw):
     cfg = dict(progress=False, max_batch=8, block_size=16, step_token_budget=64, drafter="none")
     cfg.update(kw)
@@ -165,7 +190,7 @@ def test_cache_state_after_accept_pattern_equals_plain_decoding(family, keep):
         caches = []
         for ids in rows:
             c = r.new_cache()
-            r.prefill(c, ids[:-1])
+            r.prefill(c, ids[:-1], ids[1:])
             caches.append(c)
         r.add_rows(caches)
         return r
@@ -292,3 +317,77 @@ def test_window_law_equals_ar_law(K, drafter):
     keys = set(ar) | set(spec)
     assert max(abs(ar[k] - spec[k]) for k in keys) < 1e-9
     assert abs(sum(spec.values()) - 1) < 1e-9
+
+
+# -- end to end: MTP heads and sampled output laws -------------------------------------
+
+def _chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Wilson-Hilferty approximation of the chi-square quantile (z=3.09: p = 0.001)."""
+    return dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
+
+
+def _position_counts(eng, prompt, seeds, positions, **params):
+    counts = [Counter() for _ in range(positions)]
+    for seed in seeds:
+        # Hot and top-k: the tiny models' logits are sharp, so this spreads p over 4 tokens.
+        tokens = eng.generate(prompt, SamplingParams(max_tokens=positions, temperature=3.0,
+                                                     top_k=4, seed=seed, **params)).token_ids
+        for j, t in enumerate(tokens):
+            counts[j][t] += 1
+    return counts
+
+
+def _assert_same_law(a: Counter, b: Counter) -> None:
+    cats = sorted(set(a) | set(b))
+    na, nb = sum(a.values()), sum(b.values())
+    stat = 0.0
+    for c in cats:
+        total = a[c] + b[c]
+        for n, obs in ((na, a[c]), (nb, b[c])):
+            exp = total * n / (na + nb)
+            stat += (obs - exp) ** 2 / exp
+    dof = max(len(cats) - 1, 1)
+    assert stat < _chi2_critical(dof), (stat, dof, a, b)
+
+
+@pytest.mark.parametrize("family,drafter", [("llama", "scripted"), ("gemma3_text", "self"),
+                                            ("qwen3_5", "mtp")])
+def test_sampled_token_frequencies_match_ar(family, drafter):
+    n, positions = 300, 4
+    prompt = PROMPTS[0]
+    with make_engine(family) as ar:
+        ar_counts = _position_counts(ar, prompt, range(n), positions)
+        greedy = {tuple(ar.encode(prompt)): ar.generate(prompt, max_tokens=40).token_ids}
+    with make_engine(family, drafter="mtp" if drafter == "mtp" else "none") as spec:
+        if drafter == "scripted":
+            use_drafter(spec, ScriptedDrafter(greedy, 4, spec._loaded.vocab_size))
+        elif drafter == "self":
+            use_drafter(spec, SelfDrafter(spec._loaded.model))
+        spec_counts = _position_counts(spec, prompt, range(n, 2 * n), positions, depth=3)
+        m = spec.metrics()
+    assert m["spec_verify_calls"] > 0 and m["spec_drafted_tokens"] > 0
+    if drafter != "mtp":  # the tiny model's native head is random: it is rarely right
+        assert 0 < m["spec_accepted_tokens"] < m["spec_drafted_tokens"]
+    for a, b in zip(ar_counts, spec_counts):
+        _assert_same_law(a, b)
+
+
+def test_mtp_greedy_identity_and_prefix_cache(tmp_path):
+    with make_engine("qwen3_5") as ar:
+        want = [ar.generate(p, max_tokens=21).token_ids for p in PROMPTS]
+    with make_engine("qwen3_5", drafter="mtp", depth=3, cache_dir=str(tmp_path)) as spec:
+        first = [spec.generate(p, max_tokens=21).token_ids for p in PROMPTS]
+        long_prompt = " ".join(PROMPTS) * 2
+        a = spec.generate(long_prompt, max_tokens=12)
+        b = spec.generate(long_prompt, max_tokens=12)  # head KV restored from the prefix cache
+        handles = [spec.submit(p, max_tokens=21) for p in PROMPTS]
+        batched = [h.result().token_ids for h in handles]
+        assert spec.metrics()["spec_verify_calls"] > 0
+    assert first == want and batched == want
+    assert b.usage.cached_tokens > 0 and a.token_ids == b.token_ids
+
+
+def test_mtp_without_a_head_is_a_clear_error():
+    from engine import EngineError
+    with pytest.raises(EngineError, match="no MTP draft head"):
+        make_engine("llama", drafter="mtp")
