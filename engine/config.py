@@ -37,8 +37,9 @@ class EngineConfig:
     ssd_cache_bytes: int = 8 << 30  # SSD tier budget, over every file in cache_dir
     cache_dir: str | None = None  # None = $KERNELEXT_KV_CACHE or ~/.cache/kernelext/kv
     # Speculative decoding. "mtp": the model's own Multi-Token-Prediction head
-    # (native or trained); "ngram": prompt lookup; "none": plain decoding.
-    drafter: str = "ngram"
+    # (native or trained); "ngram": prompt lookup; "none": plain decoding;
+    # "auto": "mtp" when the model has a head (native, next to it or bundled), else "ngram".
+    drafter: str = "auto"
     # Draft tokens per verify: an int (0 = off) or "auto" (adaptive per row from
     # measured acceptance and measured step cost).
     depth: int | str = "auto"
@@ -73,7 +74,7 @@ def default_kv_cache_dir() -> Path:
     return Path(os.environ.get("KERNELEXT_KV_CACHE") or Path.home() / ".cache" / "kernelext" / "kv")
 
 
-DRAFTERS = ("mtp", "ngram", "none")
+DRAFTERS = ("auto", "mtp", "ngram", "none")
 
 
 def check_speculation(drafter, depth, max_depth=16) -> None:

@@ -8,7 +8,6 @@ short-lived threads, and one owner means no locks around the model.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import os
@@ -32,6 +31,7 @@ from . import tuning
 from .drafters import Draft, MTPDrafter, NgramDrafter, NoDrafter
 from .kv_blocks import file_digest, model_fingerprint
 from .mtp_head import MTPHead, head_candidates, head_matches
+from .mtp_train import TrainResult, train_mtp_head
 from .model_runner import ModelRunner
 from .prefix_cache import PrefixCache
 from .worker import MLXWorker
@@ -61,7 +61,6 @@ class Engine:
         self.prefix_cache: PrefixCache | None = None
         self._worker = MLXWorker.get()
         self._waiting_lock = threading.Lock()
-        self._options_lock = threading.Lock()
         self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
         self._closed = False
         ready: Future = Future()
@@ -228,17 +227,6 @@ class Engine:
         if ssd_bytes is not None:
             self.config.ssd_cache_bytes = ssd_bytes
 
-    def set_options(self, **options) -> None:
-        """Change EngineConfig fields of the running engine, validated as at load. Thread-safe;
-        the engine reads its config at each step."""
-        with self._options_lock:
-            try:
-                checked = dataclasses.replace(self.config, **options)  # runs EngineConfig's checks
-            except TypeError as e:  # not an EngineConfig field
-                raise InvalidRequestError(str(e)) from None
-            for name in options:
-                setattr(self.config, name, getattr(checked, name))
-
     def set_options(self, *, max_batch: int | None = None, depth: int | str | None = None,
                     drafter: str | None = None) -> None:
         """Change batch size and speculation of the running engine (applied between steps)."""
@@ -252,7 +240,7 @@ class Engine:
         def apply():
             if drafter is not None and drafter != self.drafter.name:
                 self.drafter = self._make_drafter(drafter)  # raises if mtp has no head
-                cfg.drafter = self.speculation.drafter_name = drafter
+                cfg.drafter, self.speculation.drafter_name = drafter, self.drafter.name
                 self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
             if max_batch is not None:
                 cfg.max_batch = max_batch
@@ -284,6 +272,11 @@ class Engine:
         self.speculation.tuned_depth = best
         tuning.save(self._tune_key(), best, results)
         return {"depth": best, "tok_s": results, "batch": batch, "drafter": self.drafter.name}
+
+    def train_mtp_head(self, **options) -> TrainResult:
+        """Train an MTP draft head for this model by self-distillation: see
+        engine.mtp_train.train_mtp_head for the options."""
+        return train_mtp_head(self, **options)
 
     @property
     def backend(self) -> str:
@@ -320,7 +313,13 @@ class Engine:
             self._eos = set(self._loaded.tokenizer.eos_token_ids)
             self.fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
                                                  memo_file=self._kv_dir() / "weight-digests.json")
-            head, head_id = self._load_head() if self.config.drafter == "mtp" else (None, "")
+            head, head_id = None, ""
+            if self.config.drafter in ("mtp", "auto"):
+                try:
+                    head, head_id = self._load_head()
+                except NoDraftHeadError:
+                    if self.config.drafter == "mtp":
+                        raise
             self.runner = ModelRunner(self._loaded.model, head)
             self.prefix_cache = self._make_prefix_cache(head_id)
             self.drafter = self._make_drafter(self.config.drafter)
@@ -368,6 +367,8 @@ class Engine:
             return None
 
     def _make_drafter(self, name: str):
+        if name == "auto":
+            name = "mtp" if self.runner.head is not None else "ngram"
         if name == "ngram":
             return NgramDrafter()
         if name == "none":

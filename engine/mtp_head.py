@@ -36,6 +36,12 @@ the committed trunk hidden states (a head cache is a pure function of them).
 
 Embeddings and the output projection are shared with the trunk by reference
 (plain callables, not child modules): they are never copied, saved or trained.
+
+Draft vocabulary: a trained head may be restricted to a subset of token ids
+(the most frequent ones of its training corpus). It then computes logits for
+those ids only, from a copy of their rows of the output projection, and puts
+-inf everywhere else: drafting reads a few thousand rows instead of the whole
+vocabulary, and verification stays exact (q = 0 outside the subset).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ from mlx_lm.models.cache import KVCache
 from .errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
 
 FORMAT = "kernelext-mtp-head"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional `draft_vocab` tensor
 _META_KEY = "kernelext_mtp"
 
 
@@ -69,10 +75,31 @@ def _logits(lm, hidden: mx.array) -> mx.array:
     # The same ops, in the same order, as each family's Model.__call__, so the
     # logits are bitwise identical. Tied models have no lm_head module.
     out = lm.lm_head(hidden) if "lm_head" in lm else lm.model.embed_tokens.as_linear(hidden)
+    return _softcap(lm, out)
+
+
+def _softcap(lm, logits: mx.array) -> mx.array:
     cap = getattr(lm.args, "final_logit_softcapping", None)
-    if cap:
-        out = mx.tanh(out / cap) * cap
-    return out
+    return mx.tanh(logits / cap) * cap if cap else logits
+
+
+def _output_projection(lm) -> nn.Module:
+    return lm.lm_head if "lm_head" in lm else lm.model.embed_tokens
+
+
+def _output_rows(lm, ids: mx.array) -> mx.array:
+    """Rows `ids` of the output projection (lm_head or the tied embedding), dequantized."""
+    proj = _output_projection(lm)
+    if "scales" not in proj:
+        return proj.weight[ids]
+    biases = proj.get("biases")
+    return mx.dequantize(proj.weight[ids], proj.scales[ids], None if biases is None else biases[ids],
+                         proj.group_size, proj.bits, mode=proj.mode)
+
+
+def trunk_hidden(model, inputs: mx.array) -> mx.array:
+    """The trunk's final hidden states [B, L, D] (after the final norm), without logits."""
+    return _text_model(model).model(inputs)
 
 
 def trunk_forward(model, inputs: mx.array, cache) -> tuple[mx.array, mx.array]:
@@ -160,7 +187,8 @@ def _stack_experts(w: dict[str, mx.array]) -> dict[str, mx.array]:
 
 class MTPHead(nn.Module):
     def __init__(self, model):
-        """The head's skeleton for `model` (weights as constructed; use a classmethod)."""
+        """The head's skeleton for `model` (weights as constructed; use a classmethod).
+        It drafts over the full vocabulary until set_draft_vocab() restricts it."""
         super().__init__()
         lm = _text_model(model)
         final_norm = lm.model.norm
@@ -178,11 +206,25 @@ class MTPHead(nn.Module):
         # Plain callables, not child modules: shared by reference, never saved or trained.
         self._embed = lm.model.embed_tokens.__call__
         self._logits = functools.partial(_logits, lm)
+        self._softcap = functools.partial(_softcap, lm)
+        self._output_rows = functools.partial(_output_rows, lm)
+        self.vocab_size = _output_projection(lm).weight.shape[0]
+        self._draft_vocab = self._draft_rows = None  # "_": not parameters (never trained or flattened)
         self.set_dtype(final_norm.weight.dtype)  # norms are never quantized
 
     def __call__(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> tuple[mx.array, mx.array]:
         """hidden [B, L, D] (trunk or previous depth), next_tokens [B, L] ->
         (logits [B, L, V] for the token after next, hidden_out [B, L, D] to chain)."""
+        out = self.hidden_out(hidden, next_tokens, cache)
+        if self._draft_vocab is None:
+            return self._logits(out), out
+        sub = self.draft_logits(out)
+        full = mx.full((*sub.shape[:-1], self.vocab_size), -mx.inf, sub.dtype)
+        ids = mx.broadcast_to(self._draft_vocab, sub.shape)
+        return mx.put_along_axis(full, ids, sub, axis=-1), out
+
+    def hidden_out(self, hidden: mx.array, next_tokens: mx.array, cache=None) -> mx.array:
+        """The head's final-norm output [B, L, D]: what its logits read and depth > 1 chains."""
         e = self.pre_fc_norm_embedding(self._embed(next_tokens))
         x = self.fc(mx.concatenate([e, self.pre_fc_norm_hidden(hidden)], axis=-1))
         if cache is None:
@@ -190,8 +232,32 @@ class MTPHead(nn.Module):
         mask = create_attention_mask(x, cache[0])
         for layer, c in zip(self.layers, cache):
             x = layer(x, mask, c)
-        out = self.norm(x)
-        return self._logits(out), out
+        return self.norm(x)
+
+    def draft_logits(self, hidden: mx.array) -> mx.array:
+        """Logits [..., K] over the draft vocabulary for final-norm states [..., D]: the
+        head's own output, or the trunk's hidden states (then they are the trunk's logits
+        restricted to the draft vocabulary, which is what training distils)."""
+        return self._softcap(hidden @ self._draft_rows.T)
+
+    @property
+    def draft_vocab(self) -> mx.array | None:
+        """The token ids the head drafts from (None: the whole vocabulary)."""
+        return self._draft_vocab
+
+    def set_draft_vocab(self, ids) -> None:
+        """Restrict drafting to token `ids` (sorted, unique), or lift the restriction (None)."""
+        if ids is None:
+            self._draft_vocab = self._draft_rows = None
+            return
+        ids = mx.array(ids, dtype=mx.int32)
+        if ids.ndim != 1 or ids.size == 0 or not (
+                (ids >= 0).all() and (ids < self.vocab_size).all() and (ids[1:] > ids[:-1]).all()).item():
+            raise ModelLoadError(f"a draft vocabulary must be sorted unique token ids in [0, {self.vocab_size})")
+        # The rows are copied once: gathering them at every call would read them twice.
+        self._draft_rows = self._output_rows(ids)
+        mx.eval(self._draft_rows)
+        self._draft_vocab = ids
 
     def make_cache(self) -> list:
         return [KVCache() for _ in self.layers]
@@ -244,15 +310,17 @@ class MTPHead(nn.Module):
     # --------------------------------------------------------- save / load ---
 
     def save(self, path, base_fingerprint: str, extra: dict | None = None) -> None:
-        """One .safetensors file: the head's own weights (no embed / lm_head) and
-        JSON metadata under the `kernelext_mtp` key."""
+        """One .safetensors file: the head's own weights (no embed / lm_head), its draft
+        vocabulary if it has one, and JSON metadata under the `kernelext_mtp` key."""
         meta = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_type": self.model_type,
             "hidden_size": self.hidden_size, "num_layers": len(self.layers),
             "base_fingerprint": base_fingerprint, "extra": extra or {},
         }
-        mx.save_safetensors(str(path), dict(tree_flatten(self.parameters())),
-                            metadata={_META_KEY: json.dumps(meta)})
+        tensors = dict(tree_flatten(self.parameters()))
+        if self._draft_vocab is not None:
+            tensors["draft_vocab"] = self._draft_vocab
+        mx.save_safetensors(str(path), tensors, metadata={_META_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path, model, base_fingerprint: str) -> "MTPHead":
@@ -273,7 +341,13 @@ class MTPHead(nn.Module):
             raise ModelLoadError(
                 f"{path} is a head for a {meta.get('model_type')} model of hidden size "
                 f"{meta.get('hidden_size')}, not {head.model_type} / {head.hidden_size}")
+        draft_vocab = weights.pop("draft_vocab", None)
         head._set_weights(weights, path)
+        if draft_vocab is not None:
+            try:
+                head.set_draft_vocab(draft_vocab)
+            except ModelLoadError as e:
+                raise ModelLoadError(f"{path}: {e}") from None
         return head
 
     def _set_weights(self, weights: dict[str, mx.array], source) -> None:
@@ -288,13 +362,14 @@ class MTPHead(nn.Module):
 # --------------------------------------------------------- finding heads ---
 
 BUNDLED_HEADS = Path(__file__).with_name("heads")  # trained heads shipped with kernelext
+LOCAL_HEAD = "kernelext_mtp_head.safetensors"  # a trained head's name next to its model
 
 
 def head_candidates(explicit, model_dir) -> list[Path]:
     """Where a trained head for a model may be: the configured file, next to the
     model, then the heads bundled with kernelext."""
     paths = [Path(explicit)] if explicit else []
-    paths.append(Path(model_dir) / "kernelext_mtp_head.safetensors")
+    paths.append(Path(model_dir) / LOCAL_HEAD)
     paths += sorted(BUNDLED_HEADS.glob("*.safetensors"))
     return paths
 

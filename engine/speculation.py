@@ -15,6 +15,7 @@ from .sequence import Sequence
 
 _EWMA = 0.2  # weight of a new observation
 _UNMEASURED_SLOPE = 0.05  # assumed extra cost per window token before a (batch, window) is measured
+_EXPLORE_EVERY = 16  # decisions; then one row tries one draft more, so stale costs get re-measured
 
 
 class SpeculationController:
@@ -31,6 +32,7 @@ class SpeculationController:
         self.plain_time = self.plain_tokens = 0.0
         self.last_depths: list[int] = []
         self.tuned_depth: int | None = None  # set by Engine.tune()
+        self._decisions = 0
 
     # -- decisions --------------------------------------------------------------
     def depths(self, rows: list[Sequence]) -> list[int]:
@@ -51,7 +53,13 @@ class SpeculationController:
             return min(self.config.depth, room)
         limit = min(self.tuned_depth if self.tuned_depth is not None else self.config.max_depth,
                     self.config.max_depth, room)
-        return self.best_depth(seq.acceptance, batch, limit)
+        best = self.best_depth(seq.acceptance, batch, limit)
+        self._decisions += 1
+        if self._decisions % _EXPLORE_EVERY == 0:
+            # A cost measured during a noisy moment would otherwise rule a depth
+            # out for good: now and then, measure one draft more than the best.
+            return min(best + 1, limit)
+        return best
 
     def best_depth(self, acceptance: float, batch: int, limit: int) -> int:
         base = self._cost(batch, 1)

@@ -215,12 +215,18 @@ def test_a_refused_setting_is_shown(eng, monkeypatch):
     dash.close()
 
 
-def test_without_set_options_its_controls_are_disabled(eng, monkeypatch):
+def test_option_controls_follow_what_set_options_takes(eng, monkeypatch):
+    def disabled():
+        dash = Dashboard(eng, publisher=None)
+        dash.close()
+        assert not dash.hot_budget.disabled and not dash.ssd_budget.disabled  # set_cache_budgets
+        return [name for name in OPTION_CONTROLS if getattr(dash, name).disabled]
+
+    monkeypatch.setattr(eng, "set_options", lambda *, max_batch=None, depth=None: None)
+    assert disabled() == ["drafter", "temperature"]
+    monkeypatch.delattr(eng, "set_options")
     monkeypatch.delattr(type(eng), "set_options")
-    dash = Dashboard(eng, publisher=None)
-    assert all(getattr(dash, name).disabled for name in OPTION_CONTROLS)
-    assert not dash.hot_budget.disabled and not dash.ssd_budget.disabled
-    dash.close()
+    assert disabled() == list(OPTION_CONTROLS)
 
 
 def test_bench_button_runs_on_a_worker_thread_and_shows_the_table(dash):

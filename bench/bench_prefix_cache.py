@@ -1,0 +1,154 @@
+"""Prefix KV cache: TTFT cold / hot / SSD-after-restart, and an agent-style session.
+
+    .venv/bin/python bench/bench_prefix_cache.py [--model gemma-3-270m]
+
+1. TTFT of a 2,000-token prompt: cold (empty cache), hot (RAM hit), and SSD hit
+   in a new process after the first exited (targets: hot <= 1/10, SSD <= 1/5 of cold).
+2. A 10-turn agent session behind a shared 1,500-token system prompt: cache
+   efficiency (cached prompt tokens / prompt tokens, target >= 85%) and total time
+   against the same run with the cache off, and against mlx_lm.server (which keeps
+   an in-memory prompt cache) on 127.0.0.1 with the same weights and the same BLAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import engine  # noqa: E402
+from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+
+TOOLS = "\n".join(
+    f"- tool `{name}_{i}`: {desc} Arguments: path (string), limit (integer, optional), "
+    f"recursive (boolean, default false). Returns a JSON object with the fields status, items "
+    f"and next_cursor." for i in range(12)
+    for name, desc in (("read_file", "Read a file from the workspace and return its lines."),
+                       ("search", "Search the workspace for a regular expression."),
+                       ("run_tests", "Run the test suite and report failures.")))
+SYSTEM = ("You are a careful coding agent working in a repository. Use the tools below; think "
+          "before acting; keep answers short.\n\nTools:\n" + TOOLS)
+TURNS = [f"Step {i}: look at module_{i}.py and tell me what to change next." for i in range(10)]
+REPLY = "I read the file. The function on line {i}0 should handle empty input; I will fix it."
+
+
+def conversation(turn: int) -> list[dict]:
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i in range(turn + 1):
+        messages.append({"role": "user", "content": TURNS[i]})
+        if i < turn:
+            messages.append({"role": "assistant", "content": REPLY.format(i=i)})
+    return messages
+
+
+def ttft_worker(model: str, cache_dir: str, prompt_tokens: int) -> dict:
+    """In this process: TTFT of the long prompt, twice (the second is a RAM hit)."""
+    with Engine.load(model, EngineConfig(cache_dir=cache_dir, progress=False)) as eng:
+        ids = eng.encode(SYSTEM * 4)[:prompt_tokens]
+        first = eng.generate(ids, SamplingParams(max_tokens=1)).usage
+        second = eng.generate(ids, SamplingParams(max_tokens=1)).usage
+        eng.prefix_cache.ssd.flush()
+    return {"first_ttft": first.ttft_s, "first_cached": first.cached_tokens,
+            "second_ttft": second.ttft_s, "second_cached": second.cached_tokens,
+            "prompt_tokens": first.prompt_tokens}
+
+
+def run_ttft_worker(model, cache_dir, prompt_tokens) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--ttft-worker", model, cache_dir,
+                          str(prompt_tokens)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def agent_session(eng: Engine, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    prompt = cached = 0
+    for turn in range(len(TURNS)):
+        u = eng.generate(conversation(turn), SamplingParams(max_tokens=max_tokens)).usage
+        prompt += u.prompt_tokens
+        cached += u.cached_tokens
+    return {"seconds": time.perf_counter() - t0, "prompt_tokens": prompt, "cached": cached}
+
+
+def server_session(model_dir: Path, max_tokens: int) -> float:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, KERNELEXT_BLAS="none")
+    if backend._state["blas"]:
+        env["LD_PRELOAD"] = backend._state["blas"]  # the same fast BLAS as the engine
+    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
+                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "ERROR"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(base + "/v1/models", timeout=1).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        t0 = time.perf_counter()
+        for turn in range(len(TURNS)):
+            body = json.dumps({"model": str(model_dir), "messages": conversation(turn),
+                               "max_tokens": max_tokens, "temperature": 0.0}).encode()
+            req = urllib.request.Request(base + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(req, timeout=1800).read()
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=engine.DEFAULT_MODEL)
+    ap.add_argument("--prompt-tokens", type=int, default=2000)
+    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--ttft-worker", nargs=3)
+    args = ap.parse_args()
+    if args.ttft_worker:
+        print(json.dumps(ttft_worker(args.ttft_worker[0], args.ttft_worker[1],
+                                     int(args.ttft_worker[2]))))
+        return
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        first = run_ttft_worker(args.model, cache_dir, args.prompt_tokens)
+        restarted = run_ttft_worker(args.model, cache_dir, args.prompt_tokens)
+    cold, hot, ssd = first["first_ttft"], first["second_ttft"], restarted["first_ttft"]
+    print(f"## TTFT of a {first['prompt_tokens']}-token prompt")
+    print(f"cold (nothing cached)      {cold * 1000:8.0f} ms")
+    print(f"hot (RAM hit, {first['second_cached']} cached)  {hot * 1000:8.0f} ms   "
+          f"{hot / cold:.3f} of cold (target <= 0.10)")
+    print(f"SSD hit after restart      {ssd * 1000:8.0f} ms   {ssd / cold:.3f} of cold "
+          f"(target <= 0.20; {restarted['first_cached']} tokens read from SSD)")
+
+    print(f"\n## Agent session: {len(TURNS)} turns behind a shared system prompt "
+          f"({args.max_tokens} tokens per reply)")
+    with tempfile.TemporaryDirectory() as cache_dir:
+        with Engine.load(args.model, EngineConfig(cache_dir=cache_dir, progress=False)) as eng:
+            model_dir = eng.model_path
+            system_tokens = len(eng.encode([{"role": "system", "content": SYSTEM}]))
+            on = agent_session(eng, args.max_tokens)
+        with Engine.load(args.model, EngineConfig(prefix_cache=False, progress=False)) as eng:
+            off = agent_session(eng, args.max_tokens)
+    server = server_session(model_dir, args.max_tokens)
+    eff = on["cached"] / on["prompt_tokens"]
+    print(f"system prompt ~{system_tokens} tokens; {on['prompt_tokens']} prompt tokens in all")
+    print(f"cache efficiency           {eff:8.1%}   (target >= 85%)")
+    print(f"engine, cache on           {on['seconds']:8.1f} s")
+    print(f"engine, cache off          {off['seconds']:8.1f} s   on/off speedup {off['seconds'] / on['seconds']:.2f}x")
+    print(f"mlx_lm.server (same BLAS)  {server:8.1f} s   engine speedup {server / on['seconds']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
