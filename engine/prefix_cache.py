@@ -133,7 +133,8 @@ class PrefixCache:
         out = {
             "block_size": self.block_size,
             "hit_blocks": s["hit_blocks"], "miss_blocks": s["miss_blocks"],
-            "hit_tokens": s["hit_tokens"], "hot_hit_blocks": s["hot_hit_blocks"],
+            "hit_tokens": s["hit_tokens"], "miss_tokens": s["miss_blocks"] * self.block_size,
+            "hot_hit_blocks": s["hot_hit_blocks"],
             "ssd_hit_blocks": s["ssd_hit_blocks"], "published_blocks": s["published_blocks"],
             "block_hit_rate": s["hit_blocks"] / looked if looked else 0.0,
             "hot_bytes": self.hot.bytes, "hot_blocks": len(self.hot),

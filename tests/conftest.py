@@ -10,6 +10,7 @@ import tempfile  # noqa: E402
 
 # Tests never touch the user's KV cache; each test that cares passes its own cache_dir.
 os.environ["KERNELEXT_KV_CACHE"] = tempfile.mkdtemp(prefix="kernelext-kv-tests-")
+os.environ["KERNELEXT_TUNE_FILE"] = os.path.join(tempfile.mkdtemp(prefix="kernelext-tune-"), "tune.json")
 
 import engine  # noqa: E402,F401  (loads the fast BLAS before anything imports mlx)
 

@@ -274,6 +274,27 @@ def test_serve_and_stop(kernel):
     assert kernel.run("%llm serve --host 0.0.0.0 --port 0").stderr.startswith("UsageError: %llm serve:")
 
 
+def test_http_requests_are_answered_while_a_cell_is_busy(kernel):
+    import openai
+
+    url = kernel.ok("%llm serve --port 0").splitlines()[0].rsplit(" ", 1)[1]
+    busy = kernel.start("import time\nprint('started', flush=True)\ntime.sleep(15)\n"
+                        "print('ended at', time.time())")
+    try:
+        kernel.collect(busy, until=lambda kind: kind == "stream")  # the cell is running
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        reply = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+        answered_at = time.time()
+        assert reply.usage.completion_tokens == 8
+    finally:
+        cell = kernel.finish(busy, [])
+    assert cell.status == "ok"
+    ended_at = float(cell.stdout.split("ended at ")[1])
+    assert answered_at < ended_at  # answered while the kernel was busy with the cell
+    kernel.ok("%llm stop")
+
+
 def test_unload_and_reload_leave_one_instance(kernel):
     count = ("ip = get_ipython(); print(sum(type(c).__name__ in ('Kernelext', 'LLMMagics') "
              "for c in ip.configurables), 'llm' in ip.magics_manager.magics['line'], "

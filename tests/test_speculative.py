@@ -391,3 +391,49 @@ def test_mtp_without_a_head_is_a_clear_error():
     from engine import EngineError
     with pytest.raises(EngineError, match="no MTP draft head"):
         make_engine("llama", drafter="mtp")
+
+
+def test_tune_picks_and_persists_a_depth():
+    from engine import tuning
+    with make_engine("llama", drafter="ngram", depth="auto") as eng:
+        result = eng.tune(gen_tokens=8, depths=(0, 1, 2))
+        assert result["depth"] in (0, 1, 2) and set(result["tok_s"]) == {0, 1, 2}
+        assert all(v > 0 for v in result["tok_s"].values())
+        assert result["depth"] == max(result["tok_s"], key=result["tok_s"].get)
+        key = eng._tune_key()
+        assert tuning.load_tuned_depth(key) == result["depth"]
+    with make_engine("llama", drafter="ngram", depth="auto") as again:
+        assert again.speculation.tuned_depth == result["depth"]
+
+
+def test_set_options_changes_the_running_engine():
+    from engine import EngineError, InvalidRequestError
+    with make_engine("llama", drafter="ngram") as eng:
+        eng.set_options(depth=2, max_batch=3, drafter="none")
+        assert (eng.config.depth, eng.config.max_batch, eng.drafter.name) == (2, 3, "none")
+        handles = [eng.submit(p, max_tokens=6) for p in PROMPTS]
+        assert all(h.result().finish_reason == "length" for h in handles)
+        assert eng.metrics()["spec_verify_calls"] == 0
+        for bad in (dict(depth=-1), dict(depth="deep"), dict(max_batch=0), dict(drafter="x")):
+            with pytest.raises(InvalidRequestError):
+                eng.set_options(**bad)
+        with pytest.raises(EngineError, match="MTP"):
+            eng.set_options(drafter="mtp")
+        assert eng.drafter.name == "none"  # a refused change leaves the engine as it was
+
+
+def test_default_model_ngram_greedy_identity():
+    """Gemma 3 270M copying code: n-gram drafts are mostly accepted, output unchanged,
+    with max_tokens and a stop string landing mid-window."""
+    from engine.tuning import TUNING_PROMPTS
+    prompt = TUNING_PROMPTS[1]
+    with Engine.load("gemma-3-270m", EngineConfig(progress=False, drafter="ngram", depth=4,
+                                                  max_batch=4)) as eng:
+        ar = eng.generate(prompt, max_tokens=47, generation_mode="ar")
+        spec = eng.generate(prompt, max_tokens=47)
+        assert spec.token_ids == ar.token_ids
+        assert spec.usage.accepted_tokens >= 10
+        stop = ar.text[len(ar.text) // 2:len(ar.text) // 2 + 4]
+        ar_stop = eng.generate(prompt, max_tokens=47, stop=[stop], generation_mode="ar")
+        spec_stop = eng.generate(prompt, max_tokens=47, stop=[stop])
+        assert spec_stop.text == ar_stop.text and spec_stop.finish_reason == "stop"
