@@ -7,28 +7,26 @@ absolute numbers move; ratios of interleaved runs are what to compare):
   1. single stream: engine vs mlx-lm `stream_generate` on the same loaded weights
      (decode and prefill tok/s; target engine >= 0.95x);
   2. aggregate decode tok/s at 1, 2, 4, 8, 16 concurrent streams (target 8 >= 5x 1);
-  3. 8 concurrent requests: engine vs `mlx_lm.server` on 127.0.0.1, started stock
-     (as a user would) and with the same fast BLAS preloaded (target >= 1.5x).
+  3. 8 concurrent HTTP requests on 127.0.0.1: the kernelext server vs `mlx_lm.server`,
+     started stock (as a user would) and with the same fast BLAS preloaded
+     (target >= 1.5x).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine  # noqa: E402  (loads the fast BLAS before mlx)
 from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+from mlx_lm_baseline import mlx_lm_server, post  # noqa: E402
 
 TOPICS = ["the history of Paris", "how a compiler works", "why the sky is blue",
           "the rules of chess", "a recipe for bread", "the water cycle",
@@ -91,54 +89,23 @@ def concurrent(eng: Engine, n: int, gen_tokens: int) -> dict:
             "decode_tps": decode_tokens / decode_span if decode_span > 0 else 0.0}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def http_concurrent(base: str, model: str, n: int, gen_tokens: int) -> dict:
+    """n concurrent /v1/completions requests; end-to-end tokens per second."""
+    def one(prompt: str, out: list):
+        out.append(post(base, "/v1/completions", {"model": model, "prompt": prompt,
+                                                  "max_tokens": gen_tokens, "temperature": 0.0}))
 
-
-def mlx_lm_server(model_dir: Path, n: int, gen_tokens: int, preload: str | None) -> dict:
-    port = _free_port()
-    env = dict(os.environ, KERNELEXT_BLAS="none")
-    if preload:
-        env["LD_PRELOAD"] = preload
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--decode-concurrency", str(max(n, 8)), "--log-level", "ERROR"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlx_lm.server did not start")
-
-        def post(prompt: str, out: list):
-            body = json.dumps({"model": str(model_dir), "prompt": prompt, "max_tokens": gen_tokens,
-                               "temperature": 0.0}).encode()
-            req = urllib.request.Request(base + "/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            out.append(json.loads(urllib.request.urlopen(req, timeout=1800).read()))
-
-        warm: list = []
-        post("Hello", warm)
-        results: list = []
-        threads = [threading.Thread(target=post, args=(p, results)) for p in prompts(n)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
-        tokens = sum(r["usage"]["completion_tokens"] for r in results)
-        return {"streams": n, "tokens": tokens, "wall_s": wall, "end_to_end_tps": tokens / wall}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    one("Hello", [])  # warm-up
+    results: list = []
+    threads = [threading.Thread(target=one, args=(p, results)) for p in prompts(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(r["usage"]["completion_tokens"] for r in results)
+    return {"streams": n, "tokens": tokens, "wall_s": wall, "end_to_end_tps": tokens / wall}
 
 
 def main() -> None:
@@ -175,17 +142,23 @@ def main() -> None:
         print(f"8 streams / 1 stream (decode): {rows[8]['decode_tps'] / rows[1]['decode_tps']:.2f}x  (target >= 5x)")
 
     if not args.skip_server:
+        # Both over HTTP on 127.0.0.1, same prompts, same weights.
+        from kernelext.server import start_server
+
+        srv = start_server(eng, port=0)
+        ours = http_concurrent(srv.url, "default", 8, args.gen_tokens)
+        srv.stop()
         model_dir = eng.model_path
-        ours = concurrent(eng, 8, args.gen_tokens)
         eng.close()
-        print(f"\n## 8 concurrent requests, end-to-end tok/s (engine direct vs mlx_lm.server over HTTP)")
-        print(f"engine                              {ours['end_to_end_tps']:8.2f}")
+        print("\n## 8 concurrent HTTP requests, end-to-end tok/s")
+        print(f"kernelext server                    {ours['end_to_end_tps']:8.2f}")
         for label, preload in (("mlx_lm.server (stock BLAS)", None),
                                ("mlx_lm.server (same BLAS preloaded)", backend._state["blas"])):
             if label.endswith("preloaded)") and not preload:
                 continue
-            theirs = mlx_lm_server(model_dir, 8, args.gen_tokens, preload)
-            print(f"{label:35} {theirs['end_to_end_tps']:8.2f}   engine / server: "
+            with mlx_lm_server(model_dir, preload, "--decode-concurrency", "8") as base:
+                theirs = http_concurrent(base, str(model_dir), 8, args.gen_tokens)
+            print(f"{label:35} {theirs['end_to_end_tps']:8.2f}   kernelext / server: "
                   f"{ours['end_to_end_tps'] / theirs['end_to_end_tps']:.2f}x  (target >= 1.5x)")
     else:
         eng.close()

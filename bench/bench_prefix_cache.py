@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine  # noqa: E402
 from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+from mlx_lm_baseline import mlx_lm_server, post  # noqa: E402
 
 TOOLS = "\n".join(
     f"- tool `{name}_{i}`: {desc} Arguments: path (string), limit (integer, optional), "
@@ -79,34 +78,12 @@ def agent_session(eng: Engine, max_tokens: int) -> dict:
 
 
 def server_session(model_dir: Path, max_tokens: int) -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, KERNELEXT_BLAS="none")
-    if backend._state["blas"]:
-        env["LD_PRELOAD"] = backend._state["blas"]  # the same fast BLAS as the engine
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir),
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "ERROR"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(base + "/v1/models", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.5)
+    with mlx_lm_server(model_dir, backend._state["blas"]) as base:  # the engine's BLAS too
         t0 = time.perf_counter()
         for turn in range(len(TURNS)):
-            body = json.dumps({"model": str(model_dir), "messages": conversation(turn),
-                               "max_tokens": max_tokens, "temperature": 0.0}).encode()
-            req = urllib.request.Request(base + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
-            urllib.request.urlopen(req, timeout=1800).read()
+            post(base, "/v1/chat/completions", {"model": str(model_dir), "messages": conversation(turn),
+                                                "max_tokens": max_tokens, "temperature": 0.0})
         return time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def main() -> None:
@@ -137,7 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         with Engine.load(args.model, EngineConfig(cache_dir=cache_dir, progress=False)) as eng:
             model_dir = eng.model_path
-            system_tokens = len(eng.encode([{"role": "system", "content": SYSTEM}]))
+            system_tokens = len(eng.encode(SYSTEM))
             on = agent_session(eng, args.max_tokens)
         with Engine.load(args.model, EngineConfig(prefix_cache=False, progress=False)) as eng:
             off = agent_session(eng, args.max_tokens)
