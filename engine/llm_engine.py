@@ -21,29 +21,33 @@ from typing import Any, Callable, Iterator
 
 import mlx.core as mx
 
-from . import backend, loader
+from . import backend, loader, tuning
 from .config import EngineConfig, check_speculation, default_kv_cache_dir
-from .errors import (EngineClosedError, InvalidRequestError, NoDraftHeadError, QueueFullError,
-                     UnsupportedModelError)
-from .handle import RequestHandle
-from .metrics import EngineMetrics
-from . import tuning
 from .drafters import Draft, MTPDrafter, NgramDrafter, NoDrafter
+from .errors import (
+    EngineClosedError,
+    InvalidRequestError,
+    NoDraftHeadError,
+    QueueFullError,
+    UnsupportedModelError,
+)
+from .handle import RequestHandle
 from .kv_blocks import file_digest, model_fingerprint
+from .metrics import EngineMetrics
+from .model_runner import ModelRunner
+from .model_store import DEFAULT_MODEL, resolve_model
 from .mtp_head import MTPHead, head_candidates, head_matches
 from .mtp_train import TrainResult, train_mtp_head
-from .model_runner import ModelRunner
-from .prefix_cache import PrefixCache
-from .worker import MLXWorker
-from .model_store import DEFAULT_MODEL, resolve_model
 from .outputs import Completion, Delta, TokenLogprob, Usage
+from .prefix_cache import PrefixCache
 from .sampler import sample_row, top_logprobs
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
+from .sequence import SeqStatus, Sequence
 from .speculation import SpeculationController
 from .speculative import verify_row
-from .sequence import Sequence, SeqStatus
 from .text_stream import TextStream
+from .worker import MLXWorker
 
 Prompt = str | list[dict] | list[int]
 _ids = itertools.count(1)
@@ -65,7 +69,13 @@ class Engine:
         self._closed = False
         ready: Future = Future()
         self._worker.post(self, ("attach", ready))
-        ready.result()  # re-raises a load error in the caller
+        try:
+            ready.result()  # re-raises a load error in the caller
+        except BaseException:
+            # Interrupted (Ctrl-C in a cell) while the model loads: it is freed once loaded.
+            self._closed = True
+            self._worker.post(self, ("stop", Future()))
+            raise
 
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_MODEL,
@@ -115,6 +125,8 @@ class Engine:
                source: str = "python", **kwargs) -> RequestHandle:
         """Queue a request; returns at once with a handle to stream, wait on or cancel."""
         self._check_open()
+        if params is not None and kwargs:
+            raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
         params = params or SamplingParams(**kwargs)
         prompt_ids = self.encode(prompt)
         max_len = self.max_context
@@ -302,6 +314,10 @@ class Engine:
     def __exit__(self, *exc):
         self.close()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise EngineClosedError("the engine is closed")
@@ -408,7 +424,8 @@ class Engine:
 
     def _recover(self, error: Exception) -> None:
         """An unexpected error inside a step: fail what was in flight, keep serving."""
-        self._abort_all(error)
+        if hasattr(self, "runner"):  # else the load failed: nothing is in flight
+            self._abort_all(error)
 
     def _abort_all(self, error: Exception) -> None:
         for seq in self.scheduler.active():

@@ -42,7 +42,10 @@ class MLXWorker:
             try:
                 engine, item = self._inbox.get(block=not busy)
                 while True:
-                    self._dispatch(engine, item)
+                    try:
+                        self._dispatch(engine, item)
+                    except Exception as e:  # never let one command kill the shared thread
+                        engine._recover(e)
                     engine, item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
@@ -59,9 +62,9 @@ class MLXWorker:
             if engine._start(item[1]):
                 self._engines.append(engine)
         elif kind == "stop":
-            if engine in self._engines:
+            if engine in self._engines:  # not there if its load failed
                 self._engines.remove(engine)
-            engine._shutdown()
+                engine._shutdown()
             item[1].set_result(None)
         else:
             engine._handle(item)
