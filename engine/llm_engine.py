@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
+from tqdm.auto import tqdm
 
 from . import backend, loader, tuning
 from .config import EngineConfig, check_speculation, default_kv_cache_dir
@@ -56,7 +57,7 @@ _ids = itertools.count(1)
 class Engine:
     """Use `Engine.load(model, config)`; the constructor is internal."""
 
-    def __init__(self, model_path, config: EngineConfig, name: str):
+    def __init__(self, model_path, config: EngineConfig, name: str, progress=None):
         self.config = config
         self.model_name = name
         self.model_path = model_path
@@ -67,6 +68,7 @@ class Engine:
         self._waiting_lock = threading.Lock()
         self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
         self._closed = False
+        self._progress = progress  # called with a stage name from the MLX thread while loading
         ready: Future = Future()
         self._worker.post(self, ("attach", ready))
         try:
@@ -82,7 +84,13 @@ class Engine:
              config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
         path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
-        return cls(path, config, name=str(model))
+        stages = ("weights", "tokenizer", "fingerprint", "ready")
+        with tqdm(total=len(stages), desc=f"Loading {Path(str(model)).name}", leave=False,
+                  disable=not config.progress) as bar:
+            def progress(stage: str) -> None:
+                bar.set_postfix_str(stage)
+                bar.update()
+            return cls(path, config, name=str(model), progress=progress)
 
     # -- public API (any thread) ---------------------------------------------
     @property
@@ -128,6 +136,9 @@ class Engine:
         if params is not None and kwargs:
             raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
         params = params or SamplingParams(**kwargs)
+        if params.drafter == "mtp" and self.runner.head is None:
+            raise InvalidRequestError(
+                f"{self.model_name} was loaded without an MTP head; drafter='mtp' needs one")
         prompt_ids = self.encode(prompt)
         max_len = self.max_context
         if len(prompt_ids) >= max_len:
@@ -325,10 +336,12 @@ class Engine:
     # -- on the MLX worker thread ----------------------------------------------
     def _start(self, ready: Future) -> bool:
         try:
-            self._loaded = loader.load(self.model_path, self.config.dtype)
+            progress = self._progress or (lambda stage: None)
+            self._loaded = loader.load(self.model_path, self.config.dtype, progress)
             self._eos = set(self._loaded.tokenizer.eos_token_ids)
             self.fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
                                                  memo_file=self._kv_dir() / "weight-digests.json")
+            progress("fingerprint")
             head, head_id = None, ""
             if self.config.drafter in ("mtp", "auto"):
                 try:
@@ -337,10 +350,12 @@ class Engine:
                     if self.config.drafter == "mtp":
                         raise
             self.runner = ModelRunner(self._loaded.model, head)
+            self._drafters: dict = {}  # by name; requests may pick their own
             self.prefix_cache = self._make_prefix_cache(head_id)
             self.drafter = self._make_drafter(self.config.drafter)
             self.speculation = SpeculationController(self.config, self.drafter.name)
             self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
+            progress("ready")
         except BaseException as e:
             self._closed = True
             ready.set_exception(e)
@@ -385,15 +400,14 @@ class Engine:
     def _make_drafter(self, name: str):
         if name == "auto":
             name = "mtp" if self.runner.head is not None else "ngram"
-        if name == "ngram":
-            return NgramDrafter()
-        if name == "none":
-            return NoDrafter()
-        if self.runner.head is None:
+        if name == "mtp" and self.runner.head is None:
             raise NoDraftHeadError(
                 f"{self.model_name} was loaded without an MTP head: load it with "
                 "EngineConfig(drafter='mtp') to draft with one")
-        return MTPDrafter(self.runner)
+        if name not in self._drafters:
+            self._drafters[name] = {"ngram": NgramDrafter, "none": NoDrafter,
+                                    "mtp": lambda: MTPDrafter(self.runner)}[name]()
+        return self._drafters[name]
 
     def _tune_key(self) -> str:
         return tuning.key(self.fingerprint, self.backend, backend.blas(), self.drafter.name)
@@ -505,8 +519,9 @@ class Engine:
             seq.blocks = []
 
     def _decode(self, rows: list[Sequence]) -> None:
-        depths = self.speculation.depths(rows)
-        drafts = self.drafter.propose(rows, depths) if any(depths) else None
+        names = [s.params.drafter or self.drafter.name for s in rows]
+        depths = self.speculation.depths(rows, names)
+        drafts = self._propose(rows, names, depths) if any(depths) else None
         if drafts is not None and any(d.tokens for d in drafts):
             try:
                 self._speculative_decode(rows, drafts)
@@ -515,6 +530,18 @@ class Engine:
                 warnings.warn(f"kernelext: speculative step failed, decoding plainly: {e!r}",
                               RuntimeWarning, stacklevel=2)
         self._plain_decode(rows)
+
+    def _propose(self, rows: list[Sequence], names: list[str], depths: list[int]) -> list[Draft]:
+        """Each row's drafts from its own drafter. Every drafter sees all rows (a head
+        must still be fed the rows it does not draft for) with depth 0 for the others."""
+        drafts = [Draft([]) for _ in rows]
+        for name in sorted({n for n, d in zip(names, depths) if d}):
+            mine = [d if n == name else 0 for n, d in zip(names, depths)]
+            drafter = self.drafter if name == self.drafter.name else self._make_drafter(name)
+            for i, draft in enumerate(drafter.propose(rows, mine)):
+                if mine[i]:
+                    drafts[i] = draft
+        return drafts
 
     def _plain_decode(self, rows: list[Sequence]) -> None:
         start = time.perf_counter()

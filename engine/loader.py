@@ -46,7 +46,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    if progress:
+    if progress:  # the checkpoint is mapped; reading and casting the weights follows
         progress("weights")
     quantized = "quantization" in config or "quantization_config" in config
     target = _target_dtype(dtype)

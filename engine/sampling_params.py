@@ -25,6 +25,7 @@ class SamplingParams:
     # 0 = plain decode); generation_mode "ar" forces plain autoregressive decoding.
     depth: int | None = None
     generation_mode: str = "auto"
+    drafter: str | None = None  # "mtp" | "ngram" | "none" for this request; None = the engine's
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +55,8 @@ class SamplingParams:
                f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
         _check(self.depth is None or (isinstance(self.depth, int) and 0 <= self.depth <= 16),
                f"depth must be None or an integer in [0, 16], got {self.depth!r}")
+        _check(self.drafter in (None, "mtp", "ngram", "none"),
+               f"drafter must be None, 'mtp', 'ngram' or 'none', got {self.drafter!r}")
         _check(self.generation_mode in ("auto", "ar"),
                f"generation_mode must be 'auto' or 'ar', got {self.generation_mode!r}")
 

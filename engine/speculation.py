@@ -35,11 +35,10 @@ class SpeculationController:
         self._decisions = 0
 
     # -- decisions --------------------------------------------------------------
-    def depths(self, rows: list[Sequence]) -> list[int]:
-        if self.drafter_name == "none":
-            self.last_depths = [0] * len(rows)
-            return self.last_depths
-        self.last_depths = [self._depth(seq, len(rows)) for seq in rows]
+    def depths(self, rows: list[Sequence], drafters: list[str]) -> list[int]:
+        """Draft depth per row (rows whose drafter is "none" get 0)."""
+        self.last_depths = [0 if name == "none" else self._depth(seq, len(rows))
+                            for seq, name in zip(rows, drafters)]
         return self.last_depths
 
     def _depth(self, seq: Sequence, batch: int) -> int:

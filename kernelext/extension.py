@@ -148,8 +148,6 @@ class Kernelext(Configurable):
         values = dict(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                       top_k=self.top_k, seed=self.seed, stop=list(self.stop),
                       depth=self.depth if isinstance(self.depth, int) else None)
-        if self.drafter == "none":
-            values["generation_mode"] = "ar"
         values.update({k: v for k, v in overrides.items() if v is not None})
         return SamplingParams(**values)
 

@@ -210,7 +210,7 @@ class LLMMagics(Magics):
         params = ext.sampling_params(
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p,
             top_k=opts.top_k, seed=opts.seed, stop=opts.stop, depth=opts.depth,
-            generation_mode=self._generation_mode(opts.drafter, eng))
+            drafter=opts.drafter)
         prompt = text if raw else ext.chat_prompt(text, opts.system, opts.session)
         completion = stream_to_cell(eng.submit(prompt, params, source="cell"),
                                     plain=ext.plain if opts.plain is None else opts.plain)
@@ -218,18 +218,6 @@ class LLMMagics(Magics):
             ext.record_turn(opts.session, text, completion.text)
         if opts.out:
             self.shell.user_ns[opts.out] = completion
-
-    @staticmethod
-    def _generation_mode(drafter: str | None, eng) -> str | None:
-        # The drafter is an engine setting; per request we can only turn speculation off.
-        if drafter is None:
-            return None
-        # The drafter in use ("auto" resolved); engines without speculation decode plainly.
-        current = getattr(getattr(eng, "drafter", None), "name", "none")
-        if drafter not in ("none", current):
-            print(f"kernelext: the engine's drafter is {current}; `%config Kernelext.drafter = "
-                  f"'{drafter}'` and `%llm load` to switch")
-        return "ar" if drafter == "none" else "auto"
 
     # -- %llm commands -----------------------------------------------------------------
     def _load(self, args):

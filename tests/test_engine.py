@@ -248,3 +248,17 @@ def test_submit_from_many_threads(eng):
         t.join()
     assert [results[i] for i in range(len(PROMPTS))] == \
         [eng.generate(p, max_tokens=8).token_ids for p in PROMPTS]
+
+
+def test_quantized_model_directory_loads(tmp_path):
+    from mlx_lm import convert
+
+    qdir = tmp_path / "q4"
+    convert(str(tiny_model("qwen3")), mlx_path=str(qdir), quantize=True, q_bits=4, q_group_size=32)
+    assert "quantization" in (qdir / "config.json").read_text()
+    with Engine.load(qdir, EngineConfig(progress=False)) as e:  # dequantized to float32 on the CPU
+        assert e.metrics()["dtype"] == "float32"
+        fast = e.generate(PROMPTS[0], max_tokens=8)
+    with Engine.load(qdir, EngineConfig(progress=False, dtype="model")) as e:  # kept quantized
+        kept = e.generate(PROMPTS[0], max_tokens=8)
+    assert len(fast.token_ids) == len(kept.token_ids) == 8

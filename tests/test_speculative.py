@@ -437,3 +437,16 @@ def test_default_model_ngram_greedy_identity():
         ar_stop = eng.generate(prompt, max_tokens=47, stop=[stop], generation_mode="ar")
         spec_stop = eng.generate(prompt, max_tokens=47, stop=[stop])
         assert spec_stop.text == ar_stop.text and spec_stop.finish_reason == "stop"
+
+
+def test_requests_pick_their_own_drafter():
+    from engine import InvalidRequestError
+    with make_engine("qwen3_5", drafter="mtp", depth=2) as eng:
+        want = [eng.generate(p, max_tokens=12, generation_mode="ar").token_ids for p in PROMPTS[:4]]
+        kinds = ["mtp", "ngram", "none", None]
+        handles = [eng.submit(p, max_tokens=12, drafter=k) for p, k in zip(PROMPTS[:4], kinds)]
+        results = [h.result() for h in handles]
+        assert [r.token_ids for r in results] == want
+        assert results[0].usage.draft_tokens > 0 and results[2].usage.draft_tokens == 0
+    with make_engine("llama", drafter="ngram") as eng, pytest.raises(InvalidRequestError, match="MTP"):
+        eng.submit("x", drafter="mtp")
