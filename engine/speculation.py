@@ -6,6 +6,10 @@ tokens on average. The engine measures what a step costs for each (batch
 size, window) it has run; the depth that maximises tokens per unit of cost
 wins, and 0 wins when the batch is compute-bound (cost grows with the window
 as fast as the expected tokens do).
+
+Seeded sampled requests are the exception: their depth comes from their own
+acceptance with fixed prior costs, so the same seed drafts, and so samples, the
+same way alone, in any batch, and on any run.
 """
 
 from __future__ import annotations
@@ -52,6 +56,11 @@ class SpeculationController:
             return min(self.config.depth, room)
         limit = min(self.tuned_depth if self.tuned_depth is not None else self.config.max_depth,
                     self.config.max_depth, room)
+        if params.seed is not None and not params.greedy:
+            # A sampled path depends on the drafts (the law does not), so a seeded request
+            # must draft the same way every time: its depth follows its own acceptance
+            # only, never measured timings or its neighbours.
+            return self.best_depth(seq.acceptance, None, limit)
         best = self.best_depth(seq.acceptance, batch, limit)
         self._decisions += 1
         if self._decisions % _EXPLORE_EVERY == 0:
@@ -60,7 +69,8 @@ class SpeculationController:
             return min(best + 1, limit)
         return best
 
-    def best_depth(self, acceptance: float, batch: int, limit: int) -> int:
+    def best_depth(self, acceptance: float, batch: int | None, limit: int) -> int:
+        """Depth maximising expected tokens per cost; batch=None uses the fixed prior costs."""
         base = self._cost(batch, 1)
         best, best_rate = 0, 1.0 / base
         a = min(acceptance, 0.999)
@@ -70,7 +80,7 @@ class SpeculationController:
                 best, best_rate = k, rate
         return best
 
-    def _cost(self, batch: int, window: int) -> float:
+    def _cost(self, batch: int | None, window: int) -> float:
         cost = self.step_cost.get((batch, window))
         if cost is not None:
             return cost

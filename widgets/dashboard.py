@@ -100,8 +100,10 @@ class Dashboard(w.VBox):
         self.depth = w.SelectionSlider(description="depth", options=_depth_options(depth),
                                        value="auto" if depth is None else depth, **slider)
         self.depth.add_class("kx-depth")  # how the browser test finds it
+        # The drafter in use ("auto" already resolved to mtp or ngram by the engine).
+        in_use = getattr(getattr(eng, "drafter", None), "name", None)
         self.drafter = w.Dropdown(description="drafter", options=DRAFTERS,
-                                  value=getattr(cfg, "drafter", None) or "none", style=style)
+                                  value=in_use if in_use in DRAFTERS else "none", style=style)
         self.max_batch = w.IntSlider(description="max batch", min=1, max=max(64, cfg.max_batch),
                                      value=cfg.max_batch, **slider)
         self.temperature = w.FloatSlider(description="temperature", min=0.0, max=2.0, step=0.05,
