@@ -2,7 +2,8 @@
 
 Files survive kernel restarts. Each is published atomically (temp file, fsync,
 rename), carries its format version, model fingerprint, key and a checksum of
-its payload, and is validated before use: a truncated, corrupted, foreign or
+its payload. Start-up rebuilds the index from the directory (file headers are
+read, temp leftovers removed), and every block is validated again before use: a truncated, corrupted, foreign or
 old-format file is never served, it is deleted and the block recomputed. The
 byte budget covers every file in the directory (other models' blocks and temp
 files included) and is enforced before each write by LRU eviction.
@@ -53,6 +54,14 @@ def read_metadata(path: Path) -> dict:
         return json.loads(f.read(n)).get("__metadata__", {})
 
 
+def _header_readable(path: Path) -> bool:
+    try:
+        read_metadata(path)
+        return True
+    except (OSError, ValueError, struct.error):
+        return False
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -95,6 +104,10 @@ class SSDTier:
             if not entry.is_file():
                 continue
             if entry.name.startswith(TMP_PREFIX):  # left by a crash mid-write
+                self._unlink(entry.name)
+                continue
+            if entry.name.endswith(SUFFIX) and not _header_readable(Path(entry.path)):
+                self.rejected += 1  # damaged beyond reading its header: never servable
                 self._unlink(entry.name)
                 continue
             st = entry.stat()

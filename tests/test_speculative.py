@@ -450,3 +450,16 @@ def test_requests_pick_their_own_drafter():
         assert results[0].usage.draft_tokens > 0 and results[2].usage.draft_tokens == 0
     with make_engine("llama", drafter="ngram") as eng, pytest.raises(InvalidRequestError, match="MTP"):
         eng.submit("x", drafter="mtp")
+
+
+def test_adaptive_depth_follows_acceptance_and_measured_cost():
+    from engine.config import EngineConfig as Cfg
+    from engine.speculation import SpeculationController
+    ctl = SpeculationController(Cfg(progress=False), "ngram")
+    for window in range(1, 6):  # latency-bound: a longer window costs little more
+        ctl.observe_step(1, window, 0.100 * (1 + 0.05 * (window - 1)), window)
+    assert ctl.best_depth(0.9, 1, 4) == 4
+    assert ctl.best_depth(0.05, 1, 4) == 0  # drafts almost never accepted: not worth it
+    for window in range(1, 6):  # compute-bound batch: cost grows with the window
+        ctl.observe_step(16, window, 0.400 * window, 16 * window)
+    assert ctl.best_depth(0.9, 16, 4) == 0
