@@ -84,11 +84,11 @@ class Engine:
              config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()
         path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
-        stages = ("weights", "tokenizer", "fingerprint", "ready")
+        stages = ("weights", "tokenizer", "fingerprint", "ready")  # each reported when done
         with tqdm(total=len(stages), desc=f"Loading {Path(str(model)).name}", leave=False,
                   disable=not config.progress) as bar:
-            def progress(stage: str) -> None:
-                bar.set_postfix_str(stage)
+            def progress(done: str) -> None:
+                bar.set_postfix_str(f"{done} done")
                 bar.update()
             return cls(path, config, name=str(model), progress=progress)
 

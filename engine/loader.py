@@ -46,8 +46,6 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    if progress:  # the checkpoint is mapped; reading and casting the weights follows
-        progress("weights")
     quantized = "quantization" in config or "quantization_config" in config
     target = _target_dtype(dtype)
     if target is not None:
@@ -59,12 +57,14 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
             model.parameters()))
     mx.eval(model.parameters())
     if progress:
-        progress("tokenizer")
+        progress("weights")
     try:
         eos = config.get("eos_token_id")
         tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
     except Exception as e:  # transformers raises many kinds here
         raise ModelLoadError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {e}") from e
+    if progress:
+        progress("tokenizer")
     dtypes = {str(p.dtype).removeprefix("mlx.core.") for _, p in tree_flatten(model.parameters())
               if mx.issubdtype(p.dtype, mx.floating)}
     text_config = config.get("text_config", config)
