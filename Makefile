@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo demo-py test bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Loads the default model and prints completions with their statistics, then runs
+# notebooks/quickstart.ipynb headless (temporary KV cache and tune file) and writes the
+# executed notebook and its HTML (git-ignored); it prints where they are.
 demo: $(STAMP)
+	$(PY) -m kernelext.demo
+	$(PY) notebooks/run_notebook.py notebooks/quickstart.ipynb --html
+
+# Only the first part, without Jupyter.
+demo-py: $(STAMP)
 	$(PY) -m kernelext.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/bench_engine.py
+	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
