@@ -56,6 +56,8 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
             model.parameters()))
     mx.eval(model.parameters())
+    if on_cpu():
+        _pretranspose_output(model)
     if progress:
         progress("weights")
     try:
@@ -74,3 +76,44 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         max_context=int(text_config.get("max_position_embeddings") or 32768),
         vocab_size=int(text_config.get("vocab_size") or len(tokenizer.vocab)),
     )
+
+
+# -- the output projection on the CPU --------------------------------------------------
+# Logits are h @ W.T with W [vocab, hidden]. For the few rows of a decode batch or a
+# verify window, MKL's GEMM with that transposed operand runs ~2x slower than with
+# a contiguous W.T (measured on Gemma 3 270M: 8 rows 198 ms vs 105 ms, 5 rows 126 ms
+# vs 78 ms), and the vocabulary projection dominates a small model's step. So on the
+# CPU a contiguous copy of W.T is kept beside W (outside the parameters).
+
+
+class _Frozen:
+    """Holds an array outside a module's parameters (not saved, cast or trained)."""
+
+    def __init__(self, array: mx.array):
+        self.array = array
+
+
+class _FastTiedEmbedding(nn.Embedding):
+    def as_linear(self, x):
+        return x @ self._wt.array
+
+
+class _FastLinear(nn.Linear):
+    def __call__(self, x):
+        return x @ self._wt.array
+
+
+def _pretranspose_output(model) -> None:
+    lm = getattr(model, "language_model", model)
+    head = getattr(lm, "lm_head", None)
+    if head is None:
+        head = getattr(getattr(lm, "model", None), "embed_tokens", None)
+        fast = _FastTiedEmbedding
+    else:
+        fast = _FastLinear
+    if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
+        return  # quantized or biased projections keep mlx-lm's own code
+    wt = mx.contiguous(head.weight.T)
+    mx.eval(wt)
+    head._wt = _Frozen(wt)
+    head.__class__ = fast
