@@ -54,7 +54,8 @@ def model_fingerprint(model_dir: Path, dtype: str, memo_file: Path | None = None
     h = hashlib.sha256()
     h.update(f"kernelext-kv-v{CACHE_FORMAT_VERSION}|dtype={dtype}|".encode())
     h.update((model_dir / "config.json").read_bytes())
-    for path in sorted(model_dir.glob("*.safetensors")):
+    # The weights mlx-lm loads: not other files there, such as a trained draft head.
+    for path in sorted(model_dir.glob("model*.safetensors")):
         h.update(f"{path.name}={_file_digest(path, memo)}|".encode())
     for name in _TOKENIZER_FILES:
         if (model_dir / name).exists():

@@ -326,11 +326,11 @@ def train_mtp_head(engine, *, tokens: int = 150_000, corpus=None, out=None, epoc
     t0 = time.perf_counter()
     out = _head_path(out, engine)
     n_train = math.ceil(tokens / (seq_len - 1))
-    windows = token_windows(engine.tokenizer, corpus_pieces(corpus, seed), n_train + max(1, min(8, n_train // 20)),
-                            seq_len)
+    windows = token_windows(engine.tokenizer, corpus_pieces(corpus, seed),
+                            n_train + _held_out(n_train), seq_len)
     if len(windows) < 2:
         raise InvalidRequestError(f"the corpus has fewer than {2 * seq_len} tokens")
-    n_eval = max(1, min(8, len(windows) // 21))
+    n_eval = _held_out(len(windows))
     train, held = windows[:-n_eval], windows[-n_eval:]
     vocab = draft_vocabulary(train, draft_vocab, engine._loaded.vocab_size)
     total = steps or epochs * math.ceil(len(train) / batch)
@@ -364,6 +364,12 @@ def train_mtp_head(engine, *, tokens: int = 150_000, corpus=None, out=None, epoc
         agreement=agreement, vocab_coverage=coverage, tokens=int(train[:, 1:].size),
         tokens_per_s=positions / timings["train"] if done else 0.0, draft_vocab_size=int(vocab.size),
         timings=timings)
+
+
+def _held_out(n_windows: int) -> int:
+    """Windows kept out of training to evaluate on: a few suffice (the trunk computes
+    full-vocabulary logits for them)."""
+    return max(1, min(8, n_windows // 20))
 
 
 def _head_path(out, engine) -> Path:

@@ -292,8 +292,10 @@ class LLMMagics(Magics):
         eng = self.ext.ensure_engine()
         options = {k: v for k, v in vars(args).items() if k in ("tokens", "corpus", "out") and v is not None}
         result = _engine_method(eng, "train_mtp_head")(**options)
+        # The engine finds a head next to its model (the default --out) when it loads.
+        hint = "; `%llm load` to draft with it" if args.out is None else ""
         print(f"kernelext: draft head saved to {result.path}: {result.steps} steps, held-out top-1 "
-              f"agreement {result.agreement:.0%}, {result.tokens_per_s:.0f} tok/s; `%llm load` drafts with it")
+              f"agreement {result.agreement:.0%}, {result.tokens_per_s:.0f} tok/s{hint}")
 
     def _cache(self, args):
         eng = self.ext.engine
