@@ -14,6 +14,7 @@ from .errors import (  # noqa: E402
     EngineError,
     InvalidRequestError,
     ModelLoadError,
+    NoDraftHeadError,
     QueueFullError,
     UnsupportedModelError,
 )
@@ -25,6 +26,6 @@ from .sampling_params import SamplingParams  # noqa: E402
 
 __all__ = [
     "DEFAULT_MODEL", "Completion", "Delta", "Engine", "EngineClosedError", "EngineConfig",
-    "EngineError", "InvalidRequestError", "ModelLoadError", "QueueFullError", "RequestHandle",
+    "EngineError", "InvalidRequestError", "ModelLoadError", "NoDraftHeadError", "QueueFullError", "RequestHandle",
     "SamplingParams", "TokenLogprob", "UnsupportedModelError", "Usage", "resolve_model",
 ]

@@ -38,7 +38,8 @@ class EngineConfig:
     cache_dir: str | None = None  # None = $KERNELEXT_KV_CACHE or ~/.cache/kernelext/kv
     # Speculative decoding. "mtp": the model's own Multi-Token-Prediction head
     # (native or trained); "ngram": prompt lookup; "none": plain decoding;
-    # "auto": "mtp" when the model has a head (native, next to it or bundled), else "ngram".
+    # "auto": "mtp" when the checkpoint has native MTP heads, else "ngram". Trained heads
+    # (next to the model or bundled) are used with drafter="mtp".
     drafter: str = "auto"
     # Draft tokens per verify: an int (0 = off) or "auto" (adaptive per row from
     # measured acceptance and measured step cost).

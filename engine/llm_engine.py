@@ -345,7 +345,10 @@ class Engine:
             head, head_id = None, ""
             if self.config.drafter in ("mtp", "auto"):
                 try:
-                    head, head_id = self._load_head()
+                    # "auto" takes native heads only: the trained head shipped for the
+                    # default model drafts slower than n-gram there (bench/bench_mtp.py),
+                    # so trained heads are used when asked for with drafter="mtp".
+                    head, head_id = self._load_head(trained=self.config.drafter == "mtp")
                 except NoDraftHeadError:
                     if self.config.drafter == "mtp":
                         raise
@@ -366,12 +369,14 @@ class Engine:
     def _kv_dir(self) -> Path:
         return Path(self.config.cache_dir) if self.config.cache_dir else default_kv_cache_dir()
 
-    def _load_head(self) -> tuple[MTPHead, str]:
-        """The native MTP head, else a trained head made for exactly this model."""
+    def _load_head(self, trained: bool = True) -> tuple[MTPHead, str]:
+        """The native MTP head, else (if `trained`) a trained head made for exactly this model."""
         model = self._loaded.model
         try:
             return MTPHead.from_checkpoint(self._loaded.path, model), "native"
         except NoDraftHeadError as missing:
+            if not trained:
+                raise
             for path in head_candidates(self.config.mtp_head, self._loaded.path):
                 if head_matches(path, self.fingerprint):
                     return MTPHead.load(path, model, self.fingerprint), file_digest(path)

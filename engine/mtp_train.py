@@ -25,6 +25,7 @@ stops training at a step boundary after saving a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -388,7 +389,7 @@ def _cache_trunk(engine, trainer: _Trainer, train: np.ndarray, held: np.ndarray,
         for windows, held_out in [(train, False), (held, True)]:
             for start in range(0, len(windows), per_call):
                 chunk = windows[start:start + per_call]
-                engine.call(lambda: trainer.cache(chunk, held_out))
+                engine.call(functools.partial(trainer.cache, chunk, held_out))
                 bar.update(chunk.size)
     engine.call(trainer.finish_cache)
     return time.perf_counter() - t0

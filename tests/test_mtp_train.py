@@ -126,20 +126,23 @@ def test_resume_continues_from_the_saved_step(corpus, tmp_path, monkeypatch):
         assert calls[-8:] == list(range(8))
 
 
-def test_auto_drafter_picks_a_trained_head(trained, tmp_path, monkeypatch):
+def test_trained_heads_are_found_for_mtp_and_left_out_by_auto(trained, tmp_path, monkeypatch):
     result = trained[0]
     model_dir = write_tiny_model(FAMILY, tmp_path / "model")  # same weights: same fingerprint
     with load_engine(model_dir) as eng:  # "auto" is the default
         assert eng.config.drafter == "auto" and eng.drafter.name == "ngram"
     shutil.copy(result.path, model_dir / LOCAL_HEAD)
-    with load_engine(model_dir) as eng:
+    with load_engine(model_dir, drafter="mtp") as eng:
         assert eng.drafter.name == "mtp" and eng.runner.head.draft_vocab.size == 512
+    # "auto" takes native heads only (a trained head can draft slower than n-gram).
+    with load_engine(model_dir) as eng:
+        assert eng.drafter.name == "ngram"
     (model_dir / LOCAL_HEAD).unlink()
     bundled = tmp_path / "bundled"
     bundled.mkdir()
     shutil.copy(result.path, bundled / "tiny.safetensors")
     monkeypatch.setattr(mtp_head, "BUNDLED_HEADS", bundled)
-    with load_engine(model_dir) as eng:
+    with load_engine(model_dir, drafter="mtp") as eng:
         assert eng.drafter.name == "mtp" and eng.metrics()["spec_drafter"] == "mtp"
 
 
