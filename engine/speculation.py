@@ -19,7 +19,7 @@ from .sequence import Sequence
 
 _EWMA = 0.2  # weight of a new observation
 _UNMEASURED_SLOPE = 0.05  # assumed extra cost per window token before a (batch, window) is measured
-_EXPLORE_EVERY = 16  # decisions; then one row tries one draft more, so stale costs get re-measured
+_EXPLORE_EVERY = 64  # steps; then the first row tries one draft more, so stale costs get re-measured
 
 
 class SpeculationController:
@@ -36,16 +36,22 @@ class SpeculationController:
         self.plain_time = self.plain_tokens = 0.0
         self.last_depths: list[int] = []
         self.tuned_depth: int | None = None  # set by Engine.tune()
-        self._decisions = 0
+        self._steps = 0
 
     # -- decisions --------------------------------------------------------------
     def depths(self, rows: list[Sequence], drafters: list[str]) -> list[int]:
         """Draft depth per row (rows whose drafter is "none" get 0)."""
-        self.last_depths = [0 if name == "none" else self._depth(seq, len(rows))
-                            for seq, name in zip(rows, drafters)]
-        return self.last_depths
+        self._steps += 1
+        explore = self._steps % _EXPLORE_EVERY == 0  # one row, once in a while: the window
+        # cost applies to the whole batch, so exploring more often would tax every row
+        depths = []
+        for seq, name in zip(rows, drafters):
+            depths.append(0 if name == "none" else self._depth(seq, len(rows), explore))
+            explore = False
+        self.last_depths = depths
+        return depths
 
-    def _depth(self, seq: Sequence, batch: int) -> int:
+    def _depth(self, seq: Sequence, batch: int, explore: bool = False) -> int:
         params = seq.params
         room = min(params.max_tokens - len(seq.output_ids), seq.max_len - seq.position) - 1
         if params.generation_mode == "ar" or room <= 0:
@@ -62,12 +68,31 @@ class SpeculationController:
             # only, never measured timings or its neighbours.
             return self.best_depth(seq.acceptance, None, limit)
         best = self.best_depth(seq.acceptance, batch, limit)
-        self._decisions += 1
-        if self._decisions % _EXPLORE_EVERY == 0:
+        if explore:
             # A cost measured during a noisy moment would otherwise rule a depth
             # out for good: now and then, measure one draft more than the best.
             return min(best + 1, limit)
         return best
+
+    def window_cap(self, rows: list[Sequence], drafted: list[int]) -> int:
+        """The most drafts any row may keep this step, decided for the whole batch.
+
+        A window's cost falls on every row while only rows with drafts gain, so with
+        the drafts in hand, pick the cap that maximises the batch's expected tokens
+        per measured step cost (the engine leaves rows with an explicit depth and
+        seeded sampled rows uncapped).
+        """
+        longest = max(drafted)
+        best_cap, best_rate = longest, -1.0
+        for cap in range(longest + 1):
+            tokens = 0.0
+            for seq, k in zip(rows, drafted):
+                a, k = min(seq.acceptance, 0.999), min(k, cap)
+                tokens += (1 - a ** (k + 1)) / (1 - a)
+            rate = tokens / self._cost(len(rows), cap + 1)
+            if rate > best_rate * 1.02:
+                best_cap, best_rate = cap, rate
+        return best_cap
 
     def best_depth(self, acceptance: float, batch: int | None, limit: int) -> int:
         """Depth maximising expected tokens per cost; batch=None uses the fixed prior costs."""
