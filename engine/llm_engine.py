@@ -527,16 +527,8 @@ class Engine:
         names = [s.params.drafter or self.drafter.name for s in rows]
         depths = self.speculation.depths(rows, names)
         drafts = self._propose(rows, names, depths) if any(depths) else None
-        if drafts is not None and len(rows) > 1 and self.config.depth == "auto":
-            # Adaptive rows only: an explicit depth is honoured, and a seeded sampled
-            # row's drafts (hence its sample path) must not depend on its neighbours.
-            cap = self.speculation.window_cap(rows, [len(d.tokens) for d in drafts])
-            for seq, d in zip(rows, drafts):
-                adaptive = seq.params.depth is None and (seq.params.greedy or seq.params.seed is None)
-                if len(d.tokens) > cap and adaptive:
-                    d.tokens = d.tokens[:cap]
-                    if d.q_logprobs is not None:
-                        d.q_logprobs = d.q_logprobs[:cap] or None
+        if drafts is not None:
+            self.speculation.cap_drafts(rows, drafts)
         if drafts is not None and any(d.tokens for d in drafts):
             try:
                 self._speculative_decode(rows, drafts)

@@ -62,7 +62,7 @@ class SpeculationController:
             return min(self.config.depth, room)
         limit = min(self.tuned_depth if self.tuned_depth is not None else self.config.max_depth,
                     self.config.max_depth, room)
-        if params.seed is not None and not params.greedy:
+        if _reproducible(params):
             # A sampled path depends on the drafts (the law does not), so a seeded request
             # must draft the same way every time: its depth follows its own acceptance
             # only, never measured timings or its neighbours.
@@ -73,6 +73,18 @@ class SpeculationController:
             # out for good: now and then, measure one draft more than the best.
             return min(best + 1, limit)
         return best
+
+    def cap_drafts(self, rows: list[Sequence], drafts: list) -> None:
+        """Trim the drafts of adaptive rows to the batch's best window (in place).
+        Rows with an explicit depth, or seeded sampled rows, keep theirs."""
+        if len(rows) < 2 or self.config.depth != "auto":
+            return
+        cap = self.window_cap(rows, [len(d.tokens) for d in drafts])
+        for seq, d in zip(rows, drafts):
+            if len(d.tokens) > cap and seq.params.depth is None and not _reproducible(seq.params):
+                d.tokens = d.tokens[:cap]
+                if d.q_logprobs is not None:
+                    d.q_logprobs = d.q_logprobs[:cap] or None
 
     def window_cap(self, rows: list[Sequence], drafted: list[int]) -> int:
         """The most drafts any row may keep this step, decided for the whole batch.
@@ -154,3 +166,8 @@ class SpeculationController:
             "spec_decode_tps": self.spec_tokens / self.spec_time if self.spec_time else 0.0,
             "plain_decode_tps": self.plain_tokens / self.plain_time if self.plain_time else 0.0,
         }
+
+
+def _reproducible(params) -> bool:
+    """A seeded sampled request: its drafts must never depend on timing or neighbours."""
+    return params.seed is not None and not params.greedy
