@@ -9,7 +9,7 @@ hits both alike):
   2. prose at temperature 0.6: adaptive depth must not lose (target >= 0.95x);
   3. batch 1, 4 and 8 of the code task: speculation on vs off.
 AR runs use generation_mode="ar" on the same engine; exactness is checked too
-(temperature 0 outputs must be identical).
+(with the same seed, outputs must be identical at every temperature).
 """
 
 from __future__ import annotations
@@ -104,9 +104,9 @@ def compare(eng, prompt, n, temperature, max_tokens, rounds, seed=0):
         ar.append(a)
         spec.append(s)
         acc += [r.usage.acceptance_rate or 0.0 for r in spec_res]
-        if temperature == 0:
-            assert [r.token_ids for r in spec_res] == [r.token_ids for r in ar_res], \
-                "speculation changed greedy output"
+        # n-gram drafts are verified by coupling: same seed, same tokens, at any temperature.
+        assert [r.token_ids for r in spec_res] == [r.token_ids for r in ar_res], \
+            "speculation changed the output"
     return statistics.median(ar), statistics.median(spec), statistics.mean(acc)
 
 

@@ -3,7 +3,7 @@
 A drafter proposes up to `depth` next tokens per batch row. Deterministic
 drafters (n-gram lookup) return no distribution: verification treats their
 drafts as drawn from a one-hot q. Model drafters (MTP heads) also return the
-log-distribution q each draft was sampled from, which exact verification needs.
+distribution q each draft was sampled from, which exact verification needs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .sequence import Sequence
 @dataclass
 class Draft:
     tokens: list[int]
-    q_logprobs: list | None = None  # one float32 log-distribution per token, or None (one-hot)
+    q_probs: list | None = None  # one float64 distribution per token, or None (one-hot)
 
 
 class NgramDrafter:
@@ -101,16 +101,16 @@ class MTPDrafter:
 
     def propose(self, rows: list[Sequence], depths: list[int]) -> list[Draft]:
         import mlx.core as mx
+        import numpy as np
 
         from .cache_handlers import rollback
-        from .sampler import rng_key, target_logprobs
+        from .sampler import keyed_uniform, sample_index, target_probs
         from .speculative import ROLE_DRAFT
 
         head_cache = self.runner.batch_cache[self.runner.n_trunk:]
         pending = [seq.draft_state.pop("mtp", None) or {"hidden": None, "tokens": []} for seq in rows]
         counts = [len(p["tokens"]) for p in pending]
         window = max(counts)
-        drafts = [Draft([], []) for _ in rows]
         if window == 0:
             return [Draft([]) for _ in rows]
         dim = self.head.hidden_size
@@ -123,32 +123,30 @@ class MTPDrafter:
         logits = mx.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
         out = mx.take_along_axis(out, last[:, None, None], axis=1)
         active = [i for i, (n, k) in enumerate(zip(counts, depths)) if n and k]
-        chained = 0
-        for step in range(max((depths[i] for i in active), default=0)):
-            picks = []
-            for i in range(len(rows)):
-                seq, q = rows[i], None
-                if i in active and step < depths[i]:
-                    if seq.params.greedy:
-                        tok = mx.argmax(logits[i])
-                    else:
-                        q = target_logprobs(logits[i], seq.params)
-                        tok = mx.random.categorical(q, key=rng_key(seq.seed, seq.position + step,
-                                                                   ROLE_DRAFT))
-                    drafts[i].tokens.append(tok)
-                    drafts[i].q_logprobs.append(q)
-                picks.append(drafts[i].tokens[-1] if drafts[i].tokens else mx.array(0))
-            if step + 1 < max(depths[i] for i in active):
-                logits, out = self.head(out, mx.stack(picks)[:, None], head_cache)
+        steps = max((depths[i] for i in active), default=0)
+        drafts = [Draft([], None if rows[i].params.greedy else []) for i in range(len(rows))]
+        for step in range(steps):
+            drafting = [i for i in active if step < depths[i]]
+            sampled = [i for i in drafting if not rows[i].params.greedy]
+            argmax = mx.argmax(logits, axis=-1)
+            host = np.array(logits[mx.array(sampled)]) if sampled else None
+            argmax = argmax.tolist()
+            picks = [d.tokens[-1] if d.tokens else 0 for d in drafts]
+            for i in drafting:
+                seq = rows[i]
+                if seq.params.greedy:
+                    tok = argmax[i]
+                else:
+                    q = target_probs(host[sampled.index(i)], seq.params)
+                    tok = sample_index(q, keyed_uniform(seq.seed, seq.position + step, ROLE_DRAFT))
+                    drafts[i].q_probs.append(q)
+                drafts[i].tokens.append(tok)
+                picks[i] = tok
+            if step + 1 < steps:
+                logits, out = self.head(out, mx.array(picks)[:, None], head_cache)
                 logits = logits[:, 0]
-                chained += 1
-        mx.eval([d.tokens for d in drafts], [q for d in drafts for q in d.q_logprobs if q is not None])
-        if chained:
+        if steps > 1:
+            mx.eval([c.state for c in head_cache])
             for c in head_cache:
-                c.trim(chained)
-        result = []
-        for seq, d in zip(rows, drafts):
-            tokens = [int(t.item()) for t in d.tokens]
-            q = d.q_logprobs if tokens and not seq.params.greedy else None
-            result.append(Draft(tokens, q))
-        return result
+                c.trim(steps - 1)
+        return [d if d.tokens else Draft([]) for d in drafts]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .packed_gemm import MAX_ROWS, PackedMatrix
 
 
 @dataclass
@@ -83,37 +86,66 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
 # verify window, MKL's GEMM with that transposed operand runs ~2x slower than with
 # a contiguous W.T (measured on Gemma 3 270M: 8 rows 198 ms vs 105 ms, 5 rows 126 ms
 # vs 78 ms), and the vocabulary projection dominates a small model's step. So on the
-# CPU a contiguous copy of W.T is kept beside W (outside the parameters).
+# CPU a contiguous copy of W.T is kept beside W (outside the parameters), and with
+# MKL also a packed copy for steps of 2 to 8 rows (engine/packed_gemm.py), which
+# the model runner switches on around decode and verify forwards (`few_row_logits`):
+# a packed product is computed eagerly, which prefill (whose logits are never
+# evaluated) must not pay for.
 
 
 class _Frozen:
     """Holds an array outside a module's parameters (not saved, cast or trained)."""
 
-    def __init__(self, array: mx.array):
+    def __init__(self, array: mx.array, packed=None):
         self.array = array
+        self.packed = packed
+        self.eager = False  # set inside few_row_logits()
+
+    def matmul(self, x: mx.array) -> mx.array:
+        # One row is as fast through MLX (MKL's gemv) and stays lazy.
+        if self.eager and self.packed is not None and 1 < math.prod(x.shape[:-1]) <= MAX_ROWS:
+            return self.packed.matmul(x)
+        return x @ self.array
 
 
 class _FastTiedEmbedding(nn.Embedding):
     def as_linear(self, x):
-        return x @ self._wt.array
+        return self._wt.matmul(x)
 
 
 class _FastLinear(nn.Linear):
     def __call__(self, x):
-        return x @ self._wt.array
+        return self._wt.matmul(x)
 
 
-def _pretranspose_output(model) -> None:
+def _output_head(model):
     lm = getattr(model, "language_model", model)
     head = getattr(lm, "lm_head", None)
     if head is None:
         head = getattr(getattr(lm, "model", None), "embed_tokens", None)
-        fast = _FastTiedEmbedding
-    else:
-        fast = _FastLinear
+    return head
+
+
+def _pretranspose_output(model) -> None:
+    head = _output_head(model)
+    fast = _FastLinear if isinstance(head, nn.Linear) else _FastTiedEmbedding
     if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
         return  # quantized or biased projections keep mlx-lm's own code
     wt = mx.contiguous(head.weight.T)
     mx.eval(wt)
-    head._wt = _Frozen(wt)
+    head._wt = _Frozen(wt, PackedMatrix.build(wt))
     head.__class__ = fast
+
+
+@contextlib.contextmanager
+def few_row_logits(model):
+    """Within: logits of 2 to 8 rows use the packed projection, evaluated at once."""
+    frozen = getattr(_output_head(model), "_wt", None)
+    if frozen is None or frozen.packed is None:
+        yield
+        return
+    frozen.eager = True
+    try:
+        yield
+    finally:
+        frozen.eager = False

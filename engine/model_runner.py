@@ -18,6 +18,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from .cache_handlers import rollback
+from .loader import few_row_logits
 from .mtp_head import trunk_forward
 from .recurrent_capture import RecurrentCapture
 
@@ -70,8 +71,9 @@ class ModelRunner:
         mx.clear_cache()
 
     def decode(self, tokens: list[int]) -> mx.array:
-        """Logits [rows, vocab] for the next token of every row (lazy)."""
-        logits = self._forward(mx.array(tokens)[:, None], self.batch_cache)
+        """Logits [rows, vocab] for the next token of every row."""
+        with few_row_logits(self.model):
+            logits = self._forward(mx.array(tokens)[:, None], self.batch_cache)
         return logits[:, -1, :]
 
     # -- speculative verification: nothing is final until commit() ------------
@@ -79,7 +81,7 @@ class ModelRunner:
         """Logits [rows, window, vocab] for equal-length windows (last token + drafts)."""
         self._saved = [_snapshot(c) for c in self.batch_cache]
         try:
-            with self.capture:
+            with self.capture, few_row_logits(self.model):
                 logits = self._forward(mx.array(windows), self.batch_cache)
             mx.eval(logits, self.hidden)
         except BaseException:

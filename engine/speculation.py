@@ -7,9 +7,12 @@ size, window) it has run; the depth that maximises tokens per unit of cost
 wins, and 0 wins when the batch is compute-bound (cost grows with the window
 as fast as the expected tokens do).
 
-Seeded sampled requests are the exception: their depth comes from their own
-acceptance with fixed prior costs, so the same seed drafts, and so samples, the
-same way alone, in any batch, and on any run.
+Seeded sampled requests drafted by a model (an MTP head) are the exception: the
+tokens Leviathan-Chen emits depend on the drafts (their law does not), so their
+depth comes from their own acceptance with fixed prior costs, and the same seed
+drafts, and so samples, the same way alone, in any batch, and on any run.
+Deterministic drafts need no such care: verification emits exactly the tokens
+plain decoding would (speculative.py).
 """
 
 from __future__ import annotations
@@ -39,19 +42,23 @@ class SpeculationController:
         self._steps = 0
 
     # -- decisions --------------------------------------------------------------
-    def depths(self, rows: list[Sequence], drafters: list[str]) -> list[int]:
-        """Draft depth per row (rows whose drafter is "none" get 0)."""
+    def depths(self, rows: list[Sequence], drafters: list) -> list[int]:
+        """Draft depth per row, given each row's drafter (rows with NoDrafter get 0)."""
         self._steps += 1
         explore = self._steps % _EXPLORE_EVERY == 0  # one row, once in a while: the window
         # cost applies to the whole batch, so exploring more often would tax every row
         depths = []
-        for seq, name in zip(rows, drafters):
-            depths.append(0 if name == "none" else self._depth(seq, len(rows), explore))
+        for seq, drafter in zip(rows, drafters):
+            if drafter.name == "none":
+                depths.append(0)
+                continue
+            pinned = _reproducible(seq.params) and not drafter.deterministic
+            depths.append(self._depth(seq, len(rows), explore, pinned))
             explore = False
         self.last_depths = depths
         return depths
 
-    def _depth(self, seq: Sequence, batch: int, explore: bool = False) -> int:
+    def _depth(self, seq: Sequence, batch: int, explore: bool = False, pinned: bool = False) -> int:
         params = seq.params
         room = min(params.max_tokens - len(seq.output_ids), seq.max_len - seq.position) - 1
         if params.generation_mode == "ar" or room <= 0:
@@ -62,10 +69,10 @@ class SpeculationController:
             return min(self.config.depth, room)
         limit = min(self.tuned_depth if self.tuned_depth is not None else self.config.max_depth,
                     self.config.max_depth, room)
-        if _reproducible(params):
-            # A sampled path depends on the drafts (the law does not), so a seeded request
-            # must draft the same way every time: its depth follows its own acceptance
-            # only, never measured timings or its neighbours.
+        if pinned:
+            # A seeded request drafted by a model: its sampled path depends on the drafts
+            # (the law does not), so it must draft the same way every time. Its depth
+            # follows its own acceptance only, never measured timings or its neighbours.
             return self.best_depth(seq.acceptance, None, limit)
         best = self.best_depth(seq.acceptance, batch, limit)
         if explore:
@@ -76,15 +83,16 @@ class SpeculationController:
 
     def cap_drafts(self, rows: list[Sequence], drafts: list) -> None:
         """Trim the drafts of adaptive rows to the batch's best window (in place).
-        Rows with an explicit depth, or seeded sampled rows, keep theirs."""
+        Rows with an explicit depth, or seeded rows with sampled drafts, keep theirs."""
         if len(rows) < 2 or self.config.depth != "auto":
             return
         cap = self.window_cap(rows, [len(d.tokens) for d in drafts])
         for seq, d in zip(rows, drafts):
-            if len(d.tokens) > cap and seq.params.depth is None and not _reproducible(seq.params):
+            pinned = _reproducible(seq.params) and d.q_probs is not None
+            if len(d.tokens) > cap and seq.params.depth is None and not pinned:
                 d.tokens = d.tokens[:cap]
-                if d.q_logprobs is not None:
-                    d.q_logprobs = d.q_logprobs[:cap] or None
+                if d.q_probs is not None:
+                    d.q_probs = d.q_probs[:cap] or None
 
     def window_cap(self, rows: list[Sequence], drafted: list[int]) -> int:
         """The most drafts any row may keep this step, decided for the whole batch.
@@ -92,7 +100,7 @@ class SpeculationController:
         A window's cost falls on every row while only rows with drafts gain, so with
         the drafts in hand, pick the cap that maximises the batch's expected tokens
         per measured step cost (the engine leaves rows with an explicit depth and
-        seeded sampled rows uncapped).
+        seeded rows with sampled drafts uncapped).
         """
         longest = max(drafted)
         best_cap, best_rate = longest, -1.0
@@ -169,5 +177,5 @@ class SpeculationController:
 
 
 def _reproducible(params) -> bool:
-    """A seeded sampled request: its drafts must never depend on timing or neighbours."""
+    """A seeded sampled request (whose model drafts must not depend on timing or neighbours)."""
     return params.seed is not None and not params.greedy

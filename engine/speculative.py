@@ -1,16 +1,22 @@
-"""Exact verification of speculative drafts (Leviathan & Chen, 2023).
+"""Exact verification of speculative drafts.
 
-For each draft token d at window position j, with p the target distribution
-(the very same processed distribution the AR sampler would draw from there:
-temperature, top-k/p, min-p and penalties, with the accepted draft prefix
-counted) and q the distribution d was drawn from (one-hot for deterministic
-drafters): accept with probability min(1, p(d)/q(d)); on the first rejection
-emit a sample of the normalized residual (p - q)+ and stop; if all drafts are
-accepted, emit a bonus token sampled from p at the next position (the same
-keyed draw plain decoding makes there). p and q are taken in float64. The emitted
-tokens then have exactly the AR law, at any temperature. At temperature 0, p is
-one-hot at its argmax, so this reduces to "accept while the draft is the argmax".
+A deterministic draft (n-gram lookup, or any draft at temperature 0) is checked
+by coupling: at each window position the row draws the very token plain
+decoding would draw there (same processed distribution, same keyed uniform),
+accepts the draft while they agree, and emits the drawn token at the first
+disagreement (or the bonus token after the last draft). A draft d is then
+accepted with probability p(d), and a rejection emits a sample of p conditioned
+on not d, which is Leviathan-Chen's residual for a one-hot q; beyond having the
+AR law, the tokens are identical to plain decoding with the same seed.
 
+A draft sampled from a distribution q (an MTP head) follows Leviathan & Chen
+(2023): accept with probability min(1, p(d)/q(d)); on the first rejection emit a
+sample of the normalized residual (p - q)+ and stop; if all drafts are accepted,
+emit the bonus token with the same keyed draw plain decoding makes there. p and
+q are float64, so the window's law equals AR's to ~1e-15.
+
+p is the very distribution the AR sampler uses at each position (temperature,
+top-k/p, min-p and penalties, with the accepted draft prefix counted).
 Randomness is keyed by (request seed, absolute position, role), so no draw
 depends on batch neighbours or on how the window was cut.
 """
@@ -20,11 +26,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
-import mlx.core as mx
 import numpy as np
 
 from .drafters import Draft
-from .sampler import ROLE_SAMPLE, apply_penalties, keyed_uniform, rng_key, target_logprobs
+from .sampler import apply_penalties, keyed_uniform, sample_index, sample_token, target_probs
 from .sequence import Sequence
 
 ROLE_ACCEPT = 1
@@ -37,37 +42,27 @@ def accept_probability(p_d: float, q_d: float) -> float:
     return 1.0 if p_d >= q_d else p_d / q_d
 
 
-def probs64(logprobs: mx.array) -> np.ndarray:
-    """A distribution as float64 probabilities, normalized exactly in float64.
-
-    p and q are used in float64 throughout acceptance, so the window's law equals
-    AR's to ~1e-15; float32 normalization alone would leave ~1e-8 of slack.
-    """
-    x = np.array(logprobs.astype(mx.float32), dtype=np.float64)
-    p = np.exp(x - x.max())
-    return p / p.sum()
-
-
-def residual_distribution(p: np.ndarray, q: np.ndarray | None, draft: int) -> np.ndarray:
-    """normalize(max(p - q, 0)); q=None means q is one-hot at `draft`."""
-    if q is None:
-        r = p.copy()
-        r[draft] = 0.0
-    else:
-        r = np.maximum(p - q, 0.0)
+def residual_distribution(p: np.ndarray, q: np.ndarray, draft: int) -> np.ndarray:
+    """normalize(max(p - q, 0))."""
+    r = np.maximum(p - q, 0.0)
     return r / r.sum()
 
 
-def sample_distribution(probs: np.ndarray, u: float) -> int:
-    """Inverse-CDF draw from a float64 distribution with a given uniform u in [0, 1)."""
-    cdf = np.cumsum(probs)
-    return int(min(np.searchsorted(cdf, u * cdf[-1], side="right"), len(probs) - 1))
+def coupled_window(drafts: list[int], draw: Callable[[int], int]) -> list[int]:
+    """Deterministic drafts: accept while plain decoding's own draw agrees."""
+    out = []
+    for j, d in enumerate(drafts):
+        token = draw(j)
+        if token != d:
+            return out + [token]
+        out.append(d)
+    return out + [draw(len(drafts))]
 
 
 def run_window(drafts: list[int], accept_prob: Callable[[int], float],
                uniform: Callable[[int], float], sample_residual: Callable[[int], int],
                sample_bonus: Callable[[], int]) -> list[int]:
-    """The window's control flow: accepted drafts, then one residual or bonus token."""
+    """Leviathan-Chen control flow: accepted drafts, then one residual or bonus token."""
     out = []
     for j, d in enumerate(drafts):
         if uniform(j) < accept_prob(j):
@@ -77,44 +72,49 @@ def run_window(drafts: list[int], accept_prob: Callable[[int], float],
     return out + [sample_bonus()]
 
 
-def _window_logprobs(logits: mx.array, seq: Sequence, drafts: list[int]) -> list[mx.array]:
-    """Target log-distributions at each window position, the draft prefix counted."""
-    params = seq.params
-    counts, context = Counter(seq.output_counts), set(seq.context)
-    out = []
-    for j in range(len(drafts) + 1):
-        row = logits[j]
-        if params.has_penalties:
-            row = apply_penalties(mx.array(row), params, context, counts)
-        out.append(target_logprobs(row, params) if not params.greedy else row)
-        if j < len(drafts):
-            counts[drafts[j]] += 1
-            context.add(drafts[j])
-    return out
+class _Window:
+    """One row's verify window: position j's logits with the draft prefix counted."""
+
+    def __init__(self, logits: np.ndarray, seq: Sequence, drafts: list[int]):
+        self.logits, self.seq, self.drafts = logits, seq, drafts
+        self.pos0 = seq.position
+
+    def _state(self, j: int) -> tuple[set[int], Counter]:
+        seq = self.seq
+        if not seq.params.has_penalties or j == 0:
+            return seq.context, seq.output_counts
+        prefix = self.drafts[:j]
+        return seq.context | set(prefix), seq.output_counts + Counter(prefix)
+
+    def draw(self, j: int) -> int:
+        """The token plain decoding would draw at window position j."""
+        context, counts = self._state(j)
+        seq = self.seq
+        return sample_token(self.logits[j], seq.params, seq.seed, self.pos0 + j, context, counts)
+
+    def p(self, j: int) -> np.ndarray:
+        row = self.logits[j]
+        if self.seq.params.has_penalties:
+            row = apply_penalties(row, self.seq.params, *self._state(j))
+        return target_probs(row, self.seq.params)
 
 
-def verify_row(logits: mx.array, seq: Sequence, draft: Draft) -> list[int]:
-    """Tokens one row emits from its verify window (logits: [window, vocab])."""
-    drafts = draft.tokens
-    pos0 = seq.position
-    dists = _window_logprobs(logits, seq, drafts)
-    if seq.params.greedy:  # p is one-hot at the argmax: accept while drafts match it
-        picks = mx.stack([mx.argmax(d) for d in dists]).tolist()
-        return run_window(drafts, lambda j: float(picks[j] == drafts[j]), lambda j: 0.0,
-                          lambda j: picks[j], lambda: picks[len(drafts)])
-    p = [probs64(d) for d in dists]
-    q = [probs64(x) for x in draft.q_logprobs] if draft.q_logprobs is not None else None
+def verify_row(logits: np.ndarray, seq: Sequence, draft: Draft) -> list[int]:
+    """Tokens one row emits from its verify window (logits: float32 [window, vocab])."""
+    window = _Window(logits, seq, draft.tokens)
+    if draft.q_probs is None or seq.params.greedy:
+        return coupled_window(draft.tokens, window.draw)
+    p = {}
 
-    def accept(j: int) -> float:
-        return accept_probability(p[j][drafts[j]], q[j][drafts[j]] if q is not None else 1.0)
+    def p_at(j: int) -> np.ndarray:
+        if j not in p:
+            p[j] = window.p(j)
+        return p[j]
 
-    def residual(j: int) -> int:
-        r = residual_distribution(p[j], q[j] if q is not None else None, drafts[j])
-        return sample_distribution(r, keyed_uniform(seq.seed, pos0 + j, ROLE_RESIDUAL))
-
-    def bonus() -> int:
-        k = len(drafts)
-        return mx.random.categorical(dists[k], key=rng_key(seq.seed, pos0 + k, ROLE_SAMPLE)).item()
-
-    return run_window(drafts, accept, lambda j: keyed_uniform(seq.seed, pos0 + j, ROLE_ACCEPT),
-                      residual, bonus)
+    drafts, q, pos0 = draft.tokens, draft.q_probs, seq.position
+    return run_window(
+        drafts, lambda j: accept_probability(p_at(j)[drafts[j]], q[j][drafts[j]]),
+        lambda j: keyed_uniform(seq.seed, pos0 + j, ROLE_ACCEPT),
+        lambda j: sample_index(residual_distribution(p_at(j), q[j], drafts[j]),
+                               keyed_uniform(seq.seed, pos0 + j, ROLE_RESIDUAL)),
+        lambda: window.draw(len(drafts)))

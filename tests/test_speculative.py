@@ -13,8 +13,8 @@ import engine.llm_engine as llm_engine
 from engine import Engine, EngineConfig, SamplingParams
 from engine.drafters import Draft
 from engine.model_runner import ModelRunner
-from engine.sampler import target_logprobs
-from engine.speculative import accept_probability, probs64, residual_distribution, run_window
+from engine.sampler import keyed_uniform, sample_index, target_probs
+from engine.speculative import accept_probability, coupled_window, residual_distribution, run_window
 from tiny_models import FAMILIES, tiny_model
 
 PROMPTS = ["def fibonacci(n):", "Hello", "The quick brown fox jumps over the lazy dog, and then",
@@ -60,9 +60,8 @@ class SelfDrafter:
             context, tokens, qs = seq.prompt_ids + seq.output_ids, [], []
             for j in range(k):
                 logits = self.model(mx.array(context + tokens)[None])[0, -1]
-                q = target_logprobs(logits, self.params)
-                key = mx.random.key(seq.seed * 1000 + seq.position + j)
-                tokens.append(mx.random.categorical(q, key=key).item())
+                q = target_probs(np.array(logits), self.params)
+                tokens.append(sample_index(q, keyed_uniform(seq.seed, seq.position + j, 7)))
                 qs.append(q)
             out.append(Draft(tokens, qs if k else None))
         return out
@@ -136,6 +135,28 @@ def test_seeded_sampling_is_batch_invariant_with_speculation(eng):
     alone = [eng.generate(p, params[i]).token_ids for i, p in enumerate(PROMPTS)]
     handles = [eng.submit(p, params[i]) for i, p in enumerate(PROMPTS)]
     assert [h.result().token_ids for h in handles] == alone
+    assert eng.metrics()["spec_accepted_tokens"] > 0
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.0, top_p=0.9, repetition_penalty=1.3, presence_penalty=0.5),
+    dict(temperature=0.0, frequency_penalty=0.7),
+])
+def test_deterministic_drafts_reproduce_plain_decoding_exactly(eng, params):
+    # Coupled verification draws what plain decoding draws: same seed, same tokens,
+    # whatever the accept pattern, even when sampling.
+    use_drafter(eng, type("Off", (), {"name": "none", "propose": None})())
+    accepted = eng.metrics()["spec_accepted_tokens"]
+    runs = {}
+    for good in (None, 0, 2, 4):
+        if good is not None:
+            greedy = {tuple(eng.encode(p)): eng.generate(p, max_tokens=40).token_ids for p in PROMPTS}
+            use_drafter(eng, ScriptedDrafter(greedy, good, eng._loaded.vocab_size))
+        runs[good] = [eng.generate(p, SamplingParams(max_tokens=24, seed=i, depth=4, **params)).token_ids
+                      for i, p in enumerate(PROMPTS)]
+    assert runs[0] == runs[2] == runs[4] == runs[None]
+    assert eng.metrics()["spec_accepted_tokens"] > accepted
 
 
 def test_failed_verification_leaves_caches_untouched(eng, monkeypatch):
@@ -239,7 +260,7 @@ def dist_fn(model, params):
         key = tuple(context)
         if key not in memo:
             logits = model(mx.array(context)[None])[0, -1]
-            memo[key] = probs64(target_logprobs(logits, params))
+            memo[key] = target_probs(np.array(logits), params)
         return memo[key]
     return p
 
@@ -264,13 +285,16 @@ def enumerate_window(drafts, p, q):
             weight[0] *= prob
             return value
 
-        a = [accept_probability(p[j][d], q[j][d] if q else 1.0) for j, d in enumerate(drafts)]
-        out = run_window(
-            drafts, lambda j: a[j],
-            lambda j: choose([(0.0, a[j]), (1.0, 1 - a[j])]),  # u < a  <=> accept
-            lambda j: choose(list(enumerate(
-                residual_distribution(p[j], q[j] if q else None, drafts[j]).tolist()))),
-            lambda: choose(list(enumerate(p[len(drafts)].tolist()))))
+        if q is None:  # deterministic drafts: coupled with plain decoding's own draws
+            out = coupled_window(drafts, lambda j: choose(list(enumerate(p[j].tolist()))))
+        else:
+            a = [accept_probability(p[j][d], q[j][d]) for j, d in enumerate(drafts)]
+            out = run_window(
+                drafts, lambda j: a[j],
+                lambda j: choose([(0.0, a[j]), (1.0, 1 - a[j])]),  # u < a  <=> accept
+                lambda j: choose(list(enumerate(
+                    residual_distribution(p[j], q[j], drafts[j]).tolist()))),
+                lambda: choose(list(enumerate(p[len(drafts)].tolist()))))
         if weight[0] > 0:
             law[tuple(out)] += weight[0]
     return law
