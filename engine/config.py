@@ -44,7 +44,7 @@ class EngineConfig:
     # Draft tokens per verify: an int (0 = off) or "auto" (adaptive per row from
     # measured acceptance and measured step cost).
     depth: int | str = "auto"
-    max_depth: int = 4  # the most "auto" ever drafts
+    max_depth: int = 8  # the most "auto" ever drafts (long n-gram matches in code edits pay at 8)
     # A trained draft head file for models without native MTP weights (None = look
     # next to the model and in the bundled heads).
     mtp_head: str | None = None

@@ -274,10 +274,13 @@ class Engine:
         self.call(apply)
 
     def tune(self, *, batch: int | None = None, temperature: float = 0.0, gen_tokens: int = 48,
-             depths: tuple[int, ...] = (0, 1, 2, 3, 4)) -> dict:
-        """Measure decode tok/s with plain decoding (depth 0) and each draft depth, at the
-        current batch size and sampling, on a code-editing workload; keep the fastest for
-        depth="auto" and persist it per model, machine and drafter."""
+             depths: tuple[int, ...] | None = None) -> dict:
+        """Measure decode tok/s with plain decoding (depth 0) and each draft depth (by
+        default 1-4, 6 and 8, up to max_depth), at the current batch size and sampling,
+        on a code-editing workload; keep the fastest as the most depth="auto" drafts,
+        and persist it per model, machine and drafter."""
+        if depths is None:
+            depths = tuple(d for d in (0, 1, 2, 3, 4, 6, 8) if d <= self.config.max_depth)
         batch = batch or max(1, len(self.scheduler.running))
         prompts = [tuning.TUNING_PROMPTS[i % len(tuning.TUNING_PROMPTS)] for i in range(batch)]
 

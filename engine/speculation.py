@@ -17,10 +17,14 @@ plain decoding would (speculative.py).
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 from .config import EngineConfig
 from .sequence import Sequence
 
-_EWMA = 0.2  # weight of a new observation
+_EWMA = 0.2  # weight of a new observation of acceptance
+_COST_SAMPLES = 9  # step costs are the median of the last few measurements per (batch, window)
 _UNMEASURED_SLOPE = 0.05  # assumed extra cost per window token before a (batch, window) is measured
 _EXPLORE_EVERY = 64  # steps; then the first row tries one draft more, so stale costs get re-measured
 
@@ -29,7 +33,9 @@ class SpeculationController:
     def __init__(self, config: EngineConfig, drafter_name: str):
         self.config = config
         self.drafter_name = drafter_name
-        self.step_cost: dict[tuple[int, int], float] = {}  # (rows, window) -> seconds
+        # (rows, window) -> recent step times in seconds. A median, not a running mean:
+        # one step slowed by a neighbour process would otherwise rule a window out.
+        self.step_cost: dict[tuple[int, int], deque] = {}
         self.attempts = [0] * 16  # per draft position: drafts verified there
         self.accepts = [0] * 16
         self.verify_calls = 0
@@ -126,17 +132,15 @@ class SpeculationController:
         return best
 
     def _cost(self, batch: int | None, window: int) -> float:
-        cost = self.step_cost.get((batch, window))
-        if cost is not None:
-            return cost
-        base = self.step_cost.get((batch, 1), 1.0)
+        samples = self.step_cost.get((batch, window))
+        if samples:
+            return statistics.median(samples)
+        base = statistics.median(self.step_cost.get((batch, 1)) or [1.0])
         return base * (1 + _UNMEASURED_SLOPE * (window - 1))
 
     # -- observations -----------------------------------------------------------
     def observe_step(self, batch: int, window: int, seconds: float, tokens: int) -> None:
-        key = (batch, window)
-        old = self.step_cost.get(key)
-        self.step_cost[key] = seconds if old is None else (1 - _EWMA) * old + _EWMA * seconds
+        self.step_cost.setdefault((batch, window), deque(maxlen=_COST_SAMPLES)).append(seconds)
         if window > 1:
             self.spec_time += seconds
             self.spec_tokens += tokens
