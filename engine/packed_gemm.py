@@ -10,12 +10,14 @@ Beyond 8 rows the packed kernel is slower than MLX's own matmul, so those go
 to MLX. The packed copy costs ~1.8x the projection's size in RAM.
 
 Only on the CPU with MKL loaded (engine/backend.py); elsewhere `build` returns None.
+KERNELEXT_PACKED_GEMM=0 turns it off (saving the RAM).
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
+import os
 
 import mlx.core as mx
 import numpy as np
@@ -29,6 +31,8 @@ _float_p = ctypes.POINTER(ctypes.c_float)
 
 def _mkl():
     path = backend._state["blas"]
+    if os.environ.get("KERNELEXT_PACKED_GEMM", "1") == "0":
+        return None
     if mx.default_device() != mx.cpu or not path or "mkl" not in path.lower():
         return None
     lib = ctypes.CDLL(path)

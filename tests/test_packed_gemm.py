@@ -38,3 +38,11 @@ def test_engine_uses_it_for_small_steps_only(monkeypatch):
         handles = [eng.submit(p, max_tokens=6) for p in prompts]
         assert [h.result().token_ids for h in handles] == alone
         assert rows and all(1 < np.prod(s[:-1]) <= MAX_ROWS for s in rows)
+
+
+@needs_mkl
+def test_env_switch_turns_it_off(monkeypatch):
+    monkeypatch.setenv("KERNELEXT_PACKED_GEMM", "0")
+    assert PackedMatrix.build(mx.zeros((4, 4))) is None
+    monkeypatch.setenv("KERNELEXT_PACKED_GEMM", "1")
+    assert PackedMatrix.build(mx.zeros((4, 4))) is not None
