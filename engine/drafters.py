@@ -129,7 +129,7 @@ class MTPDrafter:
             drafting = [i for i in active if step < depths[i]]
             sampled = [i for i in drafting if not rows[i].params.greedy]
             argmax = mx.argmax(logits, axis=-1)
-            host = np.array(logits[mx.array(sampled)]) if sampled else None
+            host = np.array(logits[mx.array(sampled)].astype(mx.float32)) if sampled else None
             argmax = argmax.tolist()
             picks = [d.tokens[-1] if d.tokens else 0 for d in drafts]
             for i in drafting:

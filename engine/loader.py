@@ -137,6 +137,12 @@ def _pretranspose_output(model) -> None:
     head.__class__ = fast
 
 
+def packed_output_bytes(model) -> int:
+    """RAM held by the packed copy of the output projection (0 when there is none)."""
+    frozen = getattr(_output_head(model), "_wt", None)
+    return frozen.packed.buffer.nbytes if frozen is not None and frozen.packed is not None else 0
+
+
 @contextlib.contextmanager
 def few_row_logits(model):
     """Within: logits of 2 to 8 rows use the packed projection, evaluated at once."""

@@ -45,6 +45,7 @@ class SpeculationController:
         self.plain_time = self.plain_tokens = 0.0
         self.last_depths: list[int] = []
         self.tuned_depth: int | None = None  # set by Engine.tune()
+        self._after_window: tuple[int, int] | None = None  # (batch, window) of the last verify step
         self._steps = 0
 
     # -- decisions --------------------------------------------------------------
@@ -140,6 +141,17 @@ class SpeculationController:
 
     # -- observations -----------------------------------------------------------
     def observe_step(self, batch: int, window: int, seconds: float, tokens: int) -> None:
+        after, self._after_window = self._after_window, (batch, window) if window > 1 else None
+        if window == 1 and after is not None and after[0] == batch and self.step_cost.get((batch, 1)):
+            # The first plain step after a verify window pays to re-lay out the sliding-window
+            # caches (a multi-token update leaves mlx-lm's rotating cache a longer buffer, which
+            # the next one-token update copies). That cost belongs to the window, not to plain
+            # decoding, or plain steps would look dearer whenever speculation runs.
+            extra = seconds - self._cost(batch, 1)
+            if extra > 0:
+                self.step_cost[after][-1] += extra
+                self.spec_time += extra
+                seconds -= extra
         self.step_cost.setdefault((batch, window), deque(maxlen=_COST_SAMPLES)).append(seconds)
         if window > 1:
             self.spec_time += seconds

@@ -238,7 +238,9 @@ class LLMMagics(Magics):
         path = "" if str(eng.model_path) == m["model"] else f"  ({eng.model_path})"
         rows = {
             "model": m["model"] + path,
-            "backend": f"{m['backend']} · BLAS {m['blas']} · {m['dtype']}",
+            "backend": f"{m['backend']} · BLAS {m['blas']} · {m['dtype']}"
+                       + (f" · packed output projection {m['packed_output_bytes'] / 2**30:.1f} GiB"
+                          if m.get("packed_output_bytes") else ""),
             "batch": f"max {m['max_batch']} · running {m['running']} · prefilling {m['prefilling']} "
                      f"· waiting {m['waiting']}",
             "cache": _cache_summary(eng.cache_info() if hasattr(eng, "cache_info") else {}),

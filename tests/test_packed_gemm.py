@@ -29,6 +29,7 @@ def test_engine_uses_it_for_small_steps_only(monkeypatch):
     with Engine.load(tiny_model("llama"), EngineConfig(progress=False, drafter="none")) as eng:
         frozen = loader._output_head(eng._loaded.model)._wt
         assert frozen.packed is not None
+        assert eng.metrics()["packed_output_bytes"] == frozen.packed.buffer.nbytes > 0
         rows = []
         real = frozen.packed.matmul
         monkeypatch.setattr(frozen.packed, "matmul", lambda x: rows.append(x.shape) or real(x))

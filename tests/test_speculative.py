@@ -487,3 +487,17 @@ def test_adaptive_depth_follows_acceptance_and_measured_cost():
     for window in range(1, 6):  # compute-bound batch: cost grows with the window
         ctl.observe_step(16, window, 0.400 * window, 16 * window)
     assert ctl.best_depth(0.9, 16, 4) == 0
+
+
+def test_first_plain_step_after_a_window_is_charged_to_the_window():
+    from engine.config import EngineConfig as Cfg
+    from engine.speculation import SpeculationController
+    ctl = SpeculationController(Cfg(progress=False), "ngram")
+    for _ in range(3):
+        ctl.observe_step(8, 1, 0.100, 8)
+    ctl.observe_step(8, 3, 0.150, 16)
+    ctl.observe_step(8, 1, 0.140, 8)  # re-lays out the caches: 40 ms beyond a plain step
+    assert ctl._cost(8, 1) == pytest.approx(0.100)
+    assert ctl._cost(8, 3) == pytest.approx(0.190)
+    ctl.observe_step(8, 1, 0.120, 8)  # a later plain step is plain decoding's own
+    assert list(ctl.step_cost[(8, 1)])[-1] == pytest.approx(0.120)

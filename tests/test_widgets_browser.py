@@ -205,11 +205,11 @@ def test_dashboard_updates_live_and_its_depth_slider_changes_the_engine(page):
     assert "running 1 http" in seen[-1]["sources"], seen[-1]
     page.wait_for_function(f"({_SAMPLE})(2).server.includes('requests served 1 ·')")
 
-    # 3. Drag the depth slider (0 1 2 3 4 auto, now at auto) to 2; the engine reads it back.
+    # 3. Drag the depth slider (0 1 2 3 4 6 8 auto, now at auto) to 2; the engine reads it back.
     track = page.locator(".kx-depth .noUi-target").bounding_box()
     page.locator(".kx-depth .noUi-handle").hover()
     page.mouse.down()
-    page.mouse.move(track["x"] + track["width"] * 2 / 5, track["y"] + track["height"] / 2, steps=8)
+    page.mouse.move(track["x"] + track["width"] * 2 / 7, track["y"] + track["height"] / 2, steps=8)
     page.mouse.up()
     page.wait_for_function("document.querySelector('.kx-depth .widget-readout').textContent === '2'")
     run_cell(page, 3)

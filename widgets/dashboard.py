@@ -29,7 +29,7 @@ from .publisher import PUBLISHER, Publisher
 from .sparkline import History, bar_chart, sparkline
 
 GiB = 2**30
-DEPTHS = (0, 1, 2, 3, 4)  # the slider also has "auto"
+DEPTHS = (0, 1, 2, 3, 4, 6, 8)  # the slider also has "auto"
 DRAFTERS = ("mtp", "ngram", "none")
 # Controls that need Engine.set_options(name=value); greyed out while it does not take `name`.
 OPTION_CONTROLS = ("depth", "drafter", "max_batch", "temperature")
