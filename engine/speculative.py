@@ -42,7 +42,7 @@ def accept_probability(p_d: float, q_d: float) -> float:
     return 1.0 if p_d >= q_d else p_d / q_d
 
 
-def residual_distribution(p: np.ndarray, q: np.ndarray, draft: int) -> np.ndarray:
+def residual_distribution(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """normalize(max(p - q, 0))."""
     r = np.maximum(p - q, 0.0)
     return r / r.sum()
@@ -115,6 +115,6 @@ def verify_row(logits: np.ndarray, seq: Sequence, draft: Draft) -> list[int]:
     return run_window(
         drafts, lambda j: accept_probability(p_at(j)[drafts[j]], q[j][drafts[j]]),
         lambda j: keyed_uniform(seq.seed, pos0 + j, ROLE_ACCEPT),
-        lambda j: sample_index(residual_distribution(p_at(j), q[j], drafts[j]),
+        lambda j: sample_index(residual_distribution(p_at(j), q[j]),
                                keyed_uniform(seq.seed, pos0 + j, ROLE_RESIDUAL)),
         lambda: window.draw(len(drafts)))

@@ -293,7 +293,7 @@ def enumerate_window(drafts, p, q):
                 drafts, lambda j: a[j],
                 lambda j: choose([(0.0, a[j]), (1.0, 1 - a[j])]),  # u < a  <=> accept
                 lambda j: choose(list(enumerate(
-                    residual_distribution(p[j], q[j], drafts[j]).tolist()))),
+                    residual_distribution(p[j], q[j]).tolist()))),
                 lambda: choose(list(enumerate(p[len(drafts)].tolist()))))
         if weight[0] > 0:
             law[tuple(out)] += weight[0]
