@@ -53,7 +53,7 @@ def _notebook(model: Path) -> dict:
         "%llm serve --port 0\nfrom kernelext import get_engine",
         "%llm dashboard",
         # %%generate, several times: each prompt shares a cached prefix, so the cache moves too.
-        f"long = {LONG!r}\nfor i in range(8):\n"
+        f"long = {LONG!r}\nfor i in range(16):\n"
         "    get_ipython().run_cell_magic('generate', '-n 300', long + f'Story {i}:')",
         "print(get_engine().config.depth)",
     ]
