@@ -118,7 +118,8 @@ class _FastLinear(nn.Linear):
         return self._wt.matmul(x)
 
 
-def _output_head(model):
+def output_projection(model):
+    """The module that turns hidden states into logits: lm_head, or the tied embedding."""
     lm = getattr(model, "language_model", model)
     head = getattr(lm, "lm_head", None)
     if head is None:
@@ -127,7 +128,7 @@ def _output_head(model):
 
 
 def _pretranspose_output(model) -> None:
-    head = _output_head(model)
+    head = output_projection(model)
     fast = _FastLinear if isinstance(head, nn.Linear) else _FastTiedEmbedding
     if type(head) not in (nn.Linear, nn.Embedding) or "bias" in head:
         return  # quantized or biased projections keep mlx-lm's own code
@@ -139,14 +140,14 @@ def _pretranspose_output(model) -> None:
 
 def packed_output_bytes(model) -> int:
     """RAM held by the packed copy of the output projection (0 when there is none)."""
-    frozen = getattr(_output_head(model), "_wt", None)
+    frozen = getattr(output_projection(model), "_wt", None)
     return frozen.packed.buffer.nbytes if frozen is not None and frozen.packed is not None else 0
 
 
 @contextlib.contextmanager
 def few_row_logits(model):
     """Within: logits of 2 to 8 rows use the packed projection, evaluated at once."""
-    frozen = getattr(_output_head(model), "_wt", None)
+    frozen = getattr(output_projection(model), "_wt", None)
     if frozen is None or frozen.packed is None:
         yield
         return

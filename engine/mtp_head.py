@@ -59,6 +59,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from .errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
+from .loader import output_projection
 
 FORMAT = "kernelext-mtp-head"
 FORMAT_VERSION = 2  # 2: optional `draft_vocab` tensor
@@ -83,13 +84,9 @@ def _softcap(lm, logits: mx.array) -> mx.array:
     return mx.tanh(logits / cap) * cap if cap else logits
 
 
-def _output_projection(lm) -> nn.Module:
-    return lm.lm_head if "lm_head" in lm else lm.model.embed_tokens
-
-
 def _output_rows(lm, ids: mx.array) -> mx.array:
     """Rows `ids` of the output projection (lm_head or the tied embedding), dequantized."""
-    proj = _output_projection(lm)
+    proj = output_projection(lm)
     if "scales" not in proj:
         return proj.weight[ids]
     biases = proj.get("biases")
@@ -208,7 +205,7 @@ class MTPHead(nn.Module):
         self._logits = functools.partial(_logits, lm)
         self._softcap = functools.partial(_softcap, lm)
         self._output_rows = functools.partial(_output_rows, lm)
-        self.vocab_size = _output_projection(lm).weight.shape[0]
+        self.vocab_size = output_projection(lm).weight.shape[0]
         self._draft_vocab = self._draft_rows = None  # "_": not parameters (never trained or flattened)
         self.set_dtype(final_norm.weight.dtype)  # norms are never quantized
 

@@ -3,10 +3,11 @@
 Files survive kernel restarts. Each is published atomically (temp file, fsync,
 rename), carries its format version, model fingerprint, key and a checksum of
 its payload. Start-up rebuilds the index from the directory (file headers are
-read, temp leftovers removed), and every block is validated again before use: a truncated, corrupted, foreign or
-old-format file is never served, it is deleted and the block recomputed. The
-byte budget covers every file in the directory (other models' blocks and temp
-files included) and is enforced before each write by LRU eviction.
+read, temp leftovers removed), and every block is validated again before use: a
+truncated, corrupted, foreign or old-format file is never served, it is deleted
+and the block recomputed. The byte budget covers every file in the directory
+(other models' blocks and temp files included) and is enforced before each write
+by LRU eviction.
 
 Writes happen on a background thread so prefill never waits for the disk; a
 write error (disk full, read-only) disables writing with one warning and

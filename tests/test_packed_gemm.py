@@ -27,7 +27,7 @@ def test_packed_product_matches_mlx(shape):
 @needs_mkl
 def test_engine_uses_it_for_small_steps_only(monkeypatch):
     with Engine.load(tiny_model("llama"), EngineConfig(progress=False, drafter="none")) as eng:
-        frozen = loader._output_head(eng._loaded.model)._wt
+        frozen = loader.output_projection(eng._loaded.model)._wt
         assert frozen.packed is not None
         assert eng.metrics()["packed_output_bytes"] == frozen.packed.buffer.nbytes > 0
         rows = []
