@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+NATIVE := $(VENV)/.native
 
-.PHONY: demo demo-py test bench install clean
+.PHONY: demo demo-py test bench install native clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,24 +16,37 @@ $(STAMP): pyproject.toml
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(NATIVE)
+
+# The CPU row kernels (engine/row_kernels.py) on x86_64 Linux: an MLX primitive built
+# against the installed mlx wheel. If the build fails the engine still runs, on MKL alone.
+$(NATIVE): $(STAMP) engine/native/row_matmul.cpp engine/native/CMakeLists.txt
+	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
+		mkdir -p build && $(PY) -m pip install --quiet -e ".[native]" && \
+		$(VENV)/bin/cmake -S engine/native -B build/native -DPython_EXECUTABLE=$(abspath $(PY)) >build/native.log 2>&1 && \
+		$(VENV)/bin/cmake --build build/native -j 2 >>build/native.log 2>&1 && \
+		cp build/native/_row_matmul*.so engine/ && echo "built the row kernels (engine/native)" || \
+		echo "kernelext: the row kernels did not build (build/native.log); decode uses MKL alone"; fi
+	touch $(NATIVE)
+
+native: $(NATIVE)
 
 # Loads the default model and prints completions with their statistics, then runs
 # notebooks/quickstart.ipynb headless (temporary KV cache and tune file) and writes the
 # executed notebook and its HTML (git-ignored); it prints where they are.
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE)
 	$(PY) -m kernelext.demo
 	$(PY) notebooks/run_notebook.py notebooks/quickstart.ipynb --html
 
 # Only the first part, without Jupyter.
-demo-py: $(STAMP)
+demo-py: $(STAMP) $(NATIVE)
 	$(PY) -m kernelext.demo
 
-test: $(STAMP)
+test: $(STAMP) $(NATIVE)
 	$(PY) -m pytest -q tests
 
-bench: $(STAMP)
+bench: $(STAMP) $(NATIVE)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info engine/_row_matmul*.so

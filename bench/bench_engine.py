@@ -7,7 +7,9 @@ absolute numbers move; ratios of interleaved runs are what to compare):
   1. single stream: engine vs mlx-lm `stream_generate` on the same loaded weights
      (decode and prefill tok/s; target engine >= 0.95x);
   2. aggregate decode tok/s at 1, 2, 4, 8, 16 concurrent streams (target 8 >= 5x 1);
-  3. 8 concurrent HTTP requests on 127.0.0.1: the kernelext server vs `mlx_lm.server`,
+  3. where one decode forward's time goes at 1 and at 8 rows (the whole forward, the
+     trunk, the output projection), which bounds what batching can gain;
+  4. 8 concurrent HTTP requests on 127.0.0.1: the kernelext server vs `mlx_lm.server`,
      started stock (as a user would) and with the same fast BLAS preloaded
      (target >= 1.5x).
 """
@@ -89,6 +91,47 @@ def concurrent(eng: Engine, n: int, gen_tokens: int, mode: str = "auto") -> dict
             "decode_tps": decode_tokens / decode_span if decode_span > 0 else 0.0}
 
 
+def step_breakdown(eng: Engine, batches=(1, 8), steps: int = 24) -> dict:
+    """Median ms of one decode forward per batch size: whole (logits evaluated), trunk
+    only, output projection only. Measured on the engine's thread with its own model
+    runner, interleaved across batch sizes so drift hits all alike."""
+    import mlx.core as mx
+    from engine.loader import decode_products
+    from engine.model_runner import ModelRunner
+    from engine.mtp_head import _logits, _text_model
+
+    def run():
+        lm = _text_model(eng._loaded.model)
+        runners = {}
+        for b in batches:  # rows with prompts of different lengths, like a live batch
+            runner = ModelRunner(eng._loaded.model)
+            caches = []
+            for i in range(b):
+                cache = runner.new_cache()
+                runner.prefill(cache, eng.encode(prompts(b)[i])[:24 + 5 * i], [0])
+                caches.append(cache)
+            runner.add_rows(caches)
+            runners[b] = runner
+        times = {(b, part): [] for b in batches for part in ("step", "trunk", "projection")}
+        for _ in range(steps):
+            for b, runner in runners.items():
+                tokens = mx.array([[7]] * b)
+                t0 = time.perf_counter()
+                mx.eval(runner.decode([7] * b))
+                t1 = time.perf_counter()
+                with decode_products(eng._loaded.model):  # as the runner's decode does
+                    hidden = lm.model(tokens, runner.batch_cache)
+                    mx.eval(hidden)
+                    t2 = time.perf_counter()
+                    mx.eval(_logits(lm, hidden))
+                t3 = time.perf_counter()
+                for part, dt in (("step", t1 - t0), ("trunk", t2 - t1), ("projection", t3 - t2)):
+                    times[b, part].append(dt)
+        return {key: 1000 * statistics.median(v[2:]) for key, v in times.items()}
+
+    return eng.call(run)
+
+
 def http_concurrent(base: str, model: str, n: int, gen_tokens: int) -> dict:
     """n concurrent /v1/completions requests; end-to-end tokens per second."""
     def one(prompt: str, out: list):
@@ -144,6 +187,16 @@ def main() -> None:
     if 1 in rows and 8 in rows:
         print(f"8 streams / 1 stream, plain decoding: {rows[8]['ar'] / rows[1]['ar']:.2f}x  "
               "(target >= 5x)")
+
+    first, last = 1, 8  # the target's two batch sizes
+    parts = step_breakdown(eng, (first, last))
+    print(f"\n## One decode forward, median ms: {first} row(s) vs {last}")
+    print(f"{'':12} {first:>8} {last:>8} {'ratio':>7}")
+    for part in ("step", "trunk", "projection"):
+        print(f"{part:12} {parts[first, part]:8.1f} {parts[last, part]:8.1f} "
+              f"{parts[last, part] / parts[first, part]:6.2f}x")
+    print(f"{last} streams at most {last / first * parts[first, 'step'] / parts[last, 'step']:.2f}x "
+          f"{first} on these forwards (scheduling and sampling cost extra)")
 
     if not args.skip_server:
         # Both over HTTP on 127.0.0.1, same prompts, same weights.

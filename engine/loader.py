@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
 from .errors import ModelLoadError, UnsupportedModelError
+from . import row_kernels
 from .packed_gemm import MAX_ROWS, PackedMatrix
 
 
@@ -26,6 +27,7 @@ class LoadedModel:
     quantized: bool  # the checkpoint was quantized (it may have been dequantized for speed)
     max_context: int
     vocab_size: int
+    row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/row_kernels.py)
 
 
 def on_cpu() -> bool:
@@ -59,8 +61,10 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
             model.parameters()))
     mx.eval(model.parameters())
+    row_bytes = 0
     if on_cpu():
         _pretranspose_output(model)
+        row_bytes = row_kernels.install(model) + _output_rows_bytes(model)
     if progress:
         progress("weights")
     try:
@@ -78,6 +82,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         dtype=",".join(sorted(dtypes)), quantized=quantized,
         max_context=int(text_config.get("max_position_embeddings") or 32768),
         vocab_size=int(text_config.get("vocab_size") or len(tokenizer.vocab)),
+        row_kernel_bytes=row_bytes,
     )
 
 
@@ -87,21 +92,24 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
 # a contiguous W.T (measured on Gemma 3 270M: 8 rows 198 ms vs 105 ms, 5 rows 126 ms
 # vs 78 ms), and the vocabulary projection dominates a small model's step. So on the
 # CPU a contiguous copy of W.T is kept beside W (outside the parameters), and with
-# MKL also a packed copy for steps of 2 to 8 rows (engine/packed_gemm.py), which
-# the model runner switches on around decode and verify forwards (`few_row_logits`):
-# a packed product is computed eagerly, which prefill (whose logits are never
-# evaluated) must not pay for.
+# the row kernels a blocked copy (engine/row_kernels.py), or else, with MKL, a packed
+# copy for steps of 2 to 8 rows (engine/packed_gemm.py). The model runner switches
+# these on around decode and verify forwards (`decode_products`): a packed product is
+# computed eagerly, which prefill (whose logits are never evaluated) must not pay for.
 
 
 class _Frozen:
     """Holds an array outside a module's parameters (not saved, cast or trained)."""
 
-    def __init__(self, array: mx.array, packed=None):
+    def __init__(self, array: mx.array, packed=None, rows=None):
         self.array = array
         self.packed = packed
-        self.eager = False  # set inside few_row_logits()
+        self.rows = rows  # row_kernels.BlockedWeight
+        self.eager = False  # set inside decode_products()
 
     def matmul(self, x: mx.array) -> mx.array:
+        if self.rows is not None and row_kernels.active():
+            return self.rows.matmul(x)
         # One row is as fast through MLX (MKL's gemv) and stays lazy.
         if self.eager and self.packed is not None and 1 < math.prod(x.shape[:-1]) <= MAX_ROWS:
             return self.packed.matmul(x)
@@ -134,8 +142,16 @@ def _pretranspose_output(model) -> None:
         return  # quantized or biased projections keep mlx-lm's own code
     wt = mx.contiguous(head.weight.T)
     mx.eval(wt)
-    head._wt = _Frozen(wt, PackedMatrix.build(wt))
+    if row_kernels.available() and wt.dtype == mx.float32:
+        head._wt = _Frozen(wt, rows=row_kernels.BlockedWeight(head.weight))
+    else:
+        head._wt = _Frozen(wt, packed=PackedMatrix.build(wt))
     head.__class__ = fast
+
+
+def _output_rows_bytes(model) -> int:
+    frozen = getattr(output_projection(model), "_wt", None)
+    return frozen.rows.array.nbytes if frozen is not None and frozen.rows is not None else 0
 
 
 def packed_output_bytes(model) -> int:
@@ -145,14 +161,16 @@ def packed_output_bytes(model) -> int:
 
 
 @contextlib.contextmanager
-def few_row_logits(model):
-    """Within: logits of 2 to 8 rows use the packed projection, evaluated at once."""
+def decode_products(model):
+    """Within (decode and verify forwards): the products use the row kernels where
+    installed; else logits of 2 to 8 rows use the packed projection, evaluated at once."""
     frozen = getattr(output_projection(model), "_wt", None)
-    if frozen is None or frozen.packed is None:
-        yield
-        return
-    frozen.eager = True
-    try:
-        yield
-    finally:
-        frozen.eager = False
+    with row_kernels.decode_products():
+        if frozen is None or frozen.packed is None:
+            yield
+            return
+        frozen.eager = True
+        try:
+            yield
+        finally:
+            frozen.eager = False

@@ -18,7 +18,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from .cache_handlers import rollback
-from .loader import few_row_logits
+from .loader import decode_products
 from .mtp_head import trunk_forward
 from .recurrent_capture import RecurrentCapture
 
@@ -72,7 +72,7 @@ class ModelRunner:
 
     def decode(self, tokens: list[int]) -> mx.array:
         """Logits [rows, vocab] for the next token of every row."""
-        with few_row_logits(self.model):
+        with decode_products(self.model):
             logits = self._forward(mx.array(tokens)[:, None], self.batch_cache)
         return logits[:, -1, :]
 
@@ -81,7 +81,7 @@ class ModelRunner:
         """Logits [rows, window, vocab] for equal-length windows (last token + drafts)."""
         self._saved = [_snapshot(c) for c in self.batch_cache]
         try:
-            with self.capture, few_row_logits(self.model):
+            with self.capture, decode_products(self.model):
                 logits = self._forward(mx.array(windows), self.batch_cache)
             mx.eval(logits, self.hidden)
         except BaseException:

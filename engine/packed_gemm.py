@@ -4,10 +4,10 @@ A decode step or a verify window multiplies a few hidden rows by the output
 projection (640 x 262144 floats on Gemma 3 270M, 671 MB). With MLX's call into
 `cblas_sgemm`, MKL re-packs that whole operand on every call, so 8 rows cost
 ~2x one row (52 ms vs 26 ms here); with the operand packed once at load time
-(`cblas_sgemm_pack`) 8 rows cost ~35 ms (measured in bench/bench_engine.py
---lm-head). Packed results are bit-identical to `cblas_sgemm` on the same rows.
-Beyond 8 rows the packed kernel is slower than MLX's own matmul, so those go
-to MLX. The packed copy costs ~1.8x the projection's size in RAM.
+(`cblas_sgemm_pack`) 8 rows cost ~35 ms (the "projection" row of
+bench/bench_engine.py's step breakdown). Packed results are bit-identical to
+`cblas_sgemm` on the same rows. Beyond 8 rows the packed kernel is slower than
+MLX's own matmul, so those go to MLX. The packed copy costs ~1.8x the projection's size in RAM.
 
 Only on the CPU with MKL loaded (engine/backend.py); elsewhere `build` returns None.
 KERNELEXT_PACKED_GEMM=0 turns it off (saving the RAM).

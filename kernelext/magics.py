@@ -240,7 +240,9 @@ class LLMMagics(Magics):
             "model": m["model"] + path,
             "backend": f"{m['backend']} · BLAS {m['blas']} · {m['dtype']}"
                        + (f" · packed output projection {m['packed_output_bytes'] / 2**30:.1f} GiB"
-                          if m.get("packed_output_bytes") else ""),
+                          if m.get("packed_output_bytes") else "")
+                       + (f" · row kernels {m['row_kernel_bytes'] / 2**30:.1f} GiB"
+                          if m.get("row_kernel_bytes") else ""),
             "batch": f"max {m['max_batch']} · running {m['running']} · prefilling {m['prefilling']} "
                      f"· waiting {m['waiting']}",
             "cache": _cache_summary(eng.cache_info() if hasattr(eng, "cache_info") else {}),

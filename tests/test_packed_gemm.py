@@ -1,4 +1,6 @@
-"""The packed output projection (MKL, CPU) computes what MLX's matmul computes."""
+"""The packed output projection (MKL, CPU) computes what MLX's matmul computes.
+
+It is the fallback when the row kernels (tests/test_row_kernels.py) are off or unbuilt."""
 
 import mlx.core as mx
 import numpy as np
@@ -26,6 +28,7 @@ def test_packed_product_matches_mlx(shape):
 
 @needs_mkl
 def test_engine_uses_it_for_small_steps_only(monkeypatch):
+    monkeypatch.setenv("KERNELEXT_ROW_KERNELS", "0")
     with Engine.load(tiny_model("llama"), EngineConfig(progress=False, drafter="none")) as eng:
         frozen = loader.output_projection(eng._loaded.model)._wt
         assert frozen.packed is not None
