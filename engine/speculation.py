@@ -137,7 +137,16 @@ class SpeculationController:
         if samples:
             return statistics.median(samples)
         base = statistics.median(self.step_cost.get((batch, 1)) or [1.0])
-        return base * (1 + _UNMEASURED_SLOPE * (window - 1))
+        guess = base * (1 + _UNMEASURED_SLOPE * (window - 1))
+        if batch is None:
+            return guess
+        # A forward over more rows (batch x window) costs at least what a measured one
+        # over fewer rows did. Without this floor every new batch size would try long
+        # windows at the optimistic slope, which a batch that is compute-bound pays for.
+        rows = batch * window
+        floor = max((statistics.median(s) for (b, w), s in self.step_cost.items()
+                     if s and b is not None and b * w <= rows), default=0.0)
+        return max(guess, floor)
 
     # -- observations -----------------------------------------------------------
     def observe_step(self, batch: int, window: int, seconds: float, tokens: int) -> None:

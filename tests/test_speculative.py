@@ -489,6 +489,20 @@ def test_adaptive_depth_follows_acceptance_and_measured_cost():
     assert ctl.best_depth(0.9, 16, 4) == 0
 
 
+def test_unmeasured_window_costs_at_least_a_measured_forward_of_fewer_rows():
+    from engine.config import EngineConfig as Cfg
+    from engine.speculation import SpeculationController
+    ctl = SpeculationController(Cfg(progress=False), "ngram")
+    ctl.observe_step(2, 1, 0.050, 2)
+    ctl.observe_step(8, 1, 0.100, 8)
+    ctl.observe_step(4, 4, 0.300, 8)  # 16 rows
+    assert ctl._cost(8, 2) == pytest.approx(0.300)  # 16 rows: no cheaper than (4, 4)
+    assert ctl._cost(8, 3) == pytest.approx(0.300)  # 24 rows: a floor, not an extrapolation
+    assert ctl._cost(2, 2) == pytest.approx(0.0525)  # 4 rows: nothing measured above 2, the slope guess
+    assert ctl.best_depth(0.6, 8, 4) == 0  # 8 rows compute-bound: windows don't pay
+    assert ctl.best_depth(0.6, None, 4) > 0  # the fixed prior (pinned rows) is unchanged
+
+
 def test_first_plain_step_after_a_window_is_charged_to_the_window():
     from engine.config import EngineConfig as Cfg
     from engine.speculation import SpeculationController
