@@ -10,7 +10,7 @@ NATIVE := $(VENV)/.native
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,native]"
 	@# The widget test drives JupyterLab in Debian's Chromium (browser downloads are blocked).
 	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
@@ -22,10 +22,11 @@ install: $(STAMP) $(NATIVE)
 # against the installed mlx wheel. If the build fails the engine still runs, on MKL alone.
 $(NATIVE): $(STAMP) engine/native/row_matmul.cpp engine/native/CMakeLists.txt
 	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
-		mkdir -p build && $(PY) -m pip install --quiet -e ".[native]" && \
+		mkdir -p build && \
 		$(VENV)/bin/cmake -S engine/native -B build/native -DPython_EXECUTABLE=$(abspath $(PY)) >build/native.log 2>&1 && \
 		$(VENV)/bin/cmake --build build/native -j 2 >>build/native.log 2>&1 && \
-		cp build/native/_row_matmul*.so engine/ && echo "built the row kernels (engine/native)" || \
+		for f in build/native/_row_matmul*.so; do cp $$f engine/.$${f##*/}.tmp && \
+			mv engine/.$${f##*/}.tmp engine/$${f##*/}; done && echo "built the row kernels (engine/native)" || \
 		echo "kernelext: the row kernels did not build (build/native.log); decode uses MKL alone"; fi
 	touch $(NATIVE)
 

@@ -99,55 +99,81 @@ void multiply_blocks(const float* x, int M, int K, const float* wb, long N, floa
   }
 }
 
-// A few persistent workers that split each product's weight blocks with the caller.
+// Persistent workers that share each product's weight blocks with the calling thread.
+// Chunks are claimed from a ticket, so a worker the OS has not scheduled yet costs
+// nothing: the caller takes the chunks it leaves, and waits only for chunks a worker
+// has claimed (a fixed split would stall every product on a descheduled worker).
 class Workers {
  public:
   explicit Workers(int n) {
-    for (int i = 0; i < n; i++) threads_.emplace_back([this, i] { loop(i + 1); });
+    for (int i = 0; i < n; i++) threads_.emplace_back([this] { loop(); });
   }
   ~Workers() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
-      generation_++;
     }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
   int size() const { return (int)threads_.size() + 1; }
-  // Runs job(part) for part in [0, size()), part 0 on the calling thread.
-  void run(const std::function<void(int)>& job) {
+
+  // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
+  void run(const std::function<void(int)>& job, int chunks) {
     job_ = &job;
-    pending_.store((int)threads_.size(), std::memory_order_relaxed);
-    {
+    chunks_ = chunks;
+    done_.store(0, std::memory_order_relaxed);
+    uint64_t gen = ++generation_;
+    ticket_.store(gen << 32);  // publishes job_ and chunks_
+    if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
-      generation_++;
+      cv_.notify_all();
     }
-    cv_.notify_all();
-    job(0);
-    while (pending_.load(std::memory_order_acquire) > 0) _mm_pause();
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();
   }
 
  private:
-  void loop(int part) {
+  bool claim(uint64_t gen, int& chunk) {
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == gen && (int)(t & 0xffffffffu) < chunks_) {
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+        chunk = (int)(t & 0xffffffffu);
+        return true;
+      }
+    }
+    return false;
+  }
+  void work(uint64_t gen) {
+    int chunk;
+    while (claim(gen, chunk)) {
+      (*job_)(chunk);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+  void loop() {
     uint64_t seen = 0;
     while (true) {
-      // Spin briefly (decode issues products back to back), then sleep.
-      for (int i = 0; i < 20000 && generation_.load(std::memory_order_acquire) == seen; i++) _mm_pause();
-      if (generation_.load(std::memory_order_acquire) == seen) {
+      // Spin a little (a decode step issues products back to back), then sleep.
+      for (int i = 0; i < 20000 && (ticket_.load() >> 32) == seen; i++) _mm_pause();
+      if ((ticket_.load() >> 32) == seen) {
         std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_++;
+        cv_.wait(lock, [&] { return stop_ || (ticket_.load() >> 32) != seen; });
+        sleepers_--;
+        if (stop_) return;
       }
-      seen = generation_.load();
-      if (stop_) return;
-      (*job_)(part);
-      pending_.fetch_sub(1, std::memory_order_release);
+      seen = ticket_.load() >> 32;
+      work(seen);
     }
   }
   std::vector<std::thread> threads_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
+  std::atomic<uint64_t> ticket_{0};  // generation << 32 | next chunk
+  std::atomic<int> done_{0};
+  std::atomic<int> sleepers_{0};
+  uint64_t generation_ = 0;  // the calling (MLX stream) thread only
   const std::function<void(int)>* job_ = nullptr;
+  int chunks_ = 0;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -176,10 +202,11 @@ class RowMatmul : public mx::Primitive {
     encoder.dispatch([xp = x.data<float>(), wp = wb.data<float>(), op = out.data<float>(),
                       M, K, N, blocks]() {
       Workers& pool = workers();
-      int parts = pool.size();
-      pool.run([&](int part) {
-        multiply_blocks(xp, M, K, wp, N, op, blocks * part / parts, blocks * (part + 1) / parts);
-      });
+      // A few chunks per thread: enough to balance, few enough to claim cheaply.
+      int chunks = (int)std::min<long>(blocks, 8L * pool.size());
+      pool.run([&](int c) {
+        multiply_blocks(xp, M, K, wp, N, op, blocks * c / chunks, blocks * (c + 1) / chunks);
+      }, chunks);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
