@@ -1,6 +1,7 @@
-// Small-batch float32 matmul for decode and verify steps on the CPU (see row_matmul.py).
+// Small-batch float32 matmul for decode and verify steps on the CPU (see engine/row_kernels.py).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <functional>
@@ -120,6 +121,7 @@ class Workers {
 
   // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
   void run(const std::function<void(int)>& job, int chunks) {
+    std::lock_guard<std::mutex> caller(run_mutex_);  // one product at a time (any stream)
     job_ = &job;
     chunks_ = chunks;
     done_.store(0, std::memory_order_relaxed);
@@ -174,13 +176,16 @@ class Workers {
   uint64_t generation_ = 0;  // the calling (MLX stream) thread only
   const std::function<void(int)>* job_ = nullptr;
   int chunks_ = 0;
+  std::mutex run_mutex_;
   std::mutex mutex_;
   std::condition_variable cv_;
   bool stop_ = false;
 };
 
 Workers& workers() {
-  static Workers pool(std::max(1u, std::thread::hardware_concurrency()) - 1);
+  // A memory-bound product stops scaling after a few cores; more spinning workers
+  // would only take CPU from everything else.
+  static Workers pool((int)std::min(8u, std::max(1u, std::thread::hardware_concurrency())) - 1);
   return pool;
 }
 
