@@ -12,8 +12,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
 
-from .errors import ModelLoadError, UnsupportedModelError
 from . import row_kernels
+from .errors import ModelLoadError, UnsupportedModelError
 from .packed_gemm import MAX_ROWS, PackedMatrix
 
 
