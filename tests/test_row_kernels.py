@@ -13,20 +13,21 @@ needs_kernels = pytest.mark.skipif(not row_kernels.available(),
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k", [(64, 16), (100, 48), (1000, 96), (4096, 640)])
+# (448, 256): below 35 rows the calling thread alone, from 35 rows on all threads.
+@pytest.mark.parametrize("n,k", [(64, 16), (100, 48), (1000, 96), (448, 256), (4096, 640)])
 def test_product_matches_float64_and_rows_are_independent(n, k):
     w = mx.random.normal((n, k), key=mx.random.key(0))
     blocked = row_kernels.BlockedWeight(w)
-    x = mx.random.normal((21, k), key=mx.random.key(1))
+    x = mx.random.normal((40, k), key=mx.random.key(1))
     got = np.array(blocked.matmul(x))
     want = np.array(x, dtype=np.float64) @ np.array(w, dtype=np.float64).T
-    assert got.shape == (21, n)
+    assert got.shape == (40, n)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # Any row count, any position in the batch: the very same bits for a row.
-    for rows in (1, 2, 7, 8, 9, 16, 21):
+    for rows in (1, 2, 7, 8, 9, 16, 21, 34, 35):
         part = np.array(blocked.matmul(x[:rows]))
         assert np.array_equal(part, got[:rows]), rows
-    single = np.stack([np.array(blocked.matmul(x[i:i + 1]))[0] for i in range(21)])
+    single = np.stack([np.array(blocked.matmul(x[i:i + 1]))[0] for i in range(40)])
     assert np.array_equal(single, got)
 
 

@@ -25,6 +25,9 @@ namespace {
 constexpr int kBlock = 64;  // weight columns per block: 4 AVX-512 vectors
 constexpr int kRows = 8;    // rows per kernel call: 8 x 4 accumulators = 32 registers
 constexpr int kPrefetch = 32;  // weight rows ahead to prefetch (measured best here)
+// Below both, a product runs on the calling thread alone.
+constexpr size_t kParallelBytes = 512 << 10;   // of blocked weights
+constexpr double kParallelMultiplyAdds = 4e6;
 
 // Every output element is one fused multiply-add chain over k = 0..K-1 in order, for
 // any number of rows, so a row's result does not depend on the rows beside it.
@@ -206,6 +209,13 @@ class RowMatmul : public mx::Primitive {
     long N = n_, blocks = wb.shape(0);
     encoder.dispatch([xp = x.data<float>(), wp = wb.data<float>(), op = out.data<float>(),
                       M, K, N, blocks]() {
+      // A small product (a tiny model's layer) is done here: waking the workers would
+      // cost more than it saves, and would keep them spinning for nothing.
+      if ((size_t)blocks * K * kBlock * sizeof(float) < kParallelBytes &&
+          (double)M * K * N < kParallelMultiplyAdds) {
+        multiply_blocks(xp, M, K, wp, N, op, 0, blocks);
+        return;
+      }
       Workers& pool = workers();
       // A few chunks per thread: enough to balance, few enough to claim cheaply.
       int chunks = (int)std::min<long>(blocks, 8L * pool.size());
