@@ -6,7 +6,8 @@ small-M SGEMM, which MLX calls, makes 8 rows cost ~2x one row on Gemma 3 270M he
 (trunk 33 vs 16 ms, output projection 52 vs 26 ms), so batching paid far less than
 it should. `native/row_matmul.cpp` is an MLX primitive that streams each weight
 matrix once, stored in 64-column blocks, through 8 rows at a time held in AVX-512
-registers, on all cores (bench/bench_engine.py prints the step breakdown).
+registers, on up to 8 cores; a tiny product stays on one (bench/bench_engine.py
+prints the step breakdown).
 
 Exactness: every output element is one fused multiply-add chain over k in order, for
 any number of rows, so a row's result never depends on the rows beside it: decode
