@@ -36,6 +36,9 @@ class SpeculationController:
         # (rows, window) -> recent step times in seconds. A median, not a running mean:
         # one step slowed by a neighbour process would otherwise rule a window out.
         self.step_cost: dict[tuple[int, int], deque] = {}
+        # Their medians, updated with each sample: the depth choice reads them for every
+        # row and depth of every step, and the floor in _cost() scans them all.
+        self.median_cost: dict[tuple[int, int], float] = {}
         self.attempts = [0] * 16  # per draft position: drafts verified there
         self.accepts = [0] * 16
         self.verify_calls = 0
@@ -133,10 +136,10 @@ class SpeculationController:
         return best
 
     def _cost(self, batch: int | None, window: int) -> float:
-        samples = self.step_cost.get((batch, window))
-        if samples:
-            return statistics.median(samples)
-        base = statistics.median(self.step_cost.get((batch, 1)) or [1.0])
+        measured = self.median_cost.get((batch, window))
+        if measured is not None:
+            return measured
+        base = self.median_cost.get((batch, 1), 1.0)
         guess = base * (1 + _UNMEASURED_SLOPE * (window - 1))
         if batch is None:
             return guess
@@ -144,8 +147,8 @@ class SpeculationController:
         # over fewer rows did. Without this floor every new batch size would try long
         # windows at the optimistic slope, which a batch that is compute-bound pays for.
         rows = batch * window
-        floor = max((statistics.median(s) for (b, w), s in self.step_cost.items()
-                     if s and b is not None and b * w <= rows), default=0.0)
+        floor = max((cost for (b, w), cost in self.median_cost.items()
+                     if b is not None and b * w <= rows), default=0.0)
         return max(guess, floor)
 
     # -- observations -----------------------------------------------------------
@@ -159,9 +162,12 @@ class SpeculationController:
             extra = seconds - self._cost(batch, 1)
             if extra > 0:
                 self.step_cost[after][-1] += extra
+                self.median_cost[after] = statistics.median(self.step_cost[after])
                 self.spec_time += extra
                 seconds -= extra
-        self.step_cost.setdefault((batch, window), deque(maxlen=_COST_SAMPLES)).append(seconds)
+        samples = self.step_cost.setdefault((batch, window), deque(maxlen=_COST_SAMPLES))
+        samples.append(seconds)
+        self.median_cost[batch, window] = statistics.median(samples)
         if window > 1:
             self.spec_time += seconds
             self.spec_tokens += tokens
