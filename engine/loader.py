@@ -149,14 +149,19 @@ def _pretranspose_output(model) -> None:
     head.__class__ = fast
 
 
+def _frozen_output(model) -> _Frozen | None:
+    """The output projection's copies kept by _pretranspose_output (None: mlx-lm's own)."""
+    return getattr(output_projection(model), "_wt", None)
+
+
 def _output_rows_bytes(model) -> int:
-    frozen = getattr(output_projection(model), "_wt", None)
+    frozen = _frozen_output(model)
     return frozen.rows.array.nbytes if frozen is not None and frozen.rows is not None else 0
 
 
 def packed_output_bytes(model) -> int:
     """RAM held by the packed copy of the output projection (0 when there is none)."""
-    frozen = getattr(output_projection(model), "_wt", None)
+    frozen = _frozen_output(model)
     return frozen.packed.buffer.nbytes if frozen is not None and frozen.packed is not None else 0
 
 
@@ -164,7 +169,7 @@ def packed_output_bytes(model) -> int:
 def decode_products(model):
     """Within (decode and verify forwards): the products use the row kernels where
     installed; else logits of 2 to 8 rows use the packed projection, evaluated at once."""
-    frozen = getattr(output_projection(model), "_wt", None)
+    frozen = _frozen_output(model)
     with row_kernels.decode_products():
         if frozen is None or frozen.packed is None:
             yield
