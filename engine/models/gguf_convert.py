@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 
 # Bump whenever the output of a conversion changes: cached conversions of older versions are redone.
 CONVERTER_VERSION = 1

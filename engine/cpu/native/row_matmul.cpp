@@ -1,4 +1,4 @@
-// Small-batch float32 matmul for decode and verify steps on the CPU (see engine/row_kernels.py).
+// Small-batch float32 matmul for decode and verify steps on the CPU (see engine/cpu/row_kernels.py).
 #include <immintrin.h>
 
 #include <algorithm>
