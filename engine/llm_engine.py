@@ -48,9 +48,12 @@ class Engine:
         self._worker = MLXWorker.get()
         self._closed = False
         # `progress` is called with a stage name from the MLX thread while loading.
-        ready = self._worker.attach(model_path=model_path, config=config, name=name,
-                                    metrics=self.metrics_, admission=self._admission,
-                                    progress=progress)
+        def build():  # on the MLX thread: the front never imports MLX
+            from .core.engine_core import EngineCore
+            return EngineCore(model_path=model_path, config=config, name=name, metrics=self.metrics_,
+                              admission=self._admission, progress=progress)
+
+        ready = self._worker.attach(build)
         try:
             self.core = ready.result()  # re-raises a load error in the caller
         except BaseException:
@@ -62,7 +65,7 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_MODEL,
-             config: EngineConfig | None = None) -> "Engine":
+             config: EngineConfig | None = None, name: str | None = None) -> "Engine":
         config = config or EngineConfig()
         path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
         stages = ("weights", "tokenizer", "fingerprint", "ready")  # each reported when done
@@ -71,7 +74,7 @@ class Engine:
             def progress(done: str) -> None:
                 bar.set_postfix_str(f"{done} done")
                 bar.update()
-            return cls(path, config, name=str(model), progress=progress)
+            return cls(path, config, name=name or str(model), progress=progress)
 
     # -- public API (any thread) ---------------------------------------------
     @property

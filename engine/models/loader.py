@@ -34,7 +34,7 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def _target_dtype(requested: str) -> mx.Dtype | None:
+def target_dtype(requested: str) -> mx.Dtype | None:
     if requested == "auto":
         return mx.float32 if on_cpu() else None
     if requested == "model":
@@ -42,25 +42,35 @@ def _target_dtype(requested: str) -> mx.Dtype | None:
     return getattr(mx, requested)
 
 
-def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
+def cast_floats(model: nn.Module, dtype: str) -> None:
+    """Cast the floating-point parameters to `dtype` (see target_dtype) and evaluate them."""
+    target = target_dtype(dtype)
+    if target is not None:
+        model.update(tree_map(
+            lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters()))
+    mx.eval(model.parameters())
+
+
+def load_mlx_lm(path: Path) -> tuple[nn.Module, dict]:
+    """mlx-lm's model (lazy weights) and config, its errors as the engine's."""
     try:
-        model, config = load_model(path, lazy=True)
+        return load_model(path, lazy=True)
     except ValueError as e:
         if "not supported" in str(e):
             raise UnsupportedModelError(f"{path}: {e}") from e
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
+
+
+def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
+    model, config = load_mlx_lm(path)
     quantized = "quantization" in config or "quantization_config" in config
-    target = _target_dtype(dtype)
-    if target is not None:
-        if quantized:
-            # Quantized CPU kernels are ~10x slower than float32 GEMM with a fast BLAS.
-            model = dequantize_model(model)
-        model.update(tree_map(
-            lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
-            model.parameters()))
-    mx.eval(model.parameters())
+    if quantized and target_dtype(dtype) is not None:
+        # Quantized CPU kernels are ~10x slower than float32 GEMM with a fast BLAS.
+        model = dequantize_model(model)
+    cast_floats(model, dtype)
     row_bytes = 0
     if on_cpu():
         _pretranspose_output(model)

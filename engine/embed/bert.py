@@ -1,0 +1,156 @@
+"""BERT-family encoders in MLX: the sentence-embedding trunk and the cross-encoder.
+
+Written here rather than taken from mlx-embeddings: that package pulls in mlx-vlm
+and the Hugging Face hub client, always mean-pools and normalizes whatever the
+model's sentence-transformers config says, masks padding with -10000 rather than
+excluding it, and has no sequence-classification head for cross-encoders. The
+module and parameter names follow Hugging Face's BertModel, so checkpoints load
+as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class _Embeddings(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        h = c["hidden_size"]
+        self.word_embeddings = nn.Embedding(c["vocab_size"], h)
+        self.position_embeddings = nn.Embedding(c["max_position_embeddings"], h)
+        self.token_type_embeddings = nn.Embedding(c.get("type_vocab_size", 2), h)
+        self.LayerNorm = nn.LayerNorm(h, eps=c.get("layer_norm_eps", 1e-12))
+
+    def __call__(self, ids: mx.array, token_types: mx.array) -> mx.array:
+        positions = mx.arange(ids.shape[1])[None]
+        return self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(positions)
+                              + self.token_type_embeddings(token_types))
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        h = c["hidden_size"]
+        self.n_heads = c["num_attention_heads"]
+        self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+
+    def __call__(self, x: mx.array, mask: mx.array) -> mx.array:
+        B, L, H = x.shape
+        q, k, v = (p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+                   for p in (self.query, self.key, self.value))
+        # mask [B, 1, 1, L] (True = a token): padded keys get no weight at all.
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(H // self.n_heads),
+                                                   mask=mask)
+        return out.transpose(0, 2, 1, 3).reshape(B, L, H)
+
+
+class _DenseNorm(nn.Module):
+    """dense -> residual add -> LayerNorm (BertSelfOutput and BertOutput)."""
+
+    def __init__(self, c: dict, d_in: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, c["hidden_size"])
+        self.LayerNorm = nn.LayerNorm(c["hidden_size"], eps=c.get("layer_norm_eps", 1e-12))
+
+    def __call__(self, x: mx.array, residual: mx.array) -> mx.array:
+        return self.LayerNorm(self.dense(x) + residual)
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.self = _SelfAttention(c)
+        self.output = _DenseNorm(c, c["hidden_size"])
+
+    def __call__(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class _Intermediate(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        if c.get("hidden_act", "gelu") not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"hidden_act {c['hidden_act']!r} is not supported")
+        self.approx = "none" if c.get("hidden_act", "gelu") == "gelu" else "tanh"
+        self.dense = nn.Linear(c["hidden_size"], c["intermediate_size"])
+
+    def __call__(self, x):
+        x = self.dense(x)
+        return nn.gelu(x) if self.approx == "none" else nn.gelu_approx(x)
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.attention = _Attention(c)
+        self.intermediate = _Intermediate(c)
+        self.output = _DenseNorm(c, c["intermediate_size"])
+
+    def __call__(self, x, mask):
+        a = self.attention(x, mask)
+        return self.output(self.intermediate(a), a)
+
+
+class _Encoder(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.layer = [_Layer(c) for _ in range(c["num_hidden_layers"])]
+
+
+class _Pooler(nn.Module):
+    def __init__(self, c: dict):
+        super().__init__()
+        self.dense = nn.Linear(c["hidden_size"], c["hidden_size"])
+
+    def __call__(self, hidden):
+        return mx.tanh(self.dense(hidden[:, 0]))
+
+
+class BertModel(nn.Module):
+    def __init__(self, config: dict, pooler: bool = False):
+        super().__init__()
+        self.embeddings = _Embeddings(config)
+        self.encoder = _Encoder(config)
+        if pooler:
+            self.pooler = _Pooler(config)
+
+    def __call__(self, ids: mx.array, mask: mx.array, token_types: mx.array | None = None) -> mx.array:
+        """Token states [B, L, H]; ids, mask (1 = token, padding on the right) and
+        token_types are [B, L]."""
+        x = self.embeddings(ids, mx.zeros_like(ids) if token_types is None else token_types)
+        attend = mask.astype(mx.bool_)[:, None, None, :]
+        for layer in self.encoder.layer:
+            x = layer(x, attend)
+        return x
+
+
+class BertForSequenceClassification(nn.Module):
+    """A cross-encoder: [CLS] query [SEP] document [SEP] -> pooler -> classifier logits."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.bert = BertModel(config, pooler=True)
+        labels = len(config.get("id2label") or {}) or config.get("num_labels", 1)
+        self.classifier = nn.Linear(config["hidden_size"], labels)
+
+    def __call__(self, ids, mask, token_types=None) -> mx.array:
+        return self.classifier(self.bert.pooler(self.bert(ids, mask, token_types)))
+
+
+def sanitize(weights: dict, cross_encoder: bool) -> dict:
+    """Hugging Face names -> this module's (old checkpoints' gamma/beta, position_ids)."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith("position_ids"):
+            continue
+        name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if not cross_encoder:
+            name = name.removeprefix("bert.")
+            if name.startswith(("pooler.", "cls.")):
+                continue  # embeddings pool token states themselves
+        out[name] = w
+    return out
