@@ -107,7 +107,7 @@ class _Pooler(nn.Module):
         self.dense = nn.Linear(c["hidden_size"], c["hidden_size"])
 
     def __call__(self, hidden):
-        return mx.tanh(self.dense(hidden[:, 0]))
+        return mx.tanh(rowwise_linear(self.dense, hidden[:, 0]))
 
 
 class BertModel(nn.Module):
@@ -138,7 +138,15 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config["hidden_size"], labels)
 
     def __call__(self, ids, mask, token_types=None) -> mx.array:
-        return self.classifier(self.bert.pooler(self.bert(ids, mask, token_types)))
+        return rowwise_linear(self.classifier, self.bert.pooler(self.bert(ids, mask, token_types)))
+
+
+def rowwise_linear(layer: nn.Linear, x: mx.array) -> mx.array:
+    """layer(x) for a few rows [B, d], each row's result independent of B: a GEMM picks
+    its kernel by the row count (one row goes to GEMV), which changes the last bits,
+    and a head this small costs nothing as a broadcast product and sum."""
+    out = (x[:, None, :] * layer.weight[None]).sum(axis=-1)
+    return out + layer.bias if "bias" in layer else out
 
 
 def sanitize(weights: dict, cross_encoder: bool) -> dict:

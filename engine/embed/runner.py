@@ -80,11 +80,11 @@ class PoolingRunner:
         cache = [BatchKVCache(pads) for _ in trunk.layers]
         last = trunk(ids, cache=cache)[:, -1]  # the final norm's output at each row's last token
         if self.spec.task == "rerank":
-            head = output_projection(self.model)
-            logits = head.as_linear(last) if hasattr(head, "as_linear") else head(last)
-            yes, no = self.yes_no
-            return mx.softmax(mx.stack([logits[:, no], logits[:, yes]], axis=-1).astype(mx.float32),
-                              axis=-1)[:, 1]
+            # Only the "no" and "yes" rows of the output projection, row by row (as
+            # bert.rowwise_linear, so a document's score does not depend on its batch).
+            rows = output_projection(self.model).weight[mx.array(self.yes_no[::-1])]  # [2, H]
+            logits = (last[:, None, :] * rows[None]).sum(axis=-1).astype(mx.float32)
+            return mx.softmax(logits, axis=-1)[:, 1]
         return normalize(last) if self.spec.normalize else last
 
 

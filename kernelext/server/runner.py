@@ -34,10 +34,11 @@ def check_bind(host: str, api_key: str | None) -> None:
 class ServerHandle:
     """A running server; `stop()` ends it (idempotent)."""
 
-    def __init__(self, engine, host: str, port: int, api_key: str | None):
-        self.engine, self.host, self.port, self.api_key = engine, host, port, api_key
+    def __init__(self, models, host: str, port: int, api_key: str | None):
+        self.host, self.port, self.api_key = host, port, api_key
         self._started = threading.Event()
-        self._app = App(engine, api_key, on_started=self._started.set)
+        self._app = App(models, api_key, on_started=self._started.set)
+        self.registry = self._app.registry
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -98,7 +99,8 @@ class ServerHandle:
     def snippets(self) -> str:
         """Copy-paste configuration for the OpenAI and Anthropic clients and Codex CLI."""
         key = self.api_key or "none"
-        model = json.dumps(self.engine.model_name)
+        names = self.registry.names()
+        model = json.dumps(self.registry.default("generate") or (names[0] if names else "default"))
         hi = '[{"role": "user", "content": "Hi"}]'
         env_key = f'env_key = "KERNELEXT_API_KEY"  # export KERNELEXT_API_KEY={key}\n' if self.api_key else ""
         return (
@@ -121,12 +123,13 @@ class ServerHandle:
         )
 
 
-def start_server(engine, host: str = "127.0.0.1", port: int = 8000,
+def start_server(models, host: str = "127.0.0.1", port: int = 8000,
                  api_key: str | None = None) -> ServerHandle:
-    """Serve `engine` over HTTP; returns once listening (port 0 = a free port)."""
+    """Serve `models` (a ModelRegistry, or one engine) over HTTP; returns once listening
+    (port 0 = a free port)."""
     check_bind(host, api_key)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=128)
-    handle = ServerHandle(engine, host, sock.getsockname()[1], api_key)
+    handle = ServerHandle(models, host, sock.getsockname()[1], api_key)
     handle._start(sock)
     return handle
