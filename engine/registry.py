@@ -150,9 +150,11 @@ class ModelRegistry:
 
     def adopt(self, name: str, engine, *, pin: bool = True, task: str | None = None) -> None:
         """Serve an engine loaded elsewhere under `name`; the caller keeps closing it."""
-        entry = ModelEntry(name, str(getattr(engine, "model_path", name)),
-                           task or getattr(engine, "task", "generate"), pin, None, engine.config,
-                           engine=engine, owned=False)
+        path = getattr(engine, "model_path", None)
+        config = getattr(engine, "config", self.config)
+        entry = ModelEntry(name, str(path or name), task or getattr(engine, "task", "generate"), pin,
+                           None, config, engine=engine, owned=False,
+                           bytes=estimate_bytes(Path(path), config) if path and Path(path).is_dir() else 0)
         with self._lock:
             self._entries[name] = entry
 
@@ -173,6 +175,11 @@ class ModelRegistry:
         if entry.engine is not None:
             return getattr(entry.engine, "task", "generate")
         return entry.task
+
+    def resident(self, name: str):
+        """The model's engine if it is loaded now (never loads it)."""
+        entry = self._entries.get(name)
+        return entry.engine if entry is not None else None
 
     def task_of(self, name: str) -> str | None:
         with self._lock:

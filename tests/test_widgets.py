@@ -96,9 +96,11 @@ def test_shows_the_engines_numbers_after_generations(eng, monkeypatch):
     assert dash.decode_chart.value.endswith(" 179.0,1.0\" fill=\"none\" stroke=\"#1f77b4\" "
                                             "stroke-width=\"1.5\"/></svg>")  # now = the peak
     assert dash.batch.value == "0 running · 0 prefilling · 0 waiting · max 2"
-    assert dash.cache.value == (f"{m['cache_hit_blocks']} hit · {m['cache_miss_blocks']} missed blocks · "
-                                f"{m['cache_efficiency']:.0%} of prompt tokens cached "
-                                f"({m['cached_tokens']} tokens)")
+    looked = m["cache_hit_blocks"] + m["cache_miss_blocks"]
+    assert dash.cache.value == (f"{m['cache_hit_blocks']} of {looked} prompt blocks from the cache "
+                                f"({m['cache_hit_blocks'] / looked:.0%}) · "
+                                f"{m['cache_hit_tokens']} of {m['prompt_tokens']} prompt tokens")
+    assert m["cache_hit_tokens"] == m["cached_tokens"]  # one count, whatever shows it
     assert dash.hot.value == pytest.approx(m["cache_hot_bytes"] / m["cache_hot_budget_bytes"])
     assert dash.hot_usage.value == f"{m['cache_hot_bytes'] / 2**20:.1f} MiB of 1.00 GiB"
     assert dash.ssd_usage.value.endswith(" MiB of 8.00 GiB")

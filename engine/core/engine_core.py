@@ -221,6 +221,10 @@ class EngineCore:
                 seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
         if seq.prefill_remaining == 0:
             seq.t_prefill_end = time.perf_counter()
+            # Counted here, with the cache's block hits and misses, so the two never disagree
+            # (counted at the request's end, a running request showed hits but 0 cached tokens).
+            self.metrics.count("prompt_tokens", len(seq.prompt_ids))
+            self.metrics.count("cached_tokens", seq.cached_tokens)
             if pc is not None:
                 hits = seq.cached_tokens // block
                 pc.record(hits, len(seq.block_keys) - hits)

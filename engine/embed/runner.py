@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache
 
 from ..errors import ModelLoadError
-from ..models.loader import cast_floats, load_mlx_lm, on_cpu, output_projection
+from ..models.loader import load_mlx_lm, on_cpu, output_projection, to_dtype
 from . import bert
 from .model_kinds import PoolingSpec
 from .pooling import normalize, pool
@@ -42,8 +42,8 @@ class PoolingRunner:
     def __init__(self, path: Path, spec: PoolingSpec, dtype: str = "auto",
                  yes_no: tuple[int, int] | None = None):
         self.spec, self.yes_no = spec, yes_no
-        self.model = _load_encoder(path, spec) if spec.family == "encoder" else load_mlx_lm(path)[0]
-        cast_floats(self.model, dtype)
+        model = _load_encoder(path, spec) if spec.family == "encoder" else load_mlx_lm(path)[0]
+        self.model = to_dtype(model, spec.config, dtype)
         self.dtype = ",".join(sorted({str(p.dtype).removeprefix("mlx.core.") for _, p in
                                       tree_flatten(self.model.parameters())}))
         self.weight_bytes = sum(p.nbytes for _, p in tree_flatten(self.model.parameters()))

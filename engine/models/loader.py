@@ -42,14 +42,19 @@ def target_dtype(requested: str) -> mx.Dtype | None:
     return getattr(mx, requested)
 
 
-def cast_floats(model: nn.Module, dtype: str) -> None:
-    """Cast the floating-point parameters to `dtype` (see target_dtype) and evaluate them."""
+def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
+    """The model in the engine's dtype (see target_dtype), its weights evaluated: a quantized
+    checkpoint is dequantized first (quantized CPU kernels are ~10x slower than float32
+    GEMM with a fast BLAS)."""
     target = target_dtype(dtype)
+    if target is not None and ("quantization" in config or "quantization_config" in config):
+        model = dequantize_model(model)
     if target is not None:
         model.update(tree_map(
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
             model.parameters()))
     mx.eval(model.parameters())
+    return model
 
 
 def load_mlx_lm(path: Path) -> tuple[nn.Module, dict]:
@@ -67,10 +72,7 @@ def load_mlx_lm(path: Path) -> tuple[nn.Module, dict]:
 def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     model, config = load_mlx_lm(path)
     quantized = "quantization" in config or "quantization_config" in config
-    if quantized and target_dtype(dtype) is not None:
-        # Quantized CPU kernels are ~10x slower than float32 GEMM with a fast BLAS.
-        model = dequantize_model(model)
-    cast_floats(model, dtype)
+    model = to_dtype(model, config, dtype)
     row_bytes = 0
     if on_cpu():
         _pretranspose_output(model)
