@@ -41,6 +41,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .worker import run_call
 
 
 class EngineCore:
@@ -133,11 +134,7 @@ class EngineCore:
             else:
                 self.scheduler.add(item[1])
         elif kind == "call":
-            _, fn, future = item
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
+            run_call(item)
         # "wake" only interrupts the worker's wait; cancellations are read at each step
 
     def shutdown(self) -> None:

@@ -86,3 +86,12 @@ class MLXWorker:
             item[1].set_result(None)
         else:
             core.handle_command(item)
+
+
+def run_call(item: tuple) -> None:
+    """A core's ("call", fn, future) command: fn's result or exception into the future."""
+    _, fn, future = item
+    try:
+        future.set_result(fn())
+    except BaseException as e:
+        future.set_exception(e)

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import EngineClosedError
+from ..core.worker import run_call
 from ..metrics import PoolingMetrics
 from .model_kinds import PoolingSpec
 from .runner import PoolingRunner, padded_width
@@ -67,11 +68,7 @@ class EmbedCore:
             else:
                 job.future.set_result([])
         elif kind == "call":
-            _, fn, future = item
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
+            run_call(item)
 
     def step(self) -> None:
         job = self.jobs[0]

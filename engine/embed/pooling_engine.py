@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from ..config import EngineConfig
-from ..core.worker import MLXWorker
-from ..errors import EngineClosedError, InvalidRequestError
+from ..errors import InvalidRequestError
+from ..front import CoreFront
 from ..metrics import PoolingMetrics
 from ..models.store import DEFAULT_EMBEDDING_MODEL, resolve_model
 from .model_kinds import PoolingSpec, detect_task, pooling_spec
@@ -38,7 +36,7 @@ class RerankResult:
     document: str | None = None
 
 
-class PoolingEngine:
+class PoolingEngine(CoreFront):
     """Use `PoolingEngine.load(model, task=...)`; the constructor is internal."""
 
     def __init__(self, model_path: Path, config: EngineConfig, name: str, task: str | None = None,
@@ -50,22 +48,13 @@ class PoolingEngine:
         self.spec: PoolingSpec = pooling_spec(model_path, task)
         self.tokenizer = PoolingTokenizer(model_path, self.spec)
         self.metrics_ = PoolingMetrics()
-        self._worker = MLXWorker.get()
-        self._closed = False
 
         def build():  # on the MLX thread
             from .embed_core import EmbedCore
             return EmbedCore(model_path, self.spec, config, name, self.metrics_,
                              self.tokenizer.yes_no, progress)
 
-        ready = self._worker.attach(build)
-        try:
-            self.core = ready.result()
-        except BaseException:
-            self._closed = True
-            ready.add_done_callback(
-                lambda f: f.exception() is None and self._worker.post(f.result(), ("stop", Future())))
-            raise
+        self._attach(build)
 
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_EMBEDDING_MODEL, config: EngineConfig | None = None,
@@ -189,15 +178,6 @@ class PoolingEngine:
         finally:
             job.cancelled = True  # Ctrl-C in a cell: the core drops the rest
 
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the MLX thread between steps."""
-        self._check_open()
-        if self._worker.on_thread():
-            return fn()
-        future: Future = Future()
-        self._worker.post(self.core, ("call", fn, future))
-        return future.result()
-
     def metrics(self) -> dict:
         out = self.metrics_.snapshot()
         out.update(model=self.model_name, task=self.task, pooling=self.spec.pooling,
@@ -212,29 +192,6 @@ class PoolingEngine:
     @property
     def memory_bytes(self) -> int:
         return self.core.runner.weight_bytes
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        done: Future = Future()
-        self._worker.post(self.core, ("stop", done))
-        if not self._worker.on_thread():
-            done.result()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineClosedError("the engine is closed")
 
     def _check_task(self, task: str) -> None:
         if self.task != task:
