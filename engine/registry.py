@@ -141,6 +141,9 @@ class ModelRegistry:
         if not isinstance(name, str) or not name:
             raise InvalidRequestError("a model needs a non-empty name")
         self.remove(name)
+        if task is None and not load and Path(model or name).is_dir():  # cheap to tell now
+            from .embed.model_kinds import detect_task
+            task = detect_task(Path(model or name), name)
         entry = ModelEntry(name, str(model or name), task, pin, ttl_s if ttl_s is not None else self.ttl_s,
                            config or self.config)
         with self._lock:
@@ -241,6 +244,7 @@ class ModelRegistry:
             return
         with self._lock:
             entry.engine, entry.bytes, entry.loading, entry.error = engine, need, None, None
+            entry.task = getattr(engine, "task", "generate")
             entry.last_used = time.monotonic()
         future.set_result(engine)
 

@@ -305,3 +305,26 @@ def test_sparkline_scales_to_its_peak():
     svg = sparkline([0, 5, 10], width=102, height=12)
     assert 'points="1.0,11.0 51.0,6.0 101.0,1.0"' in svg
     assert 'points="1.0,11.0 51.0,11.0"' in sparkline([0, 0], width=52, height=12)  # all idle: flat
+
+
+def test_lists_every_model_of_the_registry(eng, tmp_path):
+    from engine import ModelRegistry
+    from tiny_embedders import write_tiny_bert
+
+    models = ModelRegistry(config=EngineConfig(progress=False))
+    models.adopt("chat", eng)
+    models.add("emb", write_tiny_bert(tmp_path / "bert"))
+    models.add("later", write_tiny_bert(tmp_path / "bert2"), load=False)
+    dash = Dashboard(eng, publisher=None, clock=lambda: 1000.0, models=lambda: models)
+    try:
+        shown = dash.models.value
+        assert "<b>chat</b> generate · loaded · pinned" in shown and " tok/s" in shown
+        assert "<b>emb</b> embed · loaded" in shown and " texts/s" in shown
+        assert "<b>later</b> embed · unloaded" in shown and "budget" in shown
+        models.get("emb").embed(["a", "b"])
+        models.unload("emb")
+        dash.refresh()
+        assert "<b>emb</b> embed · unloaded" in dash.models.value
+    finally:
+        dash.close()
+        models.close()

@@ -70,6 +70,26 @@ class _Attention(nn.Module):
         return self.output(self.self(x, mask), x)
 
 
+# erf by Abramowitz & Stegun 7.1.28 (|error| <= 3e-7): only multiplies, adds and one
+# division, fused by mx.compile. MLX's CPU erf (and exp, tanh) evaluate element by element
+# through libm: on a 32 x 128-token MiniLM batch nn.gelu took 360 ms per layer, this 100 ms
+# (torch: 27 ms), and GELU outputs differ from the exact ones by at most 1e-6.
+_ERF = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+
+
+@mx.compile
+def gelu_erf(x: mx.array) -> mx.array:
+    a = mx.abs(x) * 0.7071067811865476
+    c = _ERF
+    p = 1 + a * (c[0] + a * (c[1] + a * (c[2] + a * (c[3] + a * (c[4] + a * c[5])))))
+    p = p * p
+    p = p * p
+    p = p * p
+    p = p * p  # ^16
+    erf = 1 - 1 / p
+    return 0.5 * x * (1 + mx.where(x < 0, -erf, erf))
+
+
 class _Intermediate(nn.Module):
     def __init__(self, c: dict):
         super().__init__()
@@ -80,7 +100,7 @@ class _Intermediate(nn.Module):
 
     def __call__(self, x):
         x = self.dense(x)
-        return nn.gelu(x) if self.approx == "none" else nn.gelu_approx(x)
+        return gelu_erf(x) if self.approx == "none" else nn.gelu_approx(x)
 
 
 class _Layer(nn.Module):
