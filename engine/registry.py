@@ -235,6 +235,8 @@ class ModelRegistry:
             need = estimate_bytes(path, entry.config)
             self._make_room(need, entry)
             engine = open_model(entry.model, entry.config, task=entry.task, name=entry.name)
+            # A pooling model knows what it holds (0 when it runs on a chat model's weights).
+            need = getattr(engine, "memory_bytes", need)
         except BaseException as e:
             with self._lock:
                 entry.loading, entry.error = None, f"{type(e).__name__}: {e}"

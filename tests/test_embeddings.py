@@ -161,3 +161,20 @@ def test_embedding_shares_the_thread_with_generation(tiny_dir):
             assert result["v"].shape == (len(TEXTS) * 400, e.dimensions)
     finally:
         chat.close()
+
+
+def test_reranker_shares_a_loaded_chat_models_weights(tiny_dir):
+    with open_model(tiny_dir["causal"], EngineConfig(**CONFIG)) as alone:
+        expected = alone.rerank("fibonacci", TEXTS)
+        assert not alone.core.runner.shares_weights
+    chat = Engine.load(tiny_dir["causal"], EngineConfig(progress=False))
+    try:
+        with open_model(tiny_dir["causal"], EngineConfig(**CONFIG), task="rerank") as shared:
+            assert shared.core.runner.shares_weights and shared.memory_bytes == 0
+            assert shared.core.runner.model is chat.core.loaded.model
+            got = shared.rerank("fibonacci", TEXTS)
+            assert [r.index for r in got] == [r.index for r in expected]
+            assert np.allclose([r.relevance_score for r in got], [r.relevance_score for r in expected], atol=1e-6)
+            chat.generate("Hello", max_tokens=4)  # the chat engine still decodes (row kernels)
+    finally:
+        chat.close()

@@ -11,6 +11,7 @@ as they are.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -75,7 +76,7 @@ class _Attention(nn.Module):
 _ERF = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
 
 
-@mx.compile
+@partial(mx.compile, shapeless=True)
 def gelu_erf(x: mx.array) -> mx.array:
     a = mx.abs(x) * 0.7071067811865476
     c = _ERF
@@ -96,20 +97,22 @@ def gelu_erf(x: mx.array) -> mx.array:
 _LN2_HI, _LN2_LO, _LOG2E = 0.693359375, -2.12194440e-4, 1.4426950408889634
 
 
-def _exp(x: mx.array) -> mx.array:
+@partial(mx.compile, shapeless=True)
+def _exp_parts(x: mx.array) -> tuple[mx.array, mx.array]:
+    """exp(x) = p * 2^n: p, and 2^n's float32 bits (a view is not shapeless-compilable)."""
     x = mx.clip(x, -87.0, 88.0)
     n = mx.floor(x * _LOG2E + 0.5)
     r = x - n * _LN2_HI - n * _LN2_LO
     p = 1 + r * (1 + r * (1 / 2 + r * (1 / 6 + r * (1 / 24 + r * (1 / 120 + r * (1 / 720 + r / 5040))))))
-    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+    return p, mx.left_shift(n.astype(mx.int32) + 127, 23)
 
 
-@mx.compile
 def masked_softmax(scores: mx.array, mask: mx.array) -> mx.array:
     """Softmax over the last axis where mask [B, 1, 1, L] is True (a token); padded keys
     get exactly 0 weight."""
     top = mx.where(mask, scores, -mx.inf).max(axis=-1, keepdims=True)
-    e = mx.where(mask, _exp(scores - top), 0.0)
+    p, bits = _exp_parts(scores - top)
+    e = mx.where(mask, p * bits.view(mx.float32), 0.0)
     return e / e.sum(axis=-1, keepdims=True)
 
 

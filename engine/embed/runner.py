@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import BatchKVCache
 
 from ..errors import ModelLoadError
-from ..models.loader import load_mlx_lm, on_cpu, output_projection, to_dtype
+from ..models.loader import load_mlx_lm, on_cpu, output_projection, resident_model, to_dtype
 from . import bert
 from .model_kinds import PoolingSpec
 from .pooling import normalize, pool
@@ -42,11 +42,17 @@ class PoolingRunner:
     def __init__(self, path: Path, spec: PoolingSpec, dtype: str = "auto",
                  yes_no: tuple[int, int] | None = None):
         self.spec, self.yes_no = spec, yes_no
-        model = _load_encoder(path, spec) if spec.family == "encoder" else load_mlx_lm(path)[0]
-        self.model = to_dtype(model, spec.config, dtype)
+        shared = resident_model(path, dtype) if spec.family == "decoder" else None
+        if shared is not None:  # the chat model's own weights (its row kernels only act in decode)
+            self.model = shared
+        else:
+            model = _load_encoder(path, spec) if spec.family == "encoder" else load_mlx_lm(path)[0]
+            self.model = to_dtype(model, spec.config, dtype)
+        self.shares_weights = shared is not None
         self.dtype = ",".join(sorted({str(p.dtype).removeprefix("mlx.core.") for _, p in
                                       tree_flatten(self.model.parameters())}))
-        self.weight_bytes = sum(p.nbytes for _, p in tree_flatten(self.model.parameters()))
+        self.weight_bytes = 0 if shared is not None else sum(
+            p.nbytes for _, p in tree_flatten(self.model.parameters()))
         self.backend = "cpu" if on_cpu() else "gpu"
 
     def run(self, batch: list[Encoded]) -> np.ndarray:

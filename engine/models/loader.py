@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,17 @@ def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
     return model
 
 
+# Generation models loaded in this process, by (directory, dtype), while their engine keeps
+# them: a reranker or embedder over the same checkpoint (engine/embed) runs on these
+# weights instead of loading a second copy. Weak: closing the engine frees the model.
+_resident: "weakref.WeakValueDictionary[tuple[str, str], nn.Module]" = weakref.WeakValueDictionary()
+
+
+def resident_model(path: Path, dtype: str) -> nn.Module | None:
+    """The mlx-lm model an engine in this process already loaded from `path`, if any."""
+    return _resident.get((str(Path(path).resolve()), dtype))
+
+
 def load_mlx_lm(path: Path) -> tuple[nn.Module, dict]:
     """mlx-lm's model (lazy weights) and config, its errors as the engine's."""
     try:
@@ -89,6 +101,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     dtypes = {str(p.dtype).removeprefix("mlx.core.") for _, p in tree_flatten(model.parameters())
               if mx.issubdtype(p.dtype, mx.floating)}
     text_config = config.get("text_config", config)
+    _resident[(str(Path(path).resolve()), dtype)] = model
     return LoadedModel(
         model=model, tokenizer=tokenizer, config=config, path=Path(path),
         dtype=",".join(sorted(dtypes)), quantized=quantized,
