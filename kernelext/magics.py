@@ -262,7 +262,7 @@ class LLMMagics(Magics):
         ext, eng = self.ext, self.ext.engine
         others = [m for m in ext.models.status() if eng is None or m["name"] != eng.model_name]
         if eng is None:
-            print(f"kernelext: no default model loaded (`%llm load` loads {ext.model})")
+            print(f"kernelext: no model loaded (`%llm load` loads {ext.model})")
             if others:
                 print(_models_table(others, ext.models))
             return

@@ -183,3 +183,36 @@ def test_unknown_model_is_a_clear_error():
     with pytest.raises(ModelLoadError, match="does not exist"):
         models.add("bad", "/no/such/model")
     assert models.status()[0]["state"] == "failed"
+
+
+def test_cli_serves_several_models(dirs):
+    import os
+    import queue
+    import re
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernelext", "serve", "--model", str(dirs["chat"]),
+         "--model", f"emb={dirs['embed']}", "--model", f"rr={dirs['rerank']}", "--pin", "emb", "--port", "0"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        while not (m := re.search(r"serving (.*) at (http://127\.0\.0\.1:\d+)", lines.get(timeout=120))):
+            pass
+        assert "emb (embed)" in m[1] and "rr (rerank)" in m[1] and "(generate)" in m[1]
+        client = openai.OpenAI(base_url=m[2] + "/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="default", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+        assert len(client.embeddings.create(model="emb", input="hi").data[0].embedding) == 32
+        listed = {x.id: x.model_extra["pinned"] for x in client.models.list().data}
+        assert listed == {str(dirs["chat"]): False, "emb": True, "rr": False}
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
