@@ -18,14 +18,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) $(NATIVE)
 
-# The CPU row kernels (engine/row_kernels.py) on x86_64 Linux: an MLX primitive built
+# The CPU row kernels (engine/row_kernels.py) and quantized kernels (engine/cpu/quant_linear.py)
+# on x86_64 Linux: MLX primitives built
 # against the installed mlx wheel. If the build fails the engine still runs, on MKL alone.
-$(NATIVE): $(STAMP) engine/native/row_matmul.cpp engine/native/CMakeLists.txt
+$(NATIVE): $(STAMP) engine/native/row_matmul.cpp engine/native/CMakeLists.txt \
+		engine/cpu/native/quant_matmul.cpp engine/cpu/native/workers.h
 	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
 		mkdir -p build && \
 		$(VENV)/bin/cmake -S engine/native -B build/native -DPython_EXECUTABLE=$(abspath $(PY)) >build/native.log 2>&1 && \
 		$(VENV)/bin/cmake --build build/native -j 2 >>build/native.log 2>&1 && \
-		for f in build/native/_row_matmul*.so; do cp $$f engine/.$${f##*/}.tmp && \
+		for f in build/native/_row_matmul*.so build/native/_quant_matmul*.so; do cp $$f engine/.$${f##*/}.tmp && \
 			mv engine/.$${f##*/}.tmp engine/$${f##*/}; done && echo "built the row kernels (engine/native)" || \
 		echo "kernelext: the row kernels did not build (build/native.log); decode uses MKL alone"; fi
 	touch $(NATIVE)
@@ -50,4 +52,4 @@ bench: $(STAMP) $(NATIVE)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info engine/_row_matmul*.so
+	rm -rf $(VENV) build *.egg-info engine/_row_matmul*.so engine/_quant_matmul*.so
