@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -98,7 +99,13 @@ class Workers {
 inline Workers& workers() {
   // A memory-bound product stops scaling after a few cores; more spinning workers
   // would only take CPU from everything else.
-  static Workers pool((int)std::min(8u, std::max(1u, std::thread::hardware_concurrency())) - 1);
+  // KERNELEXT_KERNEL_THREADS caps it (tests compare one thread with all).
+  static Workers pool([] {
+    int n = (int)std::min(8u, std::max(1u, std::thread::hardware_concurrency()));
+    if (const char* cap = std::getenv("KERNELEXT_KERNEL_THREADS"))
+      n = std::max(1, std::min(n, std::atoi(cap)));
+    return n - 1;
+  }());
   return pool;
 }
 
