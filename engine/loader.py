@@ -15,6 +15,7 @@ from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokeni
 from . import row_kernels
 from .cpu import quant_linear
 from .models import quantized as quantized_weights
+from .models import row_attention
 from .errors import ModelLoadError, UnsupportedModelError
 from .packed_gemm import MAX_ROWS, PackedMatrix
 
@@ -61,6 +62,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     if quantized and quant_linear.available():
         # Quantized weights stay quantized, in the native kernels' layout (no float copy).
         quant_bytes = quantized_weights.repack_model(model, config, Path(path))
+        model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
     elif gguf_blocks:
         quantized_weights.dequantize_blocks(model, config)
     target = _target_dtype(dtype)
@@ -180,9 +182,11 @@ def packed_output_bytes(model) -> int:
 @contextlib.contextmanager
 def decode_products(model):
     """Within (decode and verify forwards): the products use the row kernels where
-    installed; else logits of 2 to 8 rows use the packed projection, evaluated at once."""
+    installed; else logits of 2 to 8 rows use the packed projection, evaluated at once.
+    With quantized kernels, verify windows attend row by row (models/row_attention.py)."""
     frozen = _frozen_output(model)
-    with row_kernels.decode_products():
+    quantized = getattr(model, "_kernelext_quantized", False)
+    with row_kernels.decode_products(), row_attention.row_by_row(quantized):
         if frozen is None or frozen.packed is None:
             yield
             return

@@ -16,6 +16,7 @@
 // threads, or on the instruction set (the AVX2 path reaches the same integers).
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -90,45 +91,57 @@ struct Acts {
 
 // ---- AVX-512 VNNI ------------------------------------------------------------------
 
-template <int R>
+// SUBS and OFFSETS are compile-time so the k loop unrolls; two integer accumulators per
+// row (even and odd k/4 steps) halve the vpdpbusd dependency chain (integer sums are
+// exact, so this changes no bit).
+template <int R, int SUBS, bool OFFSETS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
-  const int gb = f.group_bytes();
-  const int steps = 8 / f.subs;  // k/4 steps per scale
+  constexpr int kSteps = 8 / SUBS;  // k/4 steps per scale
+  const int gb = f.group_bytes(), groups = a.groups, zero = f.zero;
+  const int8_t* xq[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  const int32_t* sum16[R];
+  for (int r = 0; r < R; r++) {
+    xq[r] = a.q.data() + (size_t)(r0 + r) * a.K;
+    dx[r] = a.dx.data() + (size_t)(r0 + r) * groups;
+    dxsum[r] = a.dxsum.data() + (size_t)(r0 + r) * groups;
+    sum16[r] = a.sum16.data() + (size_t)(r0 + r) * groups * 2;
+  }
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-  const int8_t* xq[R];
-  for (int r = 0; r < R; r++) xq[r] = a.q.data() + (size_t)(r0 + r) * a.K;
-  for (int g = 0; g < a.groups; g++) {
+  for (int g = 0; g < groups; g++) {
     const uint8_t* w = tile + (size_t)g * gb;
     _mm_prefetch((const char*)(w + 4 * gb), _MM_HINT_T0);
     _mm_prefetch((const char*)(w + 4 * gb + 64 * 4), _MM_HINT_T0);
     const float* scales = (const float*)(w + 512);
-    for (int s = 0; s < f.subs; s++) {
-      __m512i ia[R];
-      for (int r = 0; r < R; r++) ia[r] = _mm512_setzero_si512();
-      for (int t = s * steps; t < (s + 1) * steps; t++) {
-        __m512i wv = _mm512_loadu_si512(w + t * 64);
+#pragma GCC unroll 2
+    for (int s = 0; s < SUBS; s++) {
+      __m512i ia[R][2];
+      for (int r = 0; r < R; r++) ia[r][0] = ia[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int t = 0; t < kSteps; t++) {
+        __m512i wv = _mm512_loadu_si512(w + (s * kSteps + t) * 64);
         for (int r = 0; r < R; r++) {
           int32_t x4;
-          std::memcpy(&x4, xq[r] + g * kGroup + t * 4, 4);
-          ia[r] = _mm512_dpbusd_epi32(ia[r], wv, _mm512_set1_epi32(x4));
+          std::memcpy(&x4, xq[r] + g * kGroup + (s * kSteps + t) * 4, 4);
+          ia[r][t & 1] = _mm512_dpbusd_epi32(ia[r][t & 1], wv, _mm512_set1_epi32(x4));
         }
       }
       __m512 sv = _mm512_loadu_ps(scales + s * 16);
       for (int r = 0; r < R; r++) {
-        const int32_t* s16 = a.sum16.data() + ((size_t)(r0 + r) * a.groups + g) * 2;
-        int32_t xs = f.subs == 2 ? s16[s] : s16[0] + s16[1];
-        __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(ia[r], _mm512_set1_epi32(f.zero * xs)));
+        int32_t xs = SUBS == 2 ? sum16[r][g * 2 + s] : sum16[r][g * 2] + sum16[r][g * 2 + 1];
+        __m512i i = _mm512_add_epi32(ia[r][0], ia[r][1]);
+        __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zero * xs)));
         t = _mm512_mul_ps(t, sv);
-        acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(a.dx[(size_t)(r0 + r) * a.groups + g]), acc[r]);
+        acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(dx[r][g]), acc[r]);
       }
     }
-    if (f.offsets) {
-      __m512 ov = _mm512_loadu_ps(scales + f.subs * 16);
-      for (int r = 0; r < R; r++)
-        acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(a.dxsum[(size_t)(r0 + r) * a.groups + g]), acc[r]);
+    if (OFFSETS) {
+      __m512 ov = _mm512_loadu_ps(scales + SUBS * 16);
+      for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(dxsum[r][g]), acc[r]);
     }
   }
   __mmask16 mask = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
@@ -197,11 +210,17 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 
 using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
 
-#define TABLE(name)                                                                        \
-  const TileFn name##_fns[kRows + 1] = {nullptr,     name<1>, name<2>, name<3>, name<4>,  \
-                                        name<5>,     name<6>, name<7>, name<8>};
-TABLE(tile_vnni)
-TABLE(tile_avx2)
+template <int S, bool O>
+constexpr std::array<TileFn, kRows + 1> vnni_table() {
+  return {nullptr,          tile_vnni<1, S, O>, tile_vnni<2, S, O>, tile_vnni<3, S, O>,
+          tile_vnni<4, S, O>, tile_vnni<5, S, O>, tile_vnni<6, S, O>, tile_vnni<7, S, O>,
+          tile_vnni<8, S, O>};
+}
+// [subs - 1][offsets][rows]
+const std::array<TileFn, kRows + 1> vnni_fns[2][2] = {{vnni_table<1, false>(), vnni_table<1, true>()},
+                                                       {vnni_table<2, false>(), vnni_table<2, true>()}};
+const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
+                                    tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
 
 bool has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -213,7 +232,7 @@ bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_support
 // block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
 void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
                     long t0, long t1, bool avx2) {
-  const TileFn* fns = avx2 ? tile_avx2_fns : tile_vnni_fns;
+  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.subs - 1][f.offsets].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
   for (int rb = 0; rb < a.M; rb += kRowBlock) {
     int re = std::min(a.M, rb + kRowBlock);
