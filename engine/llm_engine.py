@@ -215,6 +215,7 @@ class Engine:
             dtype=self._loaded.dtype, max_batch=self.config.max_batch,
             packed_output_bytes=loader.packed_output_bytes(self._loaded.model),
             row_kernel_bytes=self._loaded.row_kernel_bytes,
+            quantized_weight_bytes=self._loaded.quantized_weight_bytes,
             running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
             waiting=len(self.scheduler.waiting))
         out["cache_efficiency"] = (out["cached_tokens"] / out["prompt_tokens"]

@@ -123,10 +123,9 @@ def _repacked(module, path: str, blocks: dict, files: _BlockFiles | None) -> qua
     return _packed(rows, cols, lambda a, c: quant_layout.unpack_mlx_affine(w[a:c], s[a:c], b[a:c], bits, group))
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def _replace(model: nn.Module, modules: dict, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
-    parent = dict(model.named_modules())[parent_path] if parent_path else model
-    setattr(parent, name, new)
+    setattr(modules[parent_path] if parent_path else model, name, new)
 
 
 def repack_model(model: nn.Module, config: dict, model_dir: Path) -> int:
@@ -135,7 +134,9 @@ def repack_model(model: nn.Module, config: dict, model_dir: Path) -> int:
     blocks = gguf_tensors(config)
     files = _BlockFiles(model_dir) if blocks else None
     held = 0
-    for path, module in list(model.named_modules()):
+    modules = dict(model.named_modules())
+    for path in list(modules):  # paths only: a replaced module's arrays are freed at once
+        module = modules[path]
         weight = _repacked(module, path, blocks, files)
         if weight is None:
             continue
@@ -143,7 +144,8 @@ def repack_model(model: nn.Module, config: dict, model_dir: Path) -> int:
             new = quant_linear.QuantEmbedding(weight)
         else:
             new = quant_linear.QuantLinear(weight, module["bias"] if "bias" in module else None)
-        _replace(model, path, new)  # the blocks (or mlx-lm's arrays) go with the old module
+        _replace(model, modules, path, new)
+        modules[path] = module = new
         held += weight.nbytes
     return held
 

@@ -60,32 +60,55 @@ struct Acts {
   std::vector<int32_t> sum16; // [M][groups * 2] sums of q per 16 k
   std::vector<float> dxsum;   // [M][groups]    dx * sum of q per 32 k (for offsets)
 
-  Acts(const float* x, int M_, int K_) : M(M_), K(K_), groups(K_ / kGroup) {
+  Acts(int M_, int K_) : M(M_), K(K_), groups(K_ / kGroup) {
     q.resize((size_t)M * K);
     dx.resize((size_t)M * groups);
     sum16.resize((size_t)M * groups * 2);
     dxsum.resize((size_t)M * groups);
-    for (int r = 0; r < M; r++)
-      for (int g = 0; g < groups; g++) quantize(x + (size_t)r * K, r, g);
   }
-  void quantize(const float* row, int r, int g) {
-    const float* v = row + g * kGroup;
-    float amax = 0.f;
-    for (int i = 0; i < kGroup; i++) amax = std::max(amax, std::fabs(v[i]));
-    float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-    int8_t* qq = q.data() + (size_t)r * K + g * kGroup;
-    int s0 = 0, s1 = 0;
-    for (int i = 0; i < kGroup; i++) {
-      float t = v[i] * id;
-      int qi = (int)std::nearbyint(t);  // round half to even, as cvtps2dq
-      qi = qi > 127 ? 127 : (qi < -127 ? -127 : qi);
-      qq[i] = (int8_t)qi;
-      (i < 16 ? s0 : s1) += qi;
-    }
-    dx[(size_t)r * groups + g] = d;
-    sum16[((size_t)r * groups + g) * 2] = s0;
-    sum16[((size_t)r * groups + g) * 2 + 1] = s1;
-    dxsum[(size_t)r * groups + g] = d * (float)(s0 + s1);
+  // Rows [r0, r1) of x. Each row on its own: the same bits whatever the split.
+  void quantize_rows(const float* x, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+      for (int g = 0; g < groups; g++) {
+        size_t i = (size_t)r * groups + g;
+        int s0, s1;
+        quantize_group(x + (size_t)r * K + g * kGroup, q.data() + (size_t)r * K + g * kGroup, dx[i], s0, s1);
+        sum16[i * 2] = s0;
+        sum16[i * 2 + 1] = s1;
+        dxsum[i] = dx[i] * (float)(s0 + s1);
+      }
+  }
+
+  // 32 values -> int8 q = round(v * 127 / amax) (half to even), d = amax / 127, and the
+  // sums of q over each 16. AVX2: both kernel paths run it (the CPU check requires AVX2).
+  __attribute__((target("avx2,fma")))
+  static void quantize_group(const float* v, int8_t* qq, float& d, int& s0, int& s1) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+           a3 = _mm256_loadu_ps(v + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a0), _mm256_andnot_ps(sign, a1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, a2), _mm256_andnot_ps(sign, a3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    d = amax / 127.f;
+    const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, id)),
+            i2 = _mm256_cvtps_epi32(_mm256_mul_ps(a2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(a3, id));
+    s0 = hsum(_mm256_add_epi32(i0, i1));
+    s1 = hsum(_mm256_add_epi32(i2, i3));
+    // int32 -> int8 in order (packs interleave 128-bit lanes; the permute undoes it).
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)qq, p);
+  }
+  __attribute__((target("avx2")))
+  static int hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
   }
 };
 
@@ -267,12 +290,19 @@ class QuantMatmul : public mx::Primitive {
     encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), op = out.data<float>(), M, K, N,
                       tiles, f, avx2, wbytes = w.nbytes()]() {
       if (M == 0) return;
-      Acts a(xp, M, K);
+      Acts a(M, K);
       if (wbytes < kParallelBytes && (double)M * K * N < kParallelMultiplyAdds) {
+        a.quantize_rows(xp, 0, M);
         multiply_tiles(a, wp, f, N, op, 0, tiles, avx2);
         return;
       }
       kernelext::Workers& pool = kernelext::workers();
+      if (M < 16) {
+        a.quantize_rows(xp, 0, M);
+      } else {  // prefill: quantize the rows on all threads too
+        int parts = std::min(M, 4 * pool.size());
+        pool.run([&](int c) { a.quantize_rows(xp, M * c / parts, M * (c + 1) / parts); }, parts);
+      }
       int chunks = (int)std::min<long>(tiles, 8L * pool.size());
       pool.run([&](int c) {
         multiply_tiles(a, wp, f, N, op, tiles * c / chunks, tiles * (c + 1) / chunks, avx2);
