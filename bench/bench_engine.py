@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine  # noqa: E402  (loads the fast BLAS before mlx)
-from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from engine.cpu import backend  # noqa: E402
 from mlx_lm_baseline import mlx_lm_server, post  # noqa: E402
 
 TOPICS = ["the history of Paris", "how a compiler works", "why the sky is blue",
@@ -96,9 +97,9 @@ def step_breakdown(eng: Engine, batches=(1, 8), steps: int = 24) -> dict:
     only, output projection only. Measured on the engine's thread with its own model
     runner, interleaved across batch sizes so drift hits all alike."""
     import mlx.core as mx
-    from engine.loader import decode_products
-    from engine.model_runner import ModelRunner
-    from engine.mtp_head import _logits, _text_model
+    from engine.models.loader import decode_products
+    from engine.core.model_runner import ModelRunner
+    from engine.spec.mtp_head import _logits, _text_model
 
     def run():
         lm = _text_model(eng._loaded.model)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_mtp.py [--model gemma-3-270m] [--gen-tokens 96] [--head PATH]
 
-Batch 1, on a mix of code-editing prompts (engine/tuning.py's) and prose prompts, at
+Batch 1, on a mix of code-editing prompts (engine/spec/tuning.py's) and prose prompts, at
 temperature 0 and 0.6. For each drafter and depth it prints decode tok/s, the speedup
 over plain decoding, the mean tokens accepted per verify step, and the acceptance rate
 at each draft position (position j counts the windows that reached it). The machine is
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import engine  # noqa: E402,F401  (loads the fast BLAS before mlx)
 from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from engine.tuning import TUNING_PROMPTS  # noqa: E402
+from engine.spec.tuning import TUNING_PROMPTS  # noqa: E402
 
 PROSE = [
     [{"role": "user", "content": "Write a short essay about why the sky is blue."}],

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import engine  # noqa: E402
-from engine import Engine, EngineConfig, SamplingParams, backend  # noqa: E402
+from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from engine.cpu import backend  # noqa: E402
 from mlx_lm_baseline import mlx_lm_server, post  # noqa: E402
 
 TOOLS = "\n".join(

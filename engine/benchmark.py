@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .outputs import Completion
-from .sampling_params import SamplingParams
+from .sampling.params import SamplingParams
 
 _FILLER = "The quick brown fox jumps over the lazy dog while the engine counts every token."
 _runs = itertools.count()  # makes prompts unique across calls too

@@ -1,55 +1,36 @@
-"""The engine: one long-lived thread owns the model and every MLX call.
+"""Engine: the caller's side of the engine (thread-safe; no MLX here).
 
-Callers on any thread (notebook cells, the HTTP server's loop) submit requests
-through a thread-safe inbox and read results from a RequestHandle. MLX must
-only ever run on this thread: MLX aborts at exit when generation ran on
-short-lived threads, and one owner means no locks around the model.
+Notebook cells and the HTTP server's loop call it from any thread. It encodes
+prompts, admits requests into the bounded queue and hands them to the EngineCore
+(core/engine_core.py) through the MLX worker's queue; results come back through
+each request's RequestHandle. Everything that touches MLX runs in the core, on
+the one long-lived MLX thread (core/worker.py), so no lock guards the model and
+MLX never runs on short-lived threads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 import random
-import threading
-import time
-import warnings
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import mlx.core as mx
-import numpy as np
 from tqdm.auto import tqdm
 
-from . import backend, loader, tuning
-from .config import EngineConfig, check_speculation, default_kv_cache_dir
-from .drafters import Draft, MTPDrafter, NgramDrafter, NoDrafter
-from .errors import (
-    EngineClosedError,
-    InvalidRequestError,
-    NoDraftHeadError,
-    QueueFullError,
-    UnsupportedModelError,
-)
+from .config import EngineConfig, check_speculation
+from .core.admission import Admission
+from .core.sequence import Sequence
+from .core.worker import MLXWorker
+from .errors import EngineClosedError, InvalidRequestError, QueueFullError
 from .handle import RequestHandle
-from .kv_blocks import file_digest, model_fingerprint
 from .metrics import EngineMetrics
-from .model_runner import ModelRunner
-from .model_store import DEFAULT_MODEL, resolve_model
-from .mtp_head import MTPHead, head_candidates, head_matches
-from .mtp_train import TrainResult, train_mtp_head
-from .outputs import Completion, Delta, TokenLogprob, Usage
-from .prefix_cache import PrefixCache
-from .sampler import sample_token, top_logprobs
-from .sampling_params import SamplingParams
-from .scheduler import Scheduler
-from .sequence import SeqStatus, Sequence
-from .speculation import SpeculationController
-from .speculative import verify_row
-from .text_stream import TextStream
-from .worker import MLXWorker
+from .models.store import DEFAULT_MODEL, resolve_model
+from .outputs import Completion, Delta
+from .sampling.params import SamplingParams
+from .sampling.text_stream import TextStream
+from .spec import tuning
 
 Prompt = str | list[dict] | list[int]
 _ids = itertools.count(1)
@@ -63,21 +44,20 @@ class Engine:
         self.model_name = name
         self.model_path = model_path
         self.metrics_ = EngineMetrics()
-        self.scheduler = Scheduler(config)
-        self.prefix_cache: PrefixCache | None = None
+        self._admission = Admission()
         self._worker = MLXWorker.get()
-        self._waiting_lock = threading.Lock()
-        self._queued = 0  # submitted and not yet given a batch slot (the bounded queue)
         self._closed = False
-        self._progress = progress  # called with a stage name from the MLX thread while loading
-        ready: Future = Future()
-        self._worker.post(self, ("attach", ready))
+        # `progress` is called with a stage name from the MLX thread while loading.
+        ready = self._worker.attach(model_path=model_path, config=config, name=name,
+                                    metrics=self.metrics_, admission=self._admission,
+                                    progress=progress)
         try:
-            ready.result()  # re-raises a load error in the caller
+            self.core = ready.result()  # re-raises a load error in the caller
         except BaseException:
-            # Interrupted (Ctrl-C in a cell) while the model loads: it is freed once loaded.
             self._closed = True
-            self._worker.post(self, ("stop", Future()))
+            # Interrupted (Ctrl-C in a cell) while the model loads: it is freed once loaded.
+            ready.add_done_callback(
+                lambda f: f.exception() is None and self._worker.post(f.result(), ("stop", Future())))
             raise
 
     @classmethod
@@ -96,11 +76,11 @@ class Engine:
     # -- public API (any thread) ---------------------------------------------
     @property
     def tokenizer(self):
-        return self._loaded.tokenizer
+        return self.core.loaded.tokenizer
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: text, chat messages (chat template) or ids as they are."""
-        tok = self._loaded.tokenizer
+        tok = self.core.loaded.tokenizer
         if isinstance(prompt, str):
             ids = tok.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -113,7 +93,7 @@ class Engine:
                 f"or a list of token ids; got {type(prompt).__name__}")
         if not ids:
             raise InvalidRequestError("the prompt is empty (no tokens)")
-        vocab = self._loaded.vocab_size
+        vocab = self.core.loaded.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"token ids must be in [0, {vocab})")
         return ids
@@ -122,7 +102,7 @@ class Engine:
         for m in messages:
             if "role" not in m or "content" not in m:
                 raise InvalidRequestError(f"chat messages need 'role' and 'content': {m!r}")
-        tok = self._loaded.tokenizer
+        tok = self.core.loaded.tokenizer
         if tok.has_chat_template:
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:  # plain fallback for models without a template
@@ -137,7 +117,7 @@ class Engine:
         if params is not None and kwargs:
             raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
         params = params or SamplingParams(**kwargs)
-        if params.drafter == "mtp" and self.runner.head is None:
+        if params.drafter == "mtp" and self.core.runner.head is None:
             raise InvalidRequestError(
                 f"{self.model_name} was loaded without an MTP head; drafter='mtp' needs one")
         prompt_ids = self.encode(prompt)
@@ -145,23 +125,22 @@ class Engine:
         if len(prompt_ids) >= max_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_len}")
-        with self._waiting_lock:
-            # Free batch slots take requests at the next step; the rest must wait.
-            free = self.config.max_batch - len(self.scheduler.running) - len(self.scheduler.prefilling)
-            if self._queued - max(free, 0) >= self.config.max_waiting:
-                self.metrics_.count("requests_rejected")
-                raise QueueFullError(
-                    f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
-            self._queued += 1
+        # Free batch slots take requests at the next step; the rest must wait.
+        scheduler = self.core.scheduler
+        free = self.config.max_batch - len(scheduler.running) - len(scheduler.prefilling)
+        if not self._admission.admit(free, self.config.max_waiting):
+            self.metrics_.count("requests_rejected")
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_waiting} requests); retry later")
         request_id = f"req-{next(_ids)}"
-        handle = RequestHandle(request_id, on_cancel=lambda h: self._worker.post(self, ("wake",)))
+        handle = RequestHandle(request_id, on_cancel=lambda h: self._worker.post(self.core, ("wake",)))
         seq = Sequence(
             request_id=request_id, prompt_ids=prompt_ids, params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
-            handle=handle, text=TextStream(self._loaded.tokenizer.detokenizer, params.stop),
+            handle=handle, text=TextStream(self.core.loaded.tokenizer.detokenizer, params.stop),
             max_len=max_len, source=source)
         self.metrics_.count("requests_submitted")
-        self._worker.post(self, ("submit", seq))
+        self._worker.post(self.core, ("submit", seq))
         return handle
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, **kwargs) -> Completion:
@@ -205,25 +184,15 @@ class Engine:
         if self._worker.on_thread():
             return fn()
         future: Future = Future()
-        self._worker.post(self, ("call", fn, future))
+        self._worker.post(self.core, ("call", fn, future))
         return future.result()
 
     def metrics(self) -> dict:
         out = self.metrics_.snapshot()
-        out.update(
-            model=self.model_name, backend=self.backend, blas=backend.blas(),
-            dtype=self._loaded.dtype, max_batch=self.config.max_batch,
-            packed_output_bytes=loader.packed_output_bytes(self._loaded.model),
-            row_kernel_bytes=self._loaded.row_kernel_bytes,
-            quantized_weight_bytes=self._loaded.quantized_weight_bytes,
-            running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
-            waiting=len(self.scheduler.waiting))
+        out.update(model=self.model_name, max_batch=self.config.max_batch)
         out["cache_efficiency"] = (out["cached_tokens"] / out["prompt_tokens"]
                                    if out["prompt_tokens"] else 0.0)
-        if self.prefix_cache is not None:
-            out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
-                        if isinstance(v, (int, float))})
-        out.update(self.speculation.metrics())
+        out.update(self.core.status())
         return out
 
     def cache_info(self) -> dict:
@@ -266,9 +235,7 @@ class Engine:
 
         def apply():
             if drafter is not None and drafter != self.drafter.name:
-                self.drafter = self._make_drafter(drafter)  # raises if mtp has no head
-                cfg.drafter, self.speculation.drafter_name = drafter, self.drafter.name
-                self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
+                self.core.set_drafter(drafter)  # raises if mtp has no head
             if max_batch is not None:
                 cfg.max_batch = max_batch
             if depth is not None:
@@ -284,7 +251,7 @@ class Engine:
         and persist it per model, machine and drafter."""
         if depths is None:
             depths = tuple(d for d in (0, 1, 2, 3, 4, 6, 8) if d <= self.config.max_depth)
-        batch = batch or max(1, len(self.scheduler.running))
+        batch = batch or max(1, len(self.core.scheduler.running))
         prompts = [tuning.TUNING_PROMPTS[i % len(tuning.TUNING_PROMPTS)] for i in range(batch)]
 
         def run(depth: int) -> float:
@@ -300,21 +267,24 @@ class Engine:
         results = {d: run(d) for d in depths}
         best = max(results, key=results.get)
         self.speculation.tuned_depth = best
-        tuning.save(self._tune_key(), best, results)
+        tuning.save(self.core.tune_key(), best, results)
         return {"depth": best, "tok_s": results, "batch": batch, "drafter": self.drafter.name}
 
-    def train_mtp_head(self, **options) -> TrainResult:
+    def train_mtp_head(self, **options):
         """Train an MTP draft head for this model by self-distillation: see
-        engine.mtp_train.train_mtp_head for the options."""
+        engine.spec.mtp_train.train_mtp_head for the options. It runs its MLX work
+        through call(), on the engine thread."""
+        from .spec.mtp_train import train_mtp_head
         return train_mtp_head(self, **options)
 
     @property
     def backend(self) -> str:
-        return "cpu" if loader.on_cpu() else "gpu"
+        return self.core.backend
 
     @property
     def max_context(self) -> int:
-        return min(self.config.max_context or self._loaded.max_context, self._loaded.max_context)
+        limit = self.core.loaded.max_context
+        return min(self.config.max_context or limit, limit)
 
     def close(self) -> None:
         """Cancel everything and free the model. The shared MLX thread keeps running."""
@@ -322,7 +292,7 @@ class Engine:
             return
         self._closed = True
         done: Future = Future()
-        self._worker.post(self, ("stop", done))
+        self._worker.post(self.core, ("stop", done))
         if not self._worker.on_thread():
             done.result()
 
@@ -340,350 +310,39 @@ class Engine:
         if self._closed:
             raise EngineClosedError("the engine is closed")
 
-    # -- on the MLX worker thread ----------------------------------------------
-    def _start(self, ready: Future) -> bool:
-        try:
-            progress = self._progress or (lambda stage: None)
-            self._loaded = loader.load(self.model_path, self.config.dtype, progress)
-            self._eos = set(self._loaded.tokenizer.eos_token_ids)
-            self.fingerprint = model_fingerprint(self._loaded.path, self._loaded.dtype,
-                                                 memo_file=self._kv_dir() / "weight-digests.json")
-            progress("fingerprint")
-            head, head_id = None, ""
-            if self.config.drafter in ("mtp", "auto"):
-                try:
-                    # "auto" takes native heads only: the trained head shipped for the
-                    # default model drafts slower than n-gram there (bench/bench_mtp.py),
-                    # so trained heads are used when asked for with drafter="mtp".
-                    head, head_id = self._load_head(trained=self.config.drafter == "mtp")
-                except NoDraftHeadError:
-                    if self.config.drafter == "mtp":
-                        raise
-            self.runner = ModelRunner(self._loaded.model, head)
-            self._drafters: dict = {}  # by name; requests may pick their own
-            self.prefix_cache = self._make_prefix_cache(head_id)
-            self.drafter = self._make_drafter(self.config.drafter)
-            self.speculation = SpeculationController(self.config, self.drafter.name)
-            self.speculation.tuned_depth = tuning.load_tuned_depth(self._tune_key())
-            progress("ready")
-        except BaseException as e:
-            self._closed = True
-            ready.set_exception(e)
-            return False
-        ready.set_result(None)
-        return True
+    # -- the core's parts, for tests, benches and the dashboard (read on any thread;
+    #    change them only through call()) ----------------------------------------
+    @property
+    def _loaded(self):
+        return self.core.loaded
 
-    def _kv_dir(self) -> Path:
-        return Path(self.config.cache_dir) if self.config.cache_dir else default_kv_cache_dir()
+    @property
+    def fingerprint(self) -> str:
+        return self.core.fingerprint
 
-    def _load_head(self, trained: bool = True) -> tuple[MTPHead, str]:
-        """The native MTP head, else (if `trained`) a trained head made for exactly this model."""
-        model = self._loaded.model
-        try:
-            return MTPHead.from_checkpoint(self._loaded.path, model), "native"
-        except NoDraftHeadError as missing:
-            if not trained:
-                raise
-            for path in head_candidates(self.config.mtp_head, self._loaded.path):
-                if head_matches(path, self.fingerprint):
-                    return MTPHead.load(path, model, self.fingerprint), file_digest(path)
-            if self.config.mtp_head:  # asked for explicitly: say why it does not fit
-                return MTPHead.load(self.config.mtp_head, model, self.fingerprint), ""
-            raise NoDraftHeadError(
-                f"{self.model_name} has no MTP draft head (no native mtp.* weights and no "
-                "trained head for it); use drafter='ngram', or train one with "
-                "engine.train_mtp_head()") from missing
+    @property
+    def runner(self):
+        return self.core.runner
 
-    def _make_prefix_cache(self, head_id: str) -> PrefixCache | None:
-        cfg = self.config
-        if not cfg.prefix_cache:
-            return None
-        kv_dir = self._kv_dir()
-        # With a draft head its KV is cached too, so the head is part of the identity.
-        fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}".encode()).hexdigest()
-        try:
-            return PrefixCache(self.runner.new_cache(), fingerprint, cfg.block_size,
-                               cfg.hot_cache_bytes, kv_dir / "blocks" if cfg.ssd_cache else None,
-                               cfg.ssd_cache_bytes)
-        except UnsupportedModelError as e:
-            warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
-            return None
+    @property
+    def scheduler(self):
+        return self.core.scheduler
 
-    def _make_drafter(self, name: str):
-        if name == "auto":
-            name = "mtp" if self.runner.head is not None else "ngram"
-        if name == "mtp" and self.runner.head is None:
-            raise NoDraftHeadError(
-                f"{self.model_name} was loaded without an MTP head: load it with "
-                "EngineConfig(drafter='mtp') to draft with one")
-        if name not in self._drafters:
-            self._drafters[name] = {"ngram": NgramDrafter, "none": NoDrafter,
-                                    "mtp": lambda: MTPDrafter(self.runner)}[name]()
-        return self._drafters[name]
+    @property
+    def prefix_cache(self):
+        return self.core.prefix_cache
 
-    def _drafter_named(self, name: str):
-        return self.drafter if name == self.drafter.name else self._make_drafter(name)
+    @property
+    def speculation(self):
+        return self.core.speculation
+
+    @property
+    def drafter(self):
+        return self.core.drafter
+
+    @drafter.setter
+    def drafter(self, drafter) -> None:
+        self.core.drafter = drafter
 
     def _tune_key(self) -> str:
-        return tuning.key(self.fingerprint, self.backend, backend.blas(), self.drafter.name)
-
-    def has_work(self) -> bool:
-        return self.scheduler.has_work()
-
-    def _handle(self, item: tuple) -> None:
-        kind = item[0]
-        if kind == "submit":
-            if self._closed:
-                item[1].handle._fail(EngineClosedError("the engine was closed"))
-            else:
-                self.scheduler.add(item[1])
-        elif kind == "call":
-            _, fn, future = item
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
-        # "wake" only interrupts the worker's wait; cancellations are read at each step
-
-    def _shutdown(self) -> None:
-        self._abort_all(EngineClosedError("the engine was closed"))
-        if self.prefix_cache is not None:
-            self.prefix_cache.close()  # flushes queued SSD writes
-        self._loaded.model = None
-
-    def _recover(self, error: Exception) -> None:
-        """An unexpected error inside a step: fail what was in flight, keep serving."""
-        if hasattr(self, "runner"):  # else the load failed: nothing is in flight
-            self._abort_all(error)
-
-    def _abort_all(self, error: Exception) -> None:
-        for seq in self.scheduler.active():
-            self._fail(seq, error)
-        with self._waiting_lock:
-            self._queued -= len(self.scheduler.waiting)
-        self.scheduler = Scheduler(self.config)
-        self.runner.reset()
-
-    def _step(self) -> None:
-        for seq in self.scheduler.active():
-            if seq.handle.cancel_requested:
-                self._finish(seq, "cancelled", Delta("", []))
-        self._drop_finished()
-        was_waiting = len(self.scheduler.waiting)
-        plan = self.scheduler.schedule()
-        with self._waiting_lock:
-            self._queued -= was_waiting - len(self.scheduler.waiting)
-        prefilled = 0
-        for seq, n in plan.prefill:
-            prefilled += n
-            try:
-                self._prefill(seq, n)
-            except Exception as e:
-                self._fail(seq, e)
-        joining = self.scheduler.join_ready()
-        if joining:
-            self.runner.add_rows([s.cache for s in joining])
-            for s in joining:
-                s.cache = None
-        rows = self.scheduler.running
-        if rows:
-            try:
-                self._decode(rows)
-            except Exception as e:
-                for seq in rows:
-                    self._fail(seq, e)
-                self.runner.reset()
-        self.metrics_.step(decoded=len(rows), prefilled=prefilled, rows=len(rows))
-        self._drop_finished()
-
-    def _prefill(self, seq: Sequence, budget: int) -> None:
-        """Bring seq's cache forward: restore cached blocks, compute whole blocks within budget."""
-        block, pc = self.config.block_size, self.prefix_cache
-        if seq.cache is None:
-            seq.cache = self.runner.new_cache()
-            seq.t_prefill_start = time.perf_counter()
-            if pc is not None:
-                seq.block_keys = pc.keys(seq.prompt_ids[:seq.prefill_target])
-        while True:
-            # At every block boundary take what is cached by now (maybe published
-            # a moment ago by a request with the same prefix that is ahead of this one).
-            done_blocks = seq.num_computed // block
-            if pc is not None and seq.num_computed % block == 0 and done_blocks < len(seq.block_keys):
-                found = pc.lookup(seq.block_keys[done_blocks:])
-                if found:
-                    seq.blocks.extend(found)
-                    seq.cache = pc.restore(seq.blocks)
-                    seq.num_computed += len(found) * block
-                    seq.cached_tokens += len(found) * block
-            take = min(block - seq.num_computed % block, seq.prefill_remaining)
-            if take == 0 or take > budget:
-                break
-            start = seq.num_computed
-            self.runner.prefill(seq.cache, seq.prompt_ids[start:start + take],
-                                seq.prompt_ids[start + 1:start + take + 1])
-            seq.num_computed += take
-            budget -= take
-            done_blocks = seq.num_computed // block
-            if pc is not None and seq.num_computed % block == 0 and done_blocks <= len(seq.block_keys):
-                seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
-        if seq.prefill_remaining == 0:
-            seq.t_prefill_end = time.perf_counter()
-            if pc is not None:
-                hits = seq.cached_tokens // block
-                pc.record(hits, len(seq.block_keys) - hits)
-            seq.blocks = []
-
-    def _decode(self, rows: list[Sequence]) -> None:
-        names = [s.params.drafter or self.drafter.name for s in rows]
-        depths = self.speculation.depths(rows, [self._drafter_named(n) for n in names])
-        drafts = self._propose(rows, names, depths) if any(depths) else None
-        if drafts is not None:
-            self.speculation.cap_drafts(rows, drafts)
-        if drafts is not None and any(d.tokens for d in drafts):
-            try:
-                self._speculative_decode(rows, drafts)
-                return
-            except Exception as e:  # the caches are as they were: decode this step plainly
-                warnings.warn(f"kernelext: speculative step failed, decoding plainly: {e!r}",
-                              RuntimeWarning, stacklevel=2)
-        self._plain_decode(rows)
-
-    def _propose(self, rows: list[Sequence], names: list[str], depths: list[int]) -> list[Draft]:
-        """Each row's drafts from its own drafter. Every drafter sees all rows (a head
-        must still be fed the rows it does not draft for) with depth 0 for the others."""
-        drafts = [Draft([]) for _ in rows]
-        for name in sorted({n for n, d in zip(names, depths) if d}):
-            mine = [d if n == name else 0 for n, d in zip(names, depths)]
-            drafter = self._drafter_named(name)
-            for i, draft in enumerate(drafter.propose(rows, mine)):
-                if mine[i]:
-                    drafts[i] = draft
-        return drafts
-
-    def _plain_decode(self, rows: list[Sequence]) -> None:
-        start = time.perf_counter()
-        logits = _on_host(self.runner.decode([s.last_token for s in rows]))
-        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts)
-                  for i, s in enumerate(rows)]
-        now = time.perf_counter()
-        self.speculation.observe_step(len(rows), 1, now - start, len(rows))
-        if self.runner.head is not None:
-            MTPDrafter.observe(rows, [[t] for t in tokens], self.runner.hidden)
-        for i, (seq, token) in enumerate(zip(rows, tokens)):
-            self._emit(seq, [token], [self._logprobs(seq, logits[i])], now)
-
-    def _speculative_decode(self, rows: list[Sequence], drafts: list[Draft]) -> None:
-        start = time.perf_counter()
-        window = 1 + max(len(d.tokens) for d in drafts)
-        # Rows with fewer drafts are padded; their extra positions are rolled back.
-        windows = [[s.last_token] + d.tokens + [s.last_token] * (window - 1 - len(d.tokens))
-                   for s, d in zip(rows, drafts)]
-        logits = self.runner.verify(windows)
-        try:
-            logits = _on_host(logits)
-            emitted = [verify_row(logits[i], s, d) for i, (s, d) in enumerate(zip(rows, drafts))]
-            self.runner.commit([len(e) for e in emitted], window)
-        except BaseException:
-            self.runner.abort()
-            raise
-        now = time.perf_counter()
-        self.speculation.observe_step(len(rows), window, now - start, sum(map(len, emitted)))
-        if self.runner.head is not None:
-            MTPDrafter.observe(rows, emitted, self.runner.hidden)
-        for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
-            self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
-            self._emit(seq, tokens, [self._logprobs(seq, logits[i, j]) for j in range(len(tokens))], now)
-
-    @staticmethod
-    def _logprobs(seq: Sequence, logits: np.ndarray) -> tuple | None:
-        n = seq.params.logprobs
-        return top_logprobs(logits, n) if n is not None else None
-
-    def _emit(self, seq: Sequence, tokens: list[int], logprob_infos: list, now: float) -> None:
-        """Deliver this step's tokens of one row, stopping at the first that ends it."""
-        if seq.t_first_token is None:
-            seq.t_first_token = now
-            self.metrics_.ttft(now - seq.t_submit)
-        seq.t_last_token = now
-        delta = Delta("", [])
-        for token, info in zip(tokens, logprob_infos):
-            seq.completion_tokens += 1
-            if token in self._eos:
-                self._finish(seq, "stop", delta)
-                return
-            seq.append(token)
-            delta.text += seq.text.add(token)
-            delta.token_ids.append(token)
-            if info is not None:
-                entry = self._token_logprob(token, *info)
-                delta.logprobs = (delta.logprobs or []) + [entry]
-                seq.logprobs.append(entry)
-            if seq.text.stopped:
-                self._finish(seq, "stop", delta)
-                return
-            if len(seq.output_ids) >= seq.params.max_tokens or seq.position >= seq.max_len:
-                self._finish(seq, "length", delta)
-                return
-        seq.handle._push(delta)
-
-    def _token_logprob(self, token: int, logprobs: np.ndarray, top_ids: list[int]) -> TokenLogprob:
-        decode = self._loaded.tokenizer.decode
-        return TokenLogprob(token, decode([token]), float(logprobs[token]),
-                            [(t, decode([t]), float(logprobs[t])) for t in top_ids])
-
-    def _finish(self, seq: Sequence, reason: str, delta: Delta) -> None:
-        delta.text += seq.text.finish()
-        delta.finish_reason = reason
-        seq.status = SeqStatus.FINISHED
-        seq.finish_reason = reason
-        seq.cache = None
-        usage = self._usage(seq)
-        delta.usage = usage
-        name = {"cancelled": "requests_cancelled"}.get(reason, "requests_completed")
-        self.metrics_.count(name)
-        self.metrics_.count("prompt_tokens", usage.prompt_tokens)
-        self.metrics_.count("cached_tokens", usage.cached_tokens)
-        completion = Completion(text=seq.text.text, token_ids=list(seq.output_ids),
-                                finish_reason=reason, usage=usage, logprobs=seq.logprobs,
-                                request_id=seq.request_id)
-        seq.handle._push(delta, completion=completion)
-
-    def _fail(self, seq: Sequence, error: Exception) -> None:
-        seq.status = SeqStatus.FINISHED
-        seq.cache = None
-        self.metrics_.count("requests_failed")
-        seq.handle._fail(error)
-
-    def _drop_finished(self) -> None:
-        was_waiting = len(self.scheduler.waiting)
-        keep = self.scheduler.remove_finished()
-        with self._waiting_lock:
-            self._queued -= was_waiting - len(self.scheduler.waiting)
-        if keep is not None:
-            self.runner.keep_rows(keep)
-
-    @staticmethod
-    def _usage(seq: Sequence) -> Usage:
-        end = seq.t_last_token or time.perf_counter()
-        prefill_s = (seq.t_prefill_end or 0) - (seq.t_prefill_start or 0)
-        computed = seq.num_computed - seq.cached_tokens
-        decode_s = end - (seq.t_first_token or end)
-        return Usage(
-            prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.completion_tokens,
-            cached_tokens=seq.cached_tokens,
-            ttft_s=(seq.t_first_token - seq.t_submit) if seq.t_first_token else 0.0,
-            prefill_tps=computed / prefill_s if prefill_s > 0 else 0.0,
-            decode_tps=(seq.completion_tokens - 1) / decode_s if decode_s > 0 else 0.0,
-            total_s=end - seq.t_submit, draft_tokens=seq.drafted_tokens,
-            accepted_tokens=seq.accepted_tokens, verify_calls=seq.verify_calls)
-
-
-def _on_host(logits: mx.array) -> np.ndarray:
-    """Evaluated float32 logits as a numpy view of the same memory (no copy on the CPU).
-
-    Sampling runs on the host: numpy's argmax and exp over a 262k vocabulary are
-    ~10x faster than MLX's CPU kernels, and one keyed draw per row needs no device work.
-    """
-    logits = logits.astype(mx.float32)
-    mx.eval(logits)
-    return np.asarray(memoryview(logits))
+        return self.core.tune_key()

@@ -1,6 +1,8 @@
 """Engine core on every tiny model family: exactness, batching, streaming, errors."""
 
 import asyncio
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -262,3 +264,15 @@ def test_quantized_model_directory_loads(tmp_path):
     with Engine.load(qdir, EngineConfig(progress=False, dtype="model")) as e:  # kept quantized
         kept = e.generate(PROMPTS[0], max_tokens=8)
     assert len(fast.token_ids) == len(kept.token_ids) == 8
+
+
+def test_the_front_imports_no_mlx():
+    """`import engine` (the Engine front, its config, params and handles) loads no MLX:
+    the core is imported on the MLX thread when a model loads. Old module paths from
+    before the engine was grouped into folders still import."""
+    code = ("import sys, engine; from engine import Engine, EngineConfig, SamplingParams; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')], 'mlx'; "
+            "from engine.tuning import CODE; import engine.sampler, engine.spec.tuning as t; "
+            "assert engine.sampler is sys.modules['engine.sampling.sampler']; "
+            "assert t.__spec__.name == 'engine.spec.tuning'")
+    subprocess.run([sys.executable, "-c", code], check=True)

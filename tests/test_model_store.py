@@ -1,4 +1,4 @@
-"""engine.model_store / engine.gguf_convert: resolving aliases, directories and GGUF files.
+"""engine.models.store / engine.models.gguf_convert: resolving aliases, directories and GGUF files.
 
 The real default model (Gemma 3 270M, Q4_K_M) is converted once per session; everything else runs
 on tiny synthetic GGUF files written here with gguf.GGUFWriter.
@@ -24,10 +24,10 @@ from mlx_lm.utils import load_model
 from safetensors.numpy import save_file
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from engine import gguf_convert, loader
 from engine.cpu import quant_linear
+from engine.models import gguf_convert, loader
 from engine.errors import ModelLoadError, UnsupportedModelError
-from engine.model_store import DEFAULT_MODEL, default_model_cache_dir, resolve_model
+from engine.models.store import DEFAULT_MODEL, default_model_cache_dir, resolve_model
 
 
 def cache_entries(cache):

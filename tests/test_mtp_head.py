@@ -11,7 +11,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
 from engine.errors import ModelLoadError
-from engine.mtp_head import MTPHead, NoDraftHeadError, _stack_experts, trunk_forward
+from engine.spec.mtp_head import MTPHead, NoDraftHeadError, _stack_experts, trunk_forward
 from tiny_models import FAMILIES, _config, tiny_model
 
 PROMPT = [300, 12, 40, 41, 99, 43, 120, 45, 46, 100, 501, 77]  # > 8: wraps gemma's sliding window

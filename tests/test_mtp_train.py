@@ -11,9 +11,10 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
-import engine.mtp_head as mtp_head
-from engine import Engine, EngineConfig, ModelLoadError, mtp_train
-from engine.mtp_head import LOCAL_HEAD, MTPHead, trunk_hidden
+import engine.spec.mtp_head as mtp_head
+from engine import Engine, EngineConfig, ModelLoadError
+from engine.spec import mtp_train
+from engine.spec.mtp_head import LOCAL_HEAD, MTPHead, trunk_hidden
 from test_speculative import PROMPTS, _assert_same_law, _position_counts, make_engine
 from tiny_models import tiny_model, tokenizer_corpus, write_tiny_model
 

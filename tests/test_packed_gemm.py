@@ -6,8 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, backend, loader
-from engine.packed_gemm import MAX_ROWS, PackedMatrix
+from engine import Engine, EngineConfig
+from engine.cpu import backend
+from engine.models import loader
+from engine.cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from tiny_models import tiny_model
 
 needs_mkl = pytest.mark.skipif("mkl" not in backend.blas().lower() or mx.default_device() != mx.cpu,

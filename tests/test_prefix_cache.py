@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save
 
-import engine.ssd_cache as ssd_cache
+import engine.cache.ssd_tier as ssd_cache
 from engine import Engine, EngineConfig, SamplingParams
 from tiny_models import FAMILIES, tiny_model
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from engine import Engine, EngineConfig, SamplingParams, loader
+from engine import Engine, EngineConfig, SamplingParams
+from engine.models import loader
 from engine.cpu import quant_linear
 from test_speculative import ScriptedDrafter, use_drafter
 from tiny_quant_models import GGUF_FAMILIES, tiny_gguf_model, tiny_mlx_model

@@ -1,11 +1,13 @@
-"""The native row kernels (engine/row_kernels.py): right products, batch-invariant rows,
+"""The native row kernels (engine/cpu/row_kernels.py): right products, batch-invariant rows,
 used for decode and verify forwards only, and switchable off."""
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, loader, row_kernels
+from engine import Engine, EngineConfig
+from engine.cpu import row_kernels
+from engine.models import loader
 from tiny_models import tiny_model
 
 needs_kernels = pytest.mark.skipif(not row_kernels.available(),

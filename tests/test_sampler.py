@@ -5,10 +5,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.sampler import (apply_penalties, keyed_uniform, sample_index, sample_token,
+from engine.sampling.sampler import (apply_penalties, keyed_uniform, sample_index, sample_token,
                             target_probs, top_logprobs)
-from engine.sampling_params import SamplingParams
-from engine.text_stream import TextStream
+from engine.sampling.params import SamplingParams
+from engine.sampling.text_stream import TextStream
 
 
 def test_penalties_match_definitions():

@@ -9,12 +9,12 @@ import pytest
 from mlx.utils import tree_map
 from mlx_lm.models import llama
 
-import engine.llm_engine as llm_engine
+import engine.core.engine_core as llm_engine
 from engine import Engine, EngineConfig, SamplingParams
-from engine.drafters import Draft
-from engine.model_runner import ModelRunner
-from engine.sampler import keyed_uniform, sample_index, target_probs
-from engine.speculative import accept_probability, coupled_window, residual_distribution, run_window
+from engine.spec.drafters import Draft
+from engine.core.model_runner import ModelRunner
+from engine.sampling.sampler import keyed_uniform, sample_index, target_probs
+from engine.spec.verify import accept_probability, coupled_window, residual_distribution, run_window
 from tiny_models import FAMILIES, tiny_model
 
 PROMPTS = ["def fibonacci(n):", "Hello", "The quick brown fox jumps over the lazy dog, and then",
@@ -418,7 +418,7 @@ def test_mtp_without_a_head_is_a_clear_error():
 
 
 def test_tune_picks_and_persists_a_depth():
-    from engine import tuning
+    from engine.spec import tuning
     with make_engine("llama", drafter="ngram", depth="auto") as eng:
         result = eng.tune(gen_tokens=8, depths=(0, 1, 2))
         assert result["depth"] in (0, 1, 2) and set(result["tok_s"]) == {0, 1, 2}
@@ -449,7 +449,7 @@ def test_set_options_changes_the_running_engine():
 def test_default_model_ngram_greedy_identity():
     """Gemma 3 270M copying code: n-gram drafts are mostly accepted, output unchanged,
     with max_tokens and a stop string landing mid-window."""
-    from engine.tuning import TUNING_PROMPTS
+    from engine.spec.tuning import TUNING_PROMPTS
     prompt = TUNING_PROMPTS[1]
     with Engine.load("gemma-3-270m", EngineConfig(progress=False, drafter="ngram", depth=4,
                                                   max_batch=4)) as eng:
@@ -478,7 +478,7 @@ def test_requests_pick_their_own_drafter():
 
 def test_adaptive_depth_follows_acceptance_and_measured_cost():
     from engine.config import EngineConfig as Cfg
-    from engine.speculation import SpeculationController
+    from engine.spec.controller import SpeculationController
     ctl = SpeculationController(Cfg(progress=False), "ngram")
     for window in range(1, 6):  # latency-bound: a longer window costs little more
         ctl.observe_step(1, window, 0.100 * (1 + 0.05 * (window - 1)), window)
@@ -491,7 +491,7 @@ def test_adaptive_depth_follows_acceptance_and_measured_cost():
 
 def test_unmeasured_window_costs_at_least_a_measured_forward_of_fewer_rows():
     from engine.config import EngineConfig as Cfg
-    from engine.speculation import SpeculationController
+    from engine.spec.controller import SpeculationController
     ctl = SpeculationController(Cfg(progress=False), "ngram")
     ctl.observe_step(2, 1, 0.050, 2)
     ctl.observe_step(8, 1, 0.100, 8)
@@ -505,7 +505,7 @@ def test_unmeasured_window_costs_at_least_a_measured_forward_of_fewer_rows():
 
 def test_first_plain_step_after_a_window_is_charged_to_the_window():
     from engine.config import EngineConfig as Cfg
-    from engine.speculation import SpeculationController
+    from engine.spec.controller import SpeculationController
     ctl = SpeculationController(Cfg(progress=False), "ngram")
     for _ in range(3):
         ctl.observe_step(8, 1, 0.100, 8)

@@ -30,7 +30,7 @@ import numpy as np
 from .quant_layout import QuantFormat
 
 try:
-    from .. import _quant_matmul as _native
+    from . import _quant_matmul as _native
 except ImportError:  # not built (`make native`), or built for another mlx
     _native = None
 
@@ -63,7 +63,7 @@ def _binds() -> bool:
                                      1, 1, False, 0, False, path() == "avx2"))
         return True
     except TypeError:
-        warnings.warn("kernelext: engine/_quant_matmul was built for another mlx; run `make native` "
+        warnings.warn("kernelext: engine/cpu/_quant_matmul was built for another mlx; run `make native` "
                       "(quantized weights are dequantized instead)", RuntimeWarning, stacklevel=3)
         return False
 

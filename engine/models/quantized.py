@@ -27,7 +27,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cpu import quant_layout, quant_linear
-from ..gguf_convert import QUANTIZATION_KEY
+from .gguf_convert import QUANTIZATION_KEY
 
 
 def gguf_tensors(config: dict) -> dict[str, list]:

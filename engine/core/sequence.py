@@ -7,10 +7,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .handle import RequestHandle
-from .outputs import TokenLogprob
-from .sampling_params import SamplingParams
-from .text_stream import TextStream
+from ..handle import RequestHandle
+from ..outputs import TokenLogprob
+from ..sampling.params import SamplingParams
+from ..sampling.text_stream import TextStream
 
 
 class SeqStatus(Enum):

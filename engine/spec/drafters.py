@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .sequence import Sequence
+import mlx.core as mx
+import numpy as np
+
+from ..cache.handlers import rollback
+from ..core.sequence import Sequence
+from ..errors import NoDraftHeadError
+from ..sampling.sampler import ROLE_DRAFT, keyed_uniform, sample_index, target_probs
 
 
 @dataclass
@@ -90,8 +96,6 @@ class MTPDrafter:
     @staticmethod
     def observe(rows: list[Sequence], emitted: list[list[int]], hidden) -> None:
         """Queue each row's newly committed pairs (hidden: [rows, window, D]) for the head."""
-        import mlx.core as mx
-
         for i, (seq, tokens) in enumerate(zip(rows, emitted)):
             new = hidden[i, :len(tokens)]
             old = seq.draft_state.get("mtp")
@@ -100,13 +104,6 @@ class MTPDrafter:
             seq.draft_state["mtp"] = {"hidden": new, "tokens": tokens}
 
     def propose(self, rows: list[Sequence], depths: list[int]) -> list[Draft]:
-        import mlx.core as mx
-        import numpy as np
-
-        from .cache_handlers import rollback
-        from .sampler import keyed_uniform, sample_index, target_probs
-        from .speculative import ROLE_DRAFT
-
         head_cache = self.runner.batch_cache[self.runner.n_trunk:]
         pending = [seq.draft_state.pop("mtp", None) or {"hidden": None, "tokens": []} for seq in rows]
         counts = [len(p["tokens"]) for p in pending]
@@ -150,3 +147,23 @@ class MTPDrafter:
             for c in head_cache:
                 c.trim(steps - 1)
         return [d if d.tokens else Draft([]) for d in drafts]
+
+
+class DrafterPool:
+    """The engine's drafters by name, made on first use; requests may pick their own."""
+
+    def __init__(self, runner, model_name: str):
+        self.runner, self.model_name = runner, model_name
+        self._made: dict = {}
+
+    def get(self, name: str):
+        if name == "auto":
+            name = "mtp" if self.runner.head is not None else "ngram"
+        if name == "mtp" and self.runner.head is None:
+            raise NoDraftHeadError(
+                f"{self.model_name} was loaded without an MTP head: load it with "
+                "EngineConfig(drafter='mtp') to draft with one")
+        if name not in self._made:
+            self._made[name] = {"ngram": NgramDrafter, "none": NoDrafter,
+                                "mtp": lambda: MTPDrafter(self.runner)}[name]()
+        return self._made[name]

@@ -24,8 +24,8 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
-from .cpu.quant_layout import GGUF_BLOCKS
-from .errors import ModelLoadError, UnsupportedModelError
+from ..cpu.quant_layout import GGUF_BLOCKS
+from ..errors import ModelLoadError, UnsupportedModelError
 
 # Bump whenever the output of a conversion changes: cached conversions of older versions are redone.
 CONVERTER_VERSION = 2

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from .kv_blocks import CACHE_FORMAT_VERSION
+from .block_keys import CACHE_FORMAT_VERSION
 
 SUFFIX = ".safetensors"
 TMP_PREFIX = ".tmp-"

@@ -12,7 +12,7 @@ tokens Leviathan-Chen emits depend on the drafts (their law does not), so their
 depth comes from their own acceptance with fixed prior costs, and the same seed
 drafts, and so samples, the same way alone, in any batch, and on any run.
 Deterministic drafts need no such care: verification emits exactly the tokens
-plain decoding would (speculative.py).
+plain decoding would (spec/verify.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
-from .config import EngineConfig
-from .sequence import Sequence
+from ..config import EngineConfig
+from ..core.sequence import Sequence
 
 _EWMA = 0.2  # weight of a new observation of acceptance
 _COST_SAMPLES = 9  # step costs are the median of the last few measurements per (batch, window)

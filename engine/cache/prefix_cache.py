@@ -16,10 +16,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from .cache_handlers import handler_for
-from .hot_cache import HotTier
-from .kv_blocks import block_keys
-from .ssd_cache import SSDTier
+from .handlers import handler_for
+from .hot_tier import HotTier
+from .block_keys import block_keys
+from .ssd_tier import SSDTier
 
 
 def _to_numpy(payload: dict) -> tuple[dict[str, np.ndarray], dict[str, str]]:

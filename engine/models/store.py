@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import ModelLoadError, UnsupportedModelError
+from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_convert import CONVERTER_VERSION, convert_gguf, gguf_digest
 
 DEFAULT_MODEL = "gemma-3-270m"

@@ -9,7 +9,7 @@ bench/bench_engine.py's step breakdown). Packed results are bit-identical to
 `cblas_sgemm` on the same rows. Beyond 8 rows the packed kernel is slower than
 MLX's own matmul, so those go to MLX. The packed copy costs ~1.8x the projection's size in RAM.
 
-Only on the CPU with MKL loaded (engine/backend.py); elsewhere `build` returns None.
+Only on the CPU with MKL loaded (engine/cpu/backend.py); elsewhere `build` returns None.
 KERNELEXT_PACKED_GEMM=0 turns it off (saving the RAM).
 """
 

@@ -58,9 +58,10 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
-from .cpu import quant_linear
-from .errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
-from .loader import output_projection
+from ..cache.block_keys import file_digest
+from ..cpu import quant_linear
+from ..errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
+from ..models.loader import output_projection
 
 FORMAT = "kernelext-mtp-head"
 FORMAT_VERSION = 2  # 2: optional `draft_vocab` tensor
@@ -385,3 +386,23 @@ def head_matches(path: Path, base_fingerprint: str) -> bool:
         return json.loads(meta[_META_KEY]).get("base_fingerprint") == base_fingerprint
     except (OSError, ValueError, KeyError, struct.error):
         return False
+
+
+def find_head(model_dir, model, fingerprint: str, name: str, *, explicit=None,
+              trained: bool = True) -> tuple[MTPHead, str]:
+    """The native MTP head, else (if `trained`) a trained head made for exactly this
+    model. Returns the head and its identity for the prefix cache's fingerprint."""
+    try:
+        return MTPHead.from_checkpoint(model_dir, model), "native"
+    except NoDraftHeadError as missing:
+        if not trained:
+            raise
+        for path in head_candidates(explicit, model_dir):
+            if head_matches(path, fingerprint):
+                return MTPHead.load(path, model, fingerprint), file_digest(path)
+        if explicit:  # asked for explicitly: say why it does not fit
+            return MTPHead.load(explicit, model, fingerprint), ""
+        raise NoDraftHeadError(
+            f"{name} has no MTP draft head (no native mtp.* weights and no "
+            "trained head for it); use drafter='ngram', or train one with "
+            "engine.train_mtp_head()") from missing

@@ -17,10 +17,10 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
-from .cache_handlers import rollback
-from .loader import decode_products
-from .mtp_head import trunk_forward
-from .recurrent_capture import RecurrentCapture
+from ..cache.handlers import rollback
+from ..models.loader import decode_products
+from ..spec.mtp_head import trunk_forward
+from ..cache.recurrent_capture import RecurrentCapture
 
 
 class ModelRunner:

@@ -46,7 +46,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
-from .errors import InvalidRequestError
+from ..errors import InvalidRequestError
 from .mtp_head import LOCAL_HEAD, MTPHead, trunk_forward, trunk_hidden
 
 PIECE_CHARS = 6000  # corpus pieces: small, so a sample of the corpus spans many files

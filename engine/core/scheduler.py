@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .config import EngineConfig
+from ..config import EngineConfig
 from .sequence import Sequence, SeqStatus
 
 

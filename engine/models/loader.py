@@ -12,12 +12,11 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokenizer
 
-from . import row_kernels
-from .cpu import quant_linear
-from .models import quantized as quantized_weights
-from .models import row_attention
-from .errors import ModelLoadError, UnsupportedModelError
-from .packed_gemm import MAX_ROWS, PackedMatrix
+from ..cpu import quant_linear, row_kernels
+from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
+from ..errors import ModelLoadError, UnsupportedModelError
+from . import quantized as quantized_weights
+from . import row_attention
 
 
 @dataclass
@@ -30,7 +29,7 @@ class LoadedModel:
     quantized: bool  # the checkpoint was quantized (it may have been dequantized for speed)
     max_context: int
     vocab_size: int
-    row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/row_kernels.py)
+    row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/cpu/row_kernels.py)
     quantized_weight_bytes: int = 0  # RAM of weights kept quantized for the CPU kernels (cpu/quant_linear.py)
 
 
@@ -106,8 +105,8 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
 # a contiguous W.T (measured on Gemma 3 270M: 8 rows 198 ms vs 105 ms, 5 rows 126 ms
 # vs 78 ms), and the vocabulary projection dominates a small model's step. So on the
 # CPU a contiguous copy of W.T is kept beside W (outside the parameters), and with
-# the row kernels a blocked copy (engine/row_kernels.py), or else, with MKL, a packed
-# copy for steps of 2 to 8 rows (engine/packed_gemm.py). The model runner switches
+# the row kernels a blocked copy (engine/cpu/row_kernels.py), or else, with MKL, a packed
+# copy for steps of 2 to 8 rows (engine/cpu/packed_gemm.py). The model runner switches
 # these on around decode and verify forwards (`decode_products`): a packed product is
 # computed eagerly, which prefill (whose logits are never evaluated) must not pay for.
 

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import (ArraysCache, BatchKVCache, BatchRotatingKVCache, KVCache,
                                  RotatingKVCache)
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 
 class FullAttentionHandler:

@@ -11,7 +11,7 @@ sampled token on Gemma 3. Probabilities are normalized in float64.
 A token is drawn by inverse CDF with one uniform keyed by (request seed,
 absolute position, role): a request's tokens never depend on its batch
 neighbours or on how steps were grouped, and a deterministic draft can be
-checked by drawing the very token plain decoding would draw (see speculative.py).
+checked by drawing the very token plain decoding would draw (see spec/verify.py).
 """
 
 from __future__ import annotations
@@ -20,9 +20,13 @@ from collections import Counter
 
 import numpy as np
 
-from .sampling_params import SamplingParams
+from .params import SamplingParams
 
-ROLE_SAMPLE = 0
+# Roles of a keyed draw: the same (seed, position) gives independent uniforms per role.
+ROLE_SAMPLE = 0  # plain decoding's draw (also the coupled check of a deterministic draft)
+ROLE_ACCEPT = 1  # accept/reject of a sampled draft
+ROLE_RESIDUAL = 2  # the residual sample after a rejection
+ROLE_DRAFT = 3  # an MTP head drawing its draft
 _MASK64 = (1 << 64) - 1
 _TOP_P_CANDIDATES = 1024  # top-p sorts only these when they already hold the mass
 

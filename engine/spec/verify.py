@@ -29,12 +29,9 @@ from typing import Callable
 import numpy as np
 
 from .drafters import Draft
-from .sampler import apply_penalties, keyed_uniform, sample_index, sample_token, target_probs
-from .sequence import Sequence
-
-ROLE_ACCEPT = 1
-ROLE_RESIDUAL = 2
-ROLE_DRAFT = 3
+from ..sampling.sampler import (ROLE_ACCEPT, ROLE_RESIDUAL, apply_penalties, keyed_uniform, sample_index,
+                                sample_token, target_probs)
+from ..core.sequence import Sequence
 
 
 def accept_probability(p_d: float, q_d: float) -> float:

@@ -1,0 +1,309 @@
+"""EngineCore: the step loop, on the one MLX thread (core/worker.py).
+
+Each step: drop cancelled rows, ask the scheduler for a plan, prefill the
+planned prompt chunks (restoring cached blocks first), move finished prefills
+into the decode batch, then decode the batch once: plainly, or as a verify
+window when drafters propose tokens. Sampled tokens go to the output processor,
+which streams them to the caller's RequestHandle. The scheduler only decides,
+the model runner only executes, the prefix cache only accounts and stores.
+
+The Engine front (llm_engine.py) builds this object through the worker and
+talks to it through the worker's queue; nothing here is called from another
+thread except the read-only status().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ..cache.block_keys import model_fingerprint
+from ..cache.prefix_cache import PrefixCache
+from ..config import EngineConfig, default_kv_cache_dir
+from ..cpu import backend
+from ..errors import EngineClosedError, NoDraftHeadError, UnsupportedModelError
+from ..metrics import EngineMetrics
+from ..models import loader
+from ..outputs import Delta
+from ..sampling.sampler import sample_token
+from ..spec import tuning
+from ..spec.controller import SpeculationController
+from ..spec.drafters import Draft, DrafterPool, MTPDrafter
+from ..spec.mtp_head import find_head
+from ..spec.verify import verify_row
+from .admission import Admission
+from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+
+class EngineCore:
+    """Loads the model (with its draft head and prefix cache) and steps it."""
+
+    def __init__(self, model_path, config: EngineConfig, name: str, metrics: EngineMetrics,
+                 admission: Admission, progress=None):
+        self.config, self.model_name = config, name
+        self.metrics, self.admission = metrics, admission
+        self.scheduler = Scheduler(config)
+        progress = progress or (lambda stage: None)
+        self.loaded = loader.load(model_path, config.dtype, progress)
+        self.backend = "cpu" if loader.on_cpu() else "gpu"
+        self.fingerprint = model_fingerprint(self.loaded.path, self.loaded.dtype,
+                                             memo_file=self.kv_dir() / "weight-digests.json")
+        progress("fingerprint")
+        head, head_id = None, ""
+        if config.drafter in ("mtp", "auto"):
+            try:
+                # "auto" takes native heads only: the trained head shipped for the
+                # default model drafts slower than n-gram there (bench/bench_mtp.py),
+                # so trained heads are used when asked for with drafter="mtp".
+                head, head_id = find_head(self.loaded.path, self.loaded.model, self.fingerprint,
+                                          name, explicit=config.mtp_head,
+                                          trained=config.drafter == "mtp")
+            except NoDraftHeadError:
+                if config.drafter == "mtp":
+                    raise
+        self.runner = ModelRunner(self.loaded.model, head)
+        self.drafters = DrafterPool(self.runner, name)
+        self.prefix_cache = self._make_prefix_cache(head_id)
+        self.drafter = self.drafters.get(config.drafter)
+        self.speculation = SpeculationController(config, self.drafter.name)
+        self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
+        self.output = OutputProcessor(self.loaded.tokenizer, metrics)
+        self.closed = False
+        progress("ready")
+
+    def kv_dir(self) -> Path:
+        return Path(self.config.cache_dir) if self.config.cache_dir else default_kv_cache_dir()
+
+    def _make_prefix_cache(self, head_id: str) -> PrefixCache | None:
+        cfg = self.config
+        if not cfg.prefix_cache:
+            return None
+        kv_dir = self.kv_dir()
+        # With a draft head its KV is cached too, so the head is part of the identity.
+        fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}".encode()).hexdigest()
+        try:
+            return PrefixCache(self.runner.new_cache(), fingerprint, cfg.block_size,
+                               cfg.hot_cache_bytes, kv_dir / "blocks" if cfg.ssd_cache else None,
+                               cfg.ssd_cache_bytes)
+        except UnsupportedModelError as e:
+            warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
+            return None
+
+    def set_drafter(self, name: str) -> None:
+        self.drafter = self.drafters.get(name)  # raises if mtp has no head
+        self.config.drafter, self.speculation.drafter_name = name, self.drafter.name
+        self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
+
+    def _drafter_named(self, name: str):
+        return self.drafter if name == self.drafter.name else self.drafters.get(name)
+
+    def tune_key(self) -> str:
+        return tuning.key(self.fingerprint, self.backend, backend.blas(), self.drafter.name)
+
+    def status(self) -> dict:
+        """What metrics() shows beside the counters (plain reads, any thread)."""
+        out = dict(backend=self.backend, blas=backend.blas(), dtype=self.loaded.dtype,
+                   packed_output_bytes=loader.packed_output_bytes(self.loaded.model),
+                   row_kernel_bytes=self.loaded.row_kernel_bytes,
+                   quantized_weight_bytes=self.loaded.quantized_weight_bytes,
+                   running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
+                   waiting=len(self.scheduler.waiting))
+        if self.prefix_cache is not None:
+            out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
+                        if isinstance(v, (int, float))})
+        out.update(self.speculation.metrics())
+        return out
+
+    # -- commands and steps from the worker ------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def handle_command(self, item: tuple) -> None:
+        kind = item[0]
+        if kind == "submit":
+            if self.closed:  # submitted just before close(): the stop came first
+                self.output.fail(item[1], EngineClosedError("the engine was closed"))
+            else:
+                self.scheduler.add(item[1])
+        elif kind == "call":
+            _, fn, future = item
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
+        # "wake" only interrupts the worker's wait; cancellations are read at each step
+
+    def shutdown(self) -> None:
+        self.closed = True
+        self._abort_all(EngineClosedError("the engine was closed"))
+        if self.prefix_cache is not None:
+            self.prefix_cache.close()  # flushes queued SSD writes
+        self.loaded.model = None
+
+    def recover(self, error: Exception) -> None:
+        """An unexpected error inside a step: fail what was in flight, keep serving."""
+        self._abort_all(error)
+
+    def _abort_all(self, error: Exception) -> None:
+        for seq in self.scheduler.active():
+            self.output.fail(seq, error)
+        self.admission.release(len(self.scheduler.waiting))
+        self.scheduler = Scheduler(self.config)
+        self.runner.reset()
+
+    def step(self) -> None:
+        for seq in self.scheduler.active():
+            if seq.handle.cancel_requested:
+                self.output.finish(seq, "cancelled", Delta("", []))
+        self._drop_finished()
+        was_waiting = len(self.scheduler.waiting)
+        plan = self.scheduler.schedule()
+        self.admission.release(was_waiting - len(self.scheduler.waiting))
+        prefilled = 0
+        for seq, n in plan.prefill:
+            prefilled += n
+            try:
+                self._prefill(seq, n)
+            except Exception as e:
+                self.output.fail(seq, e)
+        joining = self.scheduler.join_ready()
+        if joining:
+            self.runner.add_rows([s.cache for s in joining])
+            for s in joining:
+                s.cache = None
+        rows = self.scheduler.running
+        if rows:
+            try:
+                self._decode(rows)
+            except Exception as e:
+                for seq in rows:
+                    self.output.fail(seq, e)
+                self.runner.reset()
+        self.metrics.step(decoded=len(rows), prefilled=prefilled, rows=len(rows))
+        self._drop_finished()
+
+    def _prefill(self, seq: Sequence, budget: int) -> None:
+        """Bring seq's cache forward: restore cached blocks, compute whole blocks within budget."""
+        block, pc = self.config.block_size, self.prefix_cache
+        if seq.cache is None:
+            seq.cache = self.runner.new_cache()
+            seq.t_prefill_start = time.perf_counter()
+            if pc is not None:
+                seq.block_keys = pc.keys(seq.prompt_ids[:seq.prefill_target])
+        while True:
+            # At every block boundary take what is cached by now (maybe published
+            # a moment ago by a request with the same prefix that is ahead of this one).
+            done_blocks = seq.num_computed // block
+            if pc is not None and seq.num_computed % block == 0 and done_blocks < len(seq.block_keys):
+                found = pc.lookup(seq.block_keys[done_blocks:])
+                if found:
+                    seq.blocks.extend(found)
+                    seq.cache = pc.restore(seq.blocks)
+                    seq.num_computed += len(found) * block
+                    seq.cached_tokens += len(found) * block
+            take = min(block - seq.num_computed % block, seq.prefill_remaining)
+            if take == 0 or take > budget:
+                break
+            start = seq.num_computed
+            self.runner.prefill(seq.cache, seq.prompt_ids[start:start + take],
+                                seq.prompt_ids[start + 1:start + take + 1])
+            seq.num_computed += take
+            budget -= take
+            done_blocks = seq.num_computed // block
+            if pc is not None and seq.num_computed % block == 0 and done_blocks <= len(seq.block_keys):
+                seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
+        if seq.prefill_remaining == 0:
+            seq.t_prefill_end = time.perf_counter()
+            if pc is not None:
+                hits = seq.cached_tokens // block
+                pc.record(hits, len(seq.block_keys) - hits)
+            seq.blocks = []
+
+    def _decode(self, rows: list[Sequence]) -> None:
+        names = [s.params.drafter or self.drafter.name for s in rows]
+        depths = self.speculation.depths(rows, [self._drafter_named(n) for n in names])
+        drafts = self._propose(rows, names, depths) if any(depths) else None
+        if drafts is not None:
+            self.speculation.cap_drafts(rows, drafts)
+        if drafts is not None and any(d.tokens for d in drafts):
+            try:
+                self._speculative_decode(rows, drafts)
+                return
+            except Exception as e:  # the caches are as they were: decode this step plainly
+                warnings.warn(f"kernelext: speculative step failed, decoding plainly: {e!r}",
+                              RuntimeWarning, stacklevel=2)
+        self._plain_decode(rows)
+
+    def _propose(self, rows: list[Sequence], names: list[str], depths: list[int]) -> list[Draft]:
+        """Each row's drafts from its own drafter. Every drafter sees all rows (a head
+        must still be fed the rows it does not draft for) with depth 0 for the others."""
+        drafts = [Draft([]) for _ in rows]
+        for name in sorted({n for n, d in zip(names, depths) if d}):
+            mine = [d if n == name else 0 for n, d in zip(names, depths)]
+            drafter = self._drafter_named(name)
+            for i, draft in enumerate(drafter.propose(rows, mine)):
+                if mine[i]:
+                    drafts[i] = draft
+        return drafts
+
+    def _plain_decode(self, rows: list[Sequence]) -> None:
+        start = time.perf_counter()
+        logits = _on_host(self.runner.decode([s.last_token for s in rows]))
+        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts)
+                  for i, s in enumerate(rows)]
+        now = time.perf_counter()
+        self.speculation.observe_step(len(rows), 1, now - start, len(rows))
+        if self.runner.head is not None:
+            MTPDrafter.observe(rows, [[t] for t in tokens], self.runner.hidden)
+        for i, (seq, token) in enumerate(zip(rows, tokens)):
+            self.output.emit(seq, [token], [self.output.logprobs(seq, logits[i])], now)
+
+    def _speculative_decode(self, rows: list[Sequence], drafts: list[Draft]) -> None:
+        start = time.perf_counter()
+        window = 1 + max(len(d.tokens) for d in drafts)
+        # Rows with fewer drafts are padded; their extra positions are rolled back.
+        windows = [[s.last_token] + d.tokens + [s.last_token] * (window - 1 - len(d.tokens))
+                   for s, d in zip(rows, drafts)]
+        logits = self.runner.verify(windows)
+        try:
+            logits = _on_host(logits)
+            emitted = [verify_row(logits[i], s, d) for i, (s, d) in enumerate(zip(rows, drafts))]
+            self.runner.commit([len(e) for e in emitted], window)
+        except BaseException:
+            self.runner.abort()
+            raise
+        now = time.perf_counter()
+        self.speculation.observe_step(len(rows), window, now - start, sum(map(len, emitted)))
+        if self.runner.head is not None:
+            MTPDrafter.observe(rows, emitted, self.runner.hidden)
+        for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
+            self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
+            self.output.emit(seq, tokens, [self.output.logprobs(seq, logits[i, j])
+                                           for j in range(len(tokens))], now)
+
+    def _drop_finished(self) -> None:
+        was_waiting = len(self.scheduler.waiting)
+        keep = self.scheduler.remove_finished()
+        self.admission.release(was_waiting - len(self.scheduler.waiting))
+        if keep is not None:
+            self.runner.keep_rows(keep)
+
+
+def _on_host(logits: mx.array) -> np.ndarray:
+    """Evaluated float32 logits as a numpy view of the same memory (no copy on the CPU).
+
+    Sampling runs on the host: numpy's argmax and exp over a 262k vocabulary are
+    ~10x faster than MLX's CPU kernels, and one keyed draw per row needs no device work.
+    """
+    logits = logits.astype(mx.float32)
+    mx.eval(logits)
+    return np.asarray(memoryview(logits))
+

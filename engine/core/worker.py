@@ -1,0 +1,86 @@
+"""The one thread per process that runs every MLX call, for every engine.
+
+MLX aborts the process at exit ("terminate called without an active
+exception") if a thread that ran MLX work has ended, so this thread is started
+once and lives until the interpreter exits. Engine fronts attach a core to it;
+it drains their commands and steps every core that has work, round-robin.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+
+
+class MLXWorker:
+    _instance: "MLXWorker | None" = None
+    _instance_lock = threading.Lock()
+
+    @classmethod
+    def get(cls) -> "MLXWorker":
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self):
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._cores: list = []
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="kernelext-mlx")
+        self.thread.start()
+
+    def attach(self, **core_args) -> Future:
+        """Load a model into a new EngineCore on this thread; the future gets the core
+        (or the load error)."""
+        ready: Future = Future()
+        self._inbox.put((None, ("attach", ready, core_args)))
+        return ready
+
+    def post(self, core, item: tuple) -> None:
+        """Queue a command for `core` (thread-safe); wakes the worker."""
+        self._inbox.put((core, item))
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self.thread
+
+    def _loop(self) -> None:
+        while True:
+            busy = any(c.has_work() for c in self._cores)
+            try:
+                core, item = self._inbox.get(block=not busy)
+                while True:
+                    try:
+                        self._dispatch(core, item)
+                    except Exception as e:  # never let one command kill the shared thread
+                        core.recover(e)
+                    core, item = self._inbox.get_nowait()
+            except queue.Empty:
+                pass
+            for core in list(self._cores):
+                if core.has_work():
+                    try:
+                        core.step()
+                    except Exception as e:  # a bug must not kill the thread every engine needs
+                        core.recover(e)
+
+    def _dispatch(self, core, item: tuple) -> None:
+        kind = item[0]
+        if kind == "attach":
+            _, ready, core_args = item
+            try:
+                # Imported here, on this thread: the front never imports MLX.
+                from .engine_core import EngineCore
+                core = EngineCore(**core_args)
+            except BaseException as e:
+                ready.set_exception(e)
+                return
+            self._cores.append(core)
+            ready.set_result(core)
+        elif kind == "stop":
+            if core in self._cores:
+                self._cores.remove(core)
+                core.shutdown()
+            item[1].set_result(None)
+        else:
+            core.handle_command(item)
