@@ -24,14 +24,7 @@ def _gguf_matrix(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
 
 def _packed(unpack, n, k):
     """A QuantWeight repacked from unpack(r0, r1), chunk by chunk as the loader does."""
-    holder = {}
-
-    def out_for(fmt):
-        holder["w"], view = quant_linear.QuantWeight.allocate(n, k, fmt)
-        return view
-
-    quant_layout.repack(n, unpack, out_for)
-    return holder["w"]
+    return quant_linear.QuantWeight.repacked(n, k, unpack)
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
@@ -139,8 +132,7 @@ import engine
 from engine.cpu import quant_layout, quant_linear
 from quant_blocks import random_blocks
 raw = random_blocks("Q5_0", 3000, 1024, np.random.default_rng(5))
-w, view = quant_linear.QuantWeight.allocate(3000, 1024, quant_layout.unpack_gguf(raw[:16], "Q5_0").format)
-quant_layout.repack(3000, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q5_0"), lambda f: view)
+w = quant_linear.QuantWeight.repacked(3000, 1024, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q5_0"))
 x = mx.random.normal((9, 1024), key=mx.random.key(6))
 np.save(sys.argv[1], np.array(w.matmul(x)))
 """

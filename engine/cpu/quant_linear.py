@@ -84,6 +84,20 @@ class QuantWeight:
         mx.eval(packed)
         return cls(packed, n, k, fmt), np.asarray(memoryview(packed))
 
+    @classmethod
+    def repacked(cls, n: int, k: int, unpack) -> QuantWeight:
+        """A matrix repacked chunk by chunk from unpack(r0, r1) -> quant_layout.Unpacked."""
+        from .quant_layout import repack
+
+        made = {}
+
+        def out_for(fmt):
+            made["weight"], view = cls.allocate(n, k, fmt)
+            return view
+
+        repack(n, unpack, out_for)
+        return made["weight"]
+
     @property
     def nbytes(self) -> int:
         return self.packed.nbytes

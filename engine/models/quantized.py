@@ -74,17 +74,6 @@ def _host(a: mx.array) -> np.ndarray:
     return np.asarray(memoryview(a)) if a.dtype != mx.bfloat16 else np.array(a.astype(mx.float32))
 
 
-def _packed(rows: int, cols: int, unpack) -> quant_linear.QuantWeight:
-    holder = {}
-
-    def out_for(fmt):
-        holder["w"], view = quant_linear.QuantWeight.allocate(rows, cols, fmt)
-        return view
-
-    quant_layout.repack(rows, unpack, out_for)
-    return holder["w"]
-
-
 class _BlockFiles:
     """Rows of the GGUF block tensors, read from the safetensors files a slice at a time
     with plain reads: mlx-lm's lazy arrays would load a whole matrix of blocks beside its
@@ -113,14 +102,15 @@ class _BlockFiles:
 def _repacked(module, path: str, blocks: dict, files: _BlockFiles | None) -> quant_linear.QuantWeight | None:
     if path in blocks:
         qtype, rows, cols = blocks[path]
-        return _packed(rows, cols, files.unpack(path, qtype))
+        return quant_linear.QuantWeight.repacked(rows, cols, files.unpack(path, qtype))
     spec = _affine_spec(module)
     if spec is None:
         return None
     bits, group = spec
     w, s, b = _host(module.weight), _host(module.scales), _host(module.biases)
     rows, cols = w.shape[0], w.shape[1] * 32 // bits
-    return _packed(rows, cols, lambda a, c: quant_layout.unpack_mlx_affine(w[a:c], s[a:c], b[a:c], bits, group))
+    return quant_linear.QuantWeight.repacked(
+        rows, cols, lambda a, c: quant_layout.unpack_mlx_affine(w[a:c], s[a:c], b[a:c], bits, group))
 
 
 def _replace(model: nn.Module, modules: dict, path: str, new: nn.Module) -> None:
