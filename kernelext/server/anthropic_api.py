@@ -26,7 +26,8 @@ async def messages(call, body: dict):
     gen = call.submit(prompt, params, tools=tools, chat=True)
     head = {"id": common.new_id("msg_"), "type": "message", "role": "assistant", "model": model}
     if stream:
-        return SSE(_stream(gen, head))
+        # Anthropic's streams carry `ping` events, which its clients expect and skip.
+        return SSE(_stream(gen, head), keepalive=sse({"type": "ping"}, event="ping"))
     await gen.collect()
     return {**head, "content": [_block(b, done=True) for b in gen.blocks], **_stop(gen),
             "usage": _usage(gen.usage.prompt_tokens, gen.usage.cached_tokens, gen.usage.completion_tokens)}

@@ -104,10 +104,14 @@ class App:
         self._calls: set[Call] = set()
         self._streams = 0
         self._counts = dict.fromkeys(("requests", "errors", "rejected", "cancelled"), 0)
+        # Answered (status < 400) per endpoint, e.g. "answered_v1_messages_count_tokens":
+        # shows which parts of the APIs a client really uses.
+        self._answered = {_answered_key(path): 0 for path in ROUTES}
         self.closing = False
 
     def stats(self) -> dict:
-        return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams}
+        return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams,
+                **self._answered}
 
     def shutdown(self) -> None:
         """On the server's loop: refuse new work and cancel what runs (streams then end)."""
@@ -170,6 +174,8 @@ class App:
             elif status >= 400:
                 self._counts["errors"] += 1
                 self._counts["rejected"] += status == 429
+            elif path in ROUTES:
+                self._answered[_answered_key(path)] += 1
 
     def _authorized(self, headers) -> bool:
         if self._key is None:
@@ -192,7 +198,7 @@ class App:
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
                 try:
-                    async for chunk in _with_keepalive(result.events, self.keepalive_s):
+                    async for chunk in _with_keepalive(result.events, self.keepalive_s, result.keepalive):
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except Exception:  # a bug mid-stream: the 200 is sent, so just end the stream
                     log.exception("error in an event stream")
@@ -206,16 +212,19 @@ class App:
             await _send(send, 200, json.dumps(result, ensure_ascii=False).encode(), "application/json")
 
 
-async def _with_keepalive(events, every_s: float):
-    """`events`, with an SSE comment whenever none came for `every_s` seconds (clients
-    ignore comments). The pending event is awaited, never cancelled: cancelling an async
-    generator mid-step would end it."""
+def _answered_key(path: str) -> str:
+    return "answered" + path.replace("/", "_")
+
+
+async def _with_keepalive(events, every_s: float, keepalive: bytes):
+    """`events`, with `keepalive` whenever none came for `every_s` seconds. The pending
+    event is awaited, never cancelled: cancelling an async generator mid-step would end it."""
     events, step = aiter(events), None
     try:
         while True:
             step = asyncio.ensure_future(anext(events))
             while not (await asyncio.wait({step}, timeout=every_s))[0]:
-                yield b": keepalive\n\n"
+                yield keepalive
             try:
                 chunk = step.result()
             except StopAsyncIteration:

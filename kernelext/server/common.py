@@ -63,10 +63,12 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
 
 
 class SSE:
-    """A handler's streamed answer: an async iterator of server-sent-event bytes."""
+    """A handler's streamed answer: an async iterator of server-sent-event bytes, and
+    what to send while none comes (an SSE comment, which every client skips, unless the
+    API documents an event for it)."""
 
-    def __init__(self, events):
-        self.events = events
+    def __init__(self, events, keepalive: bytes = b": keepalive\n\n"):
+        self.events, self.keepalive = events, keepalive
 
 
 class Text:
