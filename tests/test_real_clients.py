@@ -33,6 +33,12 @@ DEFAULT_LIMIT = 8  # the servers' default output limit (Codex sends none)
 CLAUDE_MAX_OUTPUT = 16
 CLIENT_TIMEOUT_S = 420  # a cold first prompt is ~4-5k tokens of prefill on a shared 2-core CPU
 PROMPT = "Say hi."
+# Both CLIs ship 4-5k tokens of system prompt (4-10 minutes of prefill on a loaded 2-core CI
+# machine). The runs swap it for a short one with the CLIs' own options, so the suite stays
+# within its time budget; the request shapes stay the CLIs' own (developer messages, the
+# in-list system message, tools), and the full-size requests are replayed in
+# test_agent_requests.py.
+SHORT_SYSTEM_PROMPT = "You are a terse coding assistant."
 
 
 def _cli(path: Path, what: str) -> Path:
@@ -130,12 +136,15 @@ def _codex(server, workdir, tmp_path, binary: Path, wire_api: str | None = None)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "CODEX_"))}
     env.update(HOME=str(home), CODEX_HOME=str(home / ".codex"), NO_COLOR="1")
     last = tmp_path / "last-message.txt"
+    instructions = tmp_path / "instructions.md"
+    instructions.write_text(SHORT_SYSTEM_PROMPT + "\n")
     before = server.counts()
     # Codex gives up on a stream after 5 minutes without an event (SSE comments do not
     # count); a 5k-token prefill on a loaded 2-core CI machine can take that long.
     r = _run([str(binary), "exec", "--skip-git-repo-check", "--color", "never", "-C", str(workdir),
               "-o", str(last), "-c", "analytics.enabled=false", "-c", "check_for_update_on_startup=false",
-              "-c", f"model_providers.kernelext.stream_idle_timeout_ms={CLIENT_TIMEOUT_S * 1000}", PROMPT],
+              "-c", f"model_providers.kernelext.stream_idle_timeout_ms={CLIENT_TIMEOUT_S * 1000}",
+              "-c", f"model_instructions_file={json.dumps(str(instructions))}", PROMPT],
              env, workdir)
     return r, last, before, server.counts()
 
@@ -179,7 +188,8 @@ def _claude_env(server, tmp_path) -> dict:
 def test_claude_code(server, workdir, tmp_path):
     claude = _cli(AGENTS / "claude", "Claude Code")
     before = server.counts()
-    r = _run([str(claude), "-p", PROMPT, "--output-format", "json"], _claude_env(server, tmp_path), workdir)
+    r = _run([str(claude), "-p", PROMPT, "--output-format", "json", "--system-prompt", SHORT_SYSTEM_PROMPT,
+              "--tools", "Bash"], _claude_env(server, tmp_path), workdir)
     after = server.counts()
     assert _grew(before, after, "answered_v1_messages") >= 1 and _grew(before, after, "errors") == 0, r.stdout
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -195,7 +205,8 @@ def test_claude_code_counts_tokens(server, workdir, tmp_path):
     """`/context` has Claude Code count its prompt with /v1/messages/count_tokens."""
     claude = _cli(AGENTS / "claude", "Claude Code")
     before = server.counts()
-    r = _run([str(claude), "-p", "/context"], _claude_env(server, tmp_path), workdir)
+    r = _run([str(claude), "-p", "/context", "--system-prompt", SHORT_SYSTEM_PROMPT, "--tools", "Bash"],
+             _claude_env(server, tmp_path), workdir)
     after = server.counts()
     assert r.returncode == 0 and "Context Usage" in r.stdout, (r.stdout[-2000:], r.stderr[-2000:])
     assert _grew(before, after, "answered_v1_messages_count_tokens") >= 1
