@@ -26,7 +26,7 @@ CAPTURED = json.loads((Path(__file__).parent / "data" / "agent_requests.json").r
 
 
 def _default_model_dir():
-    from engine.model_store import resolve_model
+    from engine.models.store import resolve_model
     return resolve_model("gemma-3-270m", progress=False)
 
 
