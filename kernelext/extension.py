@@ -24,7 +24,8 @@ import engine
 from engine import Engine, EngineConfig, SamplingParams
 
 # Traits that become EngineConfig fields (or pick the model): they apply at the next load.
-_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "drafter")
+_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "block_size",
+                "cache_replies", "drafter")
 
 
 def _next_load(help: str) -> str:
@@ -48,6 +49,11 @@ class Kernelext(Configurable):
         "Prefix-cache budget in memory (None: the engine's default). Live.")).tag(config=True)
     ssd_cache_bytes = Int(None, allow_none=True, min=0, help=(
         "Prefix-cache budget on disk (None: the engine's default). Live.")).tag(config=True)
+    block_size = Int(None, allow_none=True, min=16, help=_next_load(
+        "Prefix-cache block size in tokens (None: the engine's default).")).tag(config=True)
+    cache_replies = Bool(None, allow_none=True, help=_next_load(
+        "Also cache each reply, so a conversation that sends it back hits the cache "
+        "(None: the engine's default, on).")).tag(config=True)
     drafter = Enum(("mtp", "ngram", "none"), None, allow_none=True, help=_next_load(
         "Speculative-decoding drafter (None: the engine's default). 'none' also forces "
         "plain decoding per request at once.")).tag(config=True)
@@ -104,7 +110,8 @@ class Kernelext(Configurable):
         set ones this engine does not know yet (cache, speculation) are skipped with a notice."""
         wanted = dict(model_cache_dir=self.model_cache_dir, dtype=self.dtype, max_batch=self.max_batch,
                       cache_dir=self.cache_dir, hot_cache_bytes=self.hot_cache_bytes,
-                      ssd_cache_bytes=self.ssd_cache_bytes, drafter=self.drafter, depth=self.depth)
+                      ssd_cache_bytes=self.ssd_cache_bytes, block_size=self.block_size,
+                      cache_replies=self.cache_replies, drafter=self.drafter, depth=self.depth)
         wanted = {k: v for k, v in wanted.items() if v is not None}
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         if unknown := sorted(wanted.keys() - known):
