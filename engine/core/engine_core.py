@@ -24,6 +24,7 @@ import numpy as np
 
 from ..cache.block_keys import model_fingerprint
 from ..cache.prefix_cache import PrefixCache
+from ..cache.reply_fill import fill_job
 from ..config import EngineConfig, default_kv_cache_dir
 from ..cpu import backend
 from ..errors import EngineClosedError, NoDraftHeadError, UnsupportedModelError
@@ -40,7 +41,7 @@ from .admission import Admission
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import SeqStatus, Sequence
 from .worker import run_call
 
 
@@ -114,6 +115,7 @@ class EngineCore:
         out = dict(backend=self.backend, blas=backend.blas(), dtype=self.loaded.dtype,
                    packed_output_bytes=loader.packed_output_bytes(self.loaded.model),
                    row_kernel_bytes=self.loaded.row_kernel_bytes,
+                   quantized_weight_bytes=self.loaded.quantized_weight_bytes,
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
         if self.prefix_cache is not None:
@@ -199,7 +201,7 @@ class EngineCore:
             # a moment ago by a request with the same prefix that is ahead of this one).
             done_blocks = seq.num_computed // block
             if pc is not None and seq.num_computed % block == 0 and done_blocks < len(seq.block_keys):
-                found = pc.lookup(seq.block_keys[done_blocks:])
+                found = pc.lookup(seq.block_keys[done_blocks:], count=not seq.fill_only)
                 if found:
                     seq.blocks.extend(found)
                     seq.cache = pc.restore(seq.blocks)
@@ -218,6 +220,11 @@ class EngineCore:
                 seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
         if seq.prefill_remaining == 0:
             seq.t_prefill_end = time.perf_counter()
+            seq.blocks = []
+            if seq.fill_only:  # its blocks are published: done
+                self.metrics.count("cache_fill_tokens", seq.num_computed - seq.cached_tokens)
+                seq.status, seq.cache = SeqStatus.FINISHED, None
+                return
             # Counted here, with the cache's block hits and misses, so the two never disagree
             # (counted at the request's end, a running request showed hits but 0 cached tokens).
             self.metrics.count("prompt_tokens", len(seq.prompt_ids))
@@ -225,7 +232,6 @@ class EngineCore:
             if pc is not None:
                 hits = seq.cached_tokens // block
                 pc.record(hits, len(seq.block_keys) - hits)
-            seq.blocks = []
 
     def _decode(self, rows: list[Sequence]) -> None:
         names = [s.params.drafter or self.drafter.name for s in rows]
@@ -290,6 +296,11 @@ class EngineCore:
                                            for j in range(len(tokens))], now)
 
     def _drop_finished(self) -> None:
+        if self.prefix_cache is not None and self.config.cache_replies:
+            for seq in self.scheduler.running:
+                job = fill_job(seq, self.config.block_size) if seq.status is SeqStatus.FINISHED else None
+                if job is not None:
+                    self.scheduler.add(job)
         was_waiting = len(self.scheduler.waiting)
         keep = self.scheduler.remove_finished()
         self.admission.release(was_waiting - len(self.scheduler.waiting))

@@ -76,7 +76,8 @@ class OutputProcessor:
     def fail(self, seq: Sequence, error: Exception) -> None:
         seq.status = SeqStatus.FINISHED
         seq.cache = None
-        self.metrics.count("requests_failed")
+        if not seq.fill_only:  # a cache fill has no caller: it is just not cached
+            self.metrics.count("requests_failed")
         seq.handle._fail(error)
 
 

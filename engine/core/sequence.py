@@ -30,6 +30,9 @@ class Sequence:
     text: TextStream
     max_len: int  # context limit: prompt + output never exceed it
     source: str = "python"
+    # A cache fill (cache/reply_fill.py): prefills a finished request's prompt + reply
+    # into the prefix cache and never decodes or reaches a caller.
+    fill_only: bool = False
     status: SeqStatus = SeqStatus.WAITING
     # Prompt tokens whose KV is in `cache`; the last prompt token is never
     # prefilled here, it is the first decode input (as in mlx-lm's generate).

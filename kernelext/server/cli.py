@@ -1,7 +1,7 @@
-"""`kernelext serve --model M [--model [NAME=]M2 ...] [--host H] [--port P] [--api-key K]`:
-the notebook's server app, outside a notebook. Several models (chat, embedding,
-reranking) are served side by side, routed by each request's `model`. Stops
-cleanly on SIGINT/SIGTERM."""
+"""`kernelext serve --model M [--model [NAME=]M2 ...] [--host H] [--port P] [--api-key K]
+[--default-max-tokens N]`: the notebook's server app, outside a notebook. Several models
+(chat, embedding, reranking) are served side by side, routed by each request's `model`.
+Stops cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import threading
 
 from engine import DEFAULT_MODEL, EngineConfig, EngineError, ModelRegistry
 
+from .app import DEFAULT_MAX_TOKENS
 from .runner import check_bind, start_server
 
 
@@ -34,9 +35,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="required from clients (default: $KERNELEXT_API_KEY, which keeps it out of ps)")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
+    serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                       help="output limit of requests that set none (default: %(default)s); a larger "
+                            "limit than the context allows is clamped")
     args = parser.parse_args(argv)
     try:
         check_bind(args.host, args.api_key)  # before the slow part
+        if args.default_max_tokens < 1:
+            raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     except ValueError as e:
         parser.exit(2, f"kernelext: {e}\n")
     specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.model or [DEFAULT_MODEL]]
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         models.close()
         parser.exit(1, f"kernelext: {e}\n")
     try:
-        srv = start_server(models, args.host, args.port, args.api_key)
+        srv = start_server(models, args.host, args.port, args.api_key,
+                           default_max_tokens=args.default_max_tokens)
     except OSError as e:  # the port is in use
         models.close()
         parser.exit(1, f"kernelext: {e}\n")
