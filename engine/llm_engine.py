@@ -116,6 +116,8 @@ class Engine:
         self._check_open()
         if params is not None and kwargs:
             raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
+        if "schema" in kwargs:  # generate(prompt, schema=MyModel)
+            kwargs["json_schema"] = kwargs.pop("schema")
         params = params or SamplingParams(**kwargs)
         if params.drafter == "mtp" and self.core.runner.head is None:
             raise InvalidRequestError(
@@ -125,6 +127,7 @@ class Engine:
         if len(prompt_ids) >= max_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_len}")
+        matcher = self.core.new_matcher(params)  # a bad schema or grammar raises here
         # Free batch slots take requests at the next step; the rest must wait.
         scheduler = self.core.scheduler
         free = self.config.max_batch - len(scheduler.running) - len(scheduler.prefilling)
@@ -138,7 +141,7 @@ class Engine:
             request_id=request_id, prompt_ids=prompt_ids, params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             handle=handle, text=TextStream(self.core.loaded.tokenizer.detokenizer, params.stop),
-            max_len=max_len, source=source)
+            max_len=max_len, source=source, matcher=matcher)
         self.metrics_.count("requests_submitted")
         self._worker.post(self.core, ("submit", seq))
         return handle
