@@ -166,11 +166,11 @@ def test_failed_verification_leaves_caches_untouched(eng, monkeypatch):
     calls = Counter()
     real = llm_engine.verify_row
 
-    def flaky(logits, seq, draft):
+    def flaky(logits, seq, draft, masks=None):
         calls["n"] += 1
         if calls["n"] % 3 == 0:
             raise RuntimeError("injected verification failure")
-        return real(logits, seq, draft)
+        return real(logits, seq, draft, masks)
 
     monkeypatch.setattr(llm_engine, "verify_row", flaky)
     with pytest.warns(RuntimeWarning, match="speculative step failed"):

@@ -21,6 +21,43 @@ from ..errors import InvalidRequestError
 # JSON is generated compactly with one space after ',' and ':': a small base model
 # given free whitespace can pad forever; fixed separators make the output canonical.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+_DECIMALS = 1e-6  # numbers without a multipleOf are generated with at most 6 decimals
+
+_OBJECT_OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def generation_schema(schema: Any, in_all_of: bool = False) -> Any:
+    """The schema the grammar follows: a subset of the caller's, so every output still
+    validates against the schema as given. Two narrowings, as OpenAI's strict mode and
+    vLLM do: objects admit only their listed properties unless the schema says
+    otherwise (a base model, free to add keys, invents them until max_tokens), and
+    numbers carry at most 6 decimals unless a multipleOf says otherwise (else
+    "1068.0000000..." runs on). Members of an allOf stay open: each may name only
+    part of the object's properties."""
+    if isinstance(schema, list):
+        return [generation_schema(s, in_all_of) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas"):
+            out[key] = ({k: generation_schema(v) for k, v in value.items()}
+                        if isinstance(value, dict) else value)
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "not", "additionalProperties",
+                     "contains", "if", "then", "else"):
+            out[key] = generation_schema(value)
+        elif key == "allOf":
+            out[key] = generation_schema(value, in_all_of=True)
+        else:
+            out[key] = value
+    types = out.get("type")
+    types = types if isinstance(types, list) else [types]
+    if ("object" in types or "properties" in out) and not in_all_of and \
+            not any(k in out for k in _OBJECT_OPEN_KEYS) and "properties" in out:
+        out["additionalProperties"] = False
+    if "number" in types and "multipleOf" not in out:
+        out["multipleOf"] = _DECIMALS
+    return out
 
 
 @dataclass(frozen=True)
@@ -56,7 +93,8 @@ def constraint_of(params) -> Constraint | None:
     if params.json_schema is not None:
         schema, model = schema_of(params.json_schema)
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(generation_schema(schema),
+                                                                    defaults=_JSON_OPTIONS)
         except ValueError as e:
             raise InvalidRequestError(f"invalid json_schema: {e}") from None
         return Constraint("json_schema", grammar, model)
