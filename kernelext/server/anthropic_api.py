@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
@@ -16,10 +16,15 @@ async def messages(call, body: dict):
     model = common.check_model(engine, body)
     get(body, "max_tokens", int, required=True)  # required by this API, unlike OpenAI's
     chat, tools = _chat(body)
+    fmt = structured.response_format(get(body, "output_format", dict), "output_format", None)
+    chat, constraint, json_call = structured.prepare(engine, {}, chat, tools,
+                                                     get(body, "tool_choice", dict), fmt)
     prompt = common.chat_prompt(engine, chat, tools)
-    params = common.sampling_params(body, engine, max_tokens=("max_tokens",), stop="stop_sequences")
+    params = common.sampling_params(body, engine, max_tokens=("max_tokens",), stop="stop_sequences",
+                                    constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     head = {"id": common.new_id("msg_"), "type": "message", "role": "assistant", "model": model}
     if stream:
         return SSE(_stream(gen, head))

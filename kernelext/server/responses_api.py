@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import time
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _ITEM_PREFIX = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
@@ -20,20 +20,25 @@ async def create(call, body: dict):
                        param="previous_response_id")
     messages = _messages(body)
     tools = None
-    if get(body, "tool_choice", (str, dict)) != "none":
+    choice = get(body, "tool_choice", (str, dict))
+    if choice != "none":
         # Only function tools can be shown to a chat template; built-in tools are left out.
         tools = [common.function_tool(t.get("name"), t.get("description"), t.get("parameters"), f"tools[{i}]")
                  for i, t in enumerate(common.items(body, "tools")) if t.get("type") == "function"]
+    text_format = get(get(body, "text", dict, {}), "format", dict)
+    fmt = structured.response_format(text_format, "text.format", None)
+    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
     prompt = common.chat_prompt(engine, messages, tools)
     params = common.sampling_params(body, engine, max_tokens=("max_output_tokens",), stop="stop",
-                                    logprobs=get(body, "top_logprobs", int))
+                                    logprobs=get(body, "top_logprobs", int), constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     rid = common.new_id("resp_")
     head = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
             "instructions": body.get("instructions"), "tools": body.get("tools") or [],
             "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": True,
-            "text": {"format": {"type": "text"}}, "metadata": {}, "error": None,
+            "text": {"format": text_format or {"type": "text"}}, "metadata": {}, "error": None,
             "incomplete_details": None, "output": [], "usage": None}
     if stream:
         return SSE(_stream(gen, head))
