@@ -155,6 +155,16 @@ class Engine:
             handle.cancel()  # e.g. KeyboardInterrupt in a notebook cell
             raise
 
+    def map(self, prompts, params: SamplingParams | None = None, *, progress: bool = True,
+            **kwargs) -> list[Completion]:
+        """Run a list (or pandas Series) of prompts through the batch; one Completion per
+        prompt, in order, behind a progress bar. `schema=MyModel` fills each `.parsed`.
+        A failed row carries its error in `.error`; Ctrl-C returns the rows done so far
+        (the others cancelled). See batch_map.py."""
+        from .batch_map import run_map
+        self._check_open()
+        return run_map(self, prompts, params, kwargs, progress)
+
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                **kwargs) -> Iterator[Delta]:
         """Yield Deltas as tokens are produced; closing the iterator cancels the request."""

@@ -313,3 +313,45 @@ def test_default_model_regex_choice_grammar(gemma):
                                           'NAME: /[a-z_]{1,12}/', temperature=0.8, seed=2)
     assert sql.finish_reason == "stop"
     assert __import__("re").fullmatch(r"SELECT (\*|[a-z_]{1,12}) FROM [a-z_]{1,12};", sql.text), sql.text
+
+
+# -- engine.map: a column of prompts through the batch ---------------------------------
+
+def test_map_keeps_order_parses_and_reports_failed_rows(eng):
+    prompts = [f"Record {i}: {PROMPTS[i % len(PROMPTS)]}" for i in range(12)]
+    prompts[5] = [10 ** 6]  # a token id outside the vocabulary: this row fails, the others go on
+    prompts[9] = "word " * (eng.max_context + 5)  # longer than the context
+    params = SamplingParams(max_tokens=40, temperature=0.7, seed=4, json_schema=PERSON)
+    got = eng.map(prompts, params, progress=False)
+    assert len(got) == len(prompts)
+    for i, (p, c) in enumerate(zip(prompts, got)):
+        if i in (5, 9):
+            assert c.finish_reason == "error" and c.error and c.parsed is None
+            continue
+        want = eng.generate(p, params)
+        assert c.token_ids == want.token_ids and c.parsed == want.parsed
+        assert c.finish_reason == "length" or isinstance(c.parsed, dict)
+    pd = pytest.importorskip("pandas")
+    series = pd.Series(["Ada", "Bob"], index=[10, 20])
+    by_series = eng.map(series, schema=Person, max_tokens=40, seed=1, progress=False)
+    assert [c.token_ids for c in by_series] == [eng.generate(p, schema=Person, max_tokens=40, seed=1).token_ids
+                                                for p in series]
+
+
+def test_map_ctrl_c_keeps_the_rows_already_done(eng):
+    import _thread
+    import threading
+    first = eng.map(PROMPTS[:2], max_tokens=4, progress=False)  # rows done quickly
+    prompts = PROMPTS[:2] + [f"{p} again" for p in PROMPTS] * 4
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    timer.start()
+    try:
+        got = eng.map(prompts, max_tokens=400, progress=False)
+    finally:
+        timer.cancel()
+    assert len(got) == len(prompts)
+    cancelled = [c for c in got if c.finish_reason == "cancelled"]
+    done = [c for c in got if c.finish_reason in ("stop", "length")]
+    assert cancelled and all(c.error for c in cancelled)
+    assert done and first[0].token_ids == got[0].token_ids[:4]
+    assert eng.generate("x", max_tokens=2).finish_reason == "length"  # the engine goes on
