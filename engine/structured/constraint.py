@@ -75,6 +75,12 @@ class Constraint:
         return json.loads(text)
 
 
+def lark_json(schema: dict) -> str:
+    """`%json {...}` for a Lark grammar, with the same narrowing and separators as a
+    json_schema constraint (server/structured.py wraps forced calls in tool-call markers)."""
+    return "%json " + json.dumps({**generation_schema(schema), "x-guidance": _JSON_OPTIONS})
+
+
 def schema_of(json_schema: Any) -> tuple[dict, Any]:
     """(JSON Schema dict, pydantic class or None) for what SamplingParams.json_schema accepts."""
     if json_schema is True:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from engine.structured.constraint import lark_json
+
 from .common import ApiError
 
 _FIELDS = ("regex", "choice", "grammar", "json_schema")
@@ -127,7 +129,7 @@ def forced_call(engine, tools: list[dict] | None, names) -> ForcedCall:
     tok = engine.tokenizer
     start, end = getattr(tok, "tool_call_start", None), getattr(tok, "tool_call_end", None)
     if getattr(tok, "has_tool_calling", False) and _json_parser(tok) and start and end:
-        grammar = f"start: {_lark_literal(start)} %json {json.dumps(schema)} {_lark_literal(end)}"
+        grammar = f"start: {_lark_literal(start)} {lark_json(schema)} {_lark_literal(end)}"
         return ForcedCall({"grammar": grammar}, json_convention=False)
     return ForcedCall({"json_schema": schema}, json_convention=True)
 
