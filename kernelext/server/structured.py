@@ -31,7 +31,7 @@ from engine.structured.constraint import lark_json
 
 from .common import ApiError
 
-_FIELDS = ("regex", "choice", "grammar", "json_schema")
+BODY_FIELDS = ("regex", "choice", "grammar", "json_schema")
 
 
 def response_format(fmt, param: str, schema_key: str | None) -> dict:
@@ -62,7 +62,7 @@ def response_format(fmt, param: str, schema_key: str | None) -> dict:
 
 def body_constraint(body: dict) -> dict:
     """/v1/completions' (and chat's) direct fields: regex, choice, grammar, json_schema."""
-    out = {k: body[k] for k in _FIELDS if body.get(k) is not None}
+    out = {k: body[k] for k in BODY_FIELDS if body.get(k) is not None}
     if "choice" in out and not isinstance(out["choice"], list):
         raise ApiError(400, "'choice' must be an array of strings", param="choice")
     for k in ("regex", "grammar"):
