@@ -15,10 +15,8 @@ import pydantic
 import pytest
 
 from engine import Engine, EngineConfig, InvalidRequestError, SamplingParams
-from engine.sampling.sampler import target_probs
-from engine.spec.verify import accept_probability, residual_distribution, run_window
 from engine.structured.constraint import generation_schema
-from engine.structured.masks import masked_distribution, masked_logits
+from engine.structured.masks import masked_distribution
 from test_speculative import PROMPTS, V, ScriptedDrafter, dist_fn, enumerate_window, tiny_vocab_model, use_drafter
 from tiny_models import tiny_model
 
@@ -182,19 +180,6 @@ def toy_mask(context) -> np.ndarray:
     return ok
 
 
-def masked_dist_fn(model, params):
-    memo = {}
-    import mlx.core as mx
-
-    def p(context):
-        key = tuple(context)
-        if key not in memo:
-            logits = np.array(model(mx.array(context)[None])[0, -1])
-            memo[key] = target_probs(masked_logits(logits, toy_mask(context)), params)
-        return memo[key]
-    return p
-
-
 def _masked_window_law(drafts, ctx, p, q, renormalize=True):
     """run_window as engine/spec/verify.py runs it under a mask: cut at the first
     forbidden draft, masked p, q restricted to the mask (Leviathan-Chen with q')."""
@@ -212,7 +197,7 @@ def _masked_window_law(drafts, ctx, p, q, renormalize=True):
 def _laws(K, drafter, renormalize=True):
     # Hot enough that p spreads over several permitted tokens (the toy logits are sharp).
     params = SamplingParams(temperature=5.0, top_p=0.95, top_k=4)
-    p = masked_dist_fn(tiny_vocab_model(0), params)
+    p = dist_fn(tiny_vocab_model(0), params, toy_mask)
     q = dist_fn(tiny_vocab_model(1), SamplingParams(temperature=1.3))  # unmasked drafter
     ctx, n = [1, 3], K + 1
     ar = Counter()

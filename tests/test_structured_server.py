@@ -12,7 +12,8 @@ import pytest
 
 from engine import Engine, EngineConfig
 from kernelext.server import start_server
-from tiny_models import tiny_model, write_tiny_model
+from test_server import eng, oai, srv  # noqa: F401  (the same tiny model's server)
+from tiny_models import write_tiny_model
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
                                            "age": {"type": "integer", "minimum": 0, "maximum": 120}},
@@ -27,25 +28,6 @@ TIME = {"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 20}},
                    "required": ["tz"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def eng():
-    e = Engine.load(tiny_model("qwen3"), EngineConfig(progress=False, max_batch=8))
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def srv(eng):
-    s = start_server(eng, port=0)
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def oai(srv):
-    return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
 
 
 def test_chat_response_format(oai):
