@@ -269,7 +269,9 @@ class LLMMagics(Magics):
                        + (f" · packed output projection {m['packed_output_bytes'] / 2**30:.1f} GiB"
                           if m.get("packed_output_bytes") else "")
                        + (f" · row kernels {m['row_kernel_bytes'] / 2**30:.1f} GiB"
-                          if m.get("row_kernel_bytes") else ""),
+                          if m.get("row_kernel_bytes") else "")
+                       + (f" · quantized weights {m['quantized_weight_bytes'] / 2**20:.0f} MiB"
+                          if m.get("quantized_weight_bytes") else ""),
             "batch": f"max {m['max_batch']} · running {m['running']} · prefilling {m['prefilling']} "
                      f"· waiting {m['waiting']}",
             "cache": _cache_summary(eng.cache_info() if hasattr(eng, "cache_info") else {}),

@@ -4,9 +4,10 @@
 Lax mode fails a notebook on any cell error; committed notebooks carry no outputs
 (tests/test_notebooks.py), so there is nothing to compare, and `# NBVAL_IGNORE_OUTPUT`
 marks the cells whose output changes from run to run (timings, rates) for anyone
-who runs `pytest --nbval` against an executed copy. Two checks go beyond nbval:
-nothing on stderr (a warning is a problem to a reader) and every `%%generate` cell
-ends with its footer.
+who runs `pytest --nbval` against an executed copy. One check goes beyond nbval:
+nothing on stderr (a warning is a problem to a reader). nbval does not apply
+`update_display_data`, so a streaming `%%generate` cell's final text is not seen
+here; tests/test_extension.py checks it through a real kernel.
 
 The kernels inherit this process's environment: a temporary KV cache directory and
 tune file, so a test run never reads or writes the user's caches, and the
@@ -29,24 +30,12 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from subprocess cells
 
 
-def _text(output) -> str:
-    if output.output_type == "stream":
-        return output.text
-    return output.get("data", {}).get("text/plain", "")
-
-
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    yield
+    result = yield
     outputs = getattr(item, "test_outputs", None)  # an nbval cell, after it ran
-    if outputs is None:
-        return
-    source = item.cell.source
-    stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
-    if stderr:
-        pytest.fail(f"the cell wrote to stderr:\n{source}\n---\n{stderr}", pytrace=False)
-    if source.startswith("%%generate"):
-        final = _text(outputs[-1]).rstrip() if outputs else ""
-        if not final.endswith((" · length", " · stop")):
-            pytest.fail(f"a %%generate cell did not end with its footer:\n{source}\n---\n{final}",
-                        pytrace=False)
+    if outputs is not None:
+        stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
+        if stderr:
+            pytest.fail(f"the cell wrote to stderr:\n{item.cell.source}\n---\n{stderr}", pytrace=False)
+    return result

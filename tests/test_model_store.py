@@ -24,7 +24,8 @@ from mlx_lm.utils import load_model
 from safetensors.numpy import save_file
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from engine.models import gguf_convert
+from engine.cpu import quant_linear
+from engine.models import gguf_convert, loader
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.models.store import DEFAULT_MODEL, default_model_cache_dir, resolve_model
 
@@ -51,7 +52,8 @@ def default_dir(cache):
 
 @pytest.fixture(scope="session")
 def default_loaded(default_dir):
-    return mlx_lm.load(str(default_dir))
+    loaded = loader.load(default_dir)  # GGUF blocks: the engine's loader, not plain mlx-lm
+    return loaded.model, loaded.tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +75,9 @@ def test_default_model_config(default_dir):
     )
     assert {k: config[k] for k in expected} == expected
     assert json.loads((default_dir / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
+    # Quantized tensors keep their blocks: no float32 copy in the cache (the GGUF is 253 MB).
+    assert config["kernelext_gguf_quantization"]["model.embed_tokens.weight"] == ["Q8_0", 262144, 640]
+    assert sum(p.stat().st_size for p in default_dir.glob("*.safetensors")) < 260e6
     marker = json.loads((default_dir / "kernelext_conversion.json").read_text())
     assert marker["source"] == "gemma-3-270m-q4_k_m.gguf"
     assert marker["converter_version"] == gguf_convert.CONVERTER_VERSION
@@ -80,7 +85,10 @@ def test_default_model_config(default_dir):
 
 def test_default_model_generates(default_loaded):
     model, tokenizer = default_loaded
-    assert model.model.embed_tokens.weight.dtype == mx.float32
+    if quant_linear.available():  # the Q8_0 embedding (and tied output) stays quantized
+        assert isinstance(model.model.embed_tokens, quant_linear.QuantEmbedding)
+    else:
+        assert model.model.embed_tokens.weight.dtype == mx.float32
     # Greedy on the bare "The capital of France is" continues " the capital of the country of
     # France." with this checkpoint (" Paris" ranks third); this prompt makes it name the city.
     text = mlx_lm.generate(model, tokenizer, "The capital of France is the city of", max_tokens=8,
@@ -288,10 +296,18 @@ def test_tiny_architectures_round_trip(arch, tmp_path, monkeypatch):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(weights)
 
-    model, tokenizer = mlx_lm.load(str(out))
+    assert config["kernelext_gguf_quantization"] == {"model.embed_tokens.weight": ["Q8_0", VOCAB, H]}
+    monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "0")  # blocks dequantized at load
+    loaded = loader.load(out)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = [BOS, 5, 104, 101, 200, 33, 7, 250, 256, 12]
     expected = logits(reference_model(tmp_path, arch, weights), ids)
     np.testing.assert_allclose(logits(model, ids), expected, atol=2e-4, rtol=1e-4)
+    monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "auto")
+    if quant_linear.available():  # kept quantized: the embedding rows exact, products with int8 inputs
+        packed = loader.load(out).model
+        assert isinstance(packed.model.embed_tokens, quant_linear.QuantEmbedding)
+        np.testing.assert_allclose(logits(packed, ids), expected, atol=0.05 * np.abs(expected).max())
     if arch == "llama":
         # llama.cpp runs llama's rope on adjacent pairs of the permuted rows; the same weights with
         # mlx-lm's traditional (adjacent-pair) rope must give the same model as the converted one.

@@ -124,6 +124,7 @@ class EngineCore:
         out = dict(backend=self.backend, blas=backend.blas(), dtype=self.loaded.dtype,
                    packed_output_bytes=loader.packed_output_bytes(self.loaded.model),
                    row_kernel_bytes=self.loaded.row_kernel_bytes,
+                   quantized_weight_bytes=self.loaded.quantized_weight_bytes,
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
         if self.prefix_cache is not None:

@@ -1,9 +1,13 @@
 """Convert a llama.cpp GGUF file into an mlx-lm model directory.
 
-The output is what mlx-lm loads: config.json, float32 safetensors (float32 is the fast path on
-CPU), a Hugging Face tokenizer rebuilt from the GGUF metadata, generation_config.json, and a
-kernelext_conversion.json naming the source. Quantized tensors are dequantized with the `gguf`
-package's numpy kernels; nothing here needs torch.
+The output is an mlx-lm model directory: config.json, safetensors, a Hugging Face tokenizer rebuilt
+from the GGUF metadata, generation_config.json, and a kernelext_conversion.json naming the source.
+Tensors of the quantized types the engine runs natively (engine/cpu/quant_layout.py: Q4_0, Q5_0,
+Q8_0, Q4_K, Q5_K, Q6_K) keep their GGUF blocks, as uint8 [rows, bytes per row], listed with their
+type under config.json's `kernelext_gguf_quantization`; the engine's loader (models/quantized.py)
+repacks or, where it cannot run them, dequantizes them. So the cache never holds a float32 copy of
+a quantized tensor. Other tensors are dequantized to float32 with the `gguf` package's numpy
+kernels; nothing here needs torch.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from ..cpu.quant_layout import GGUF_BLOCKS
 from ..errors import ModelLoadError, UnsupportedModelError
 
 # Bump whenever the output of a conversion changes: cached conversions of older versions are redone.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 _SHARD_BYTES = 2 * 1024**3
 # GGUF architecture -> (mlx-lm model_type, HF architecture)
 _ARCHITECTURES = {
@@ -119,6 +124,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     names = {name: _hf_name(name, arch, path) for name in tensors if name != "rope_freqs.weight"}
     config = _model_config(meta, arch, tensors)
     tokenizer = _tokenizer_metadata(meta)  # fails before the slow part on a tokenizer-less file
+    kept = {names[n]: [t.tensor_type.name, *_hf_shape(t)] for n, t in tensors.items() if n in names and _keeps_blocks(t)}
+    if kept:
+        config[QUANTIZATION_KEY] = kept
 
     out.mkdir(parents=True, exist_ok=True)
     _write_weights(tensors, names, arch, config, out, path, progress)
@@ -175,6 +183,22 @@ class _Metadata:
         if key not in self.fields:
             raise ModelLoadError(f"{self.path} lacks the metadata {key!r}")
         return self.get(key)
+
+
+QUANTIZATION_KEY = "kernelext_gguf_quantization"  # config.json: {hf name: [type, rows, columns]}
+
+
+def _keeps_blocks(tensor) -> bool:
+    """Whether a tensor is stored as its GGUF blocks (a quantized matrix the engine runs)."""
+    return tensor.tensor_type.name in GGUF_BLOCKS and len(tensor.shape) == 2
+
+
+def _hf_shape(tensor) -> list[int]:
+    return [int(d) for d in reversed(tensor.shape)]  # GGUF lists dimensions innermost first
+
+
+def _stored_bytes(tensor) -> int:
+    return int(tensor.n_bytes) if _keeps_blocks(tensor) else int(tensor.n_elements) * 4
 
 
 def _hf_name(name: str, arch: str, path: Path) -> str:
@@ -288,7 +312,7 @@ def _write_weights(
     # Plan shards from the tensor sizes first, so only one shard is ever held in memory.
     shards, size = [[]], 0
     for name in names:
-        nbytes = int(tensors[name].n_elements) * 4
+        nbytes = _stored_bytes(tensors[name])
         if shards[-1] and size + nbytes > _SHARD_BYTES:
             shards.append([])
             size = 0
@@ -300,7 +324,7 @@ def _write_weights(
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
     weight_map = {}
-    with tqdm(total=len(names), desc="Converting tensors to float32", unit="tensor", disable=not progress) as bar:
+    with tqdm(total=len(names), desc="Converting tensors", unit="tensor", disable=not progress) as bar:
         for shard, filename in zip(shards, files):
             arrays = {}
             for name in shard:
@@ -310,7 +334,7 @@ def _write_weights(
             save_file(arrays, str(out / filename), metadata={"format": "mlx"})
             del arrays
     if len(files) > 1:
-        total = sum(int(tensors[name].n_elements) * 4 for name in names)
+        total = sum(_stored_bytes(tensors[name]) for name in names)
         _write_json(
             out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
         )
@@ -318,6 +342,14 @@ def _write_weights(
 
 def _tensor(tensor, arch: str, config: dict, path: Path) -> np.ndarray:
     name, qtype = tensor.name, tensor.tensor_type
+    if _keeps_blocks(tensor):
+        # Rows of blocks: [out, bytes per row]. Blocks run along the input dimension, so
+        # permuting output rows (llama's q/k) moves whole rows of blocks.
+        blocks = np.asarray(tensor.data, dtype=np.uint8).reshape(_hf_shape(tensor)[0], -1)
+        if arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+            blocks = _undo_rope_permute(blocks, heads)
+        return np.ascontiguousarray(blocks)
     try:
         array = gguf.quants.dequantize(tensor.data, qtype)
     except NotImplementedError as e:

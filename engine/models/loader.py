@@ -10,11 +10,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
-from mlx_lm.utils import dequantize_model, load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokenizer
 
-from ..cpu import row_kernels
-from ..errors import ModelLoadError, UnsupportedModelError
+from ..cpu import quant_linear, row_kernels
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
+from ..errors import ModelLoadError, UnsupportedModelError
+from . import quantized as quantized_weights
+from . import row_attention
 
 
 @dataclass
@@ -28,6 +30,7 @@ class LoadedModel:
     max_context: int
     vocab_size: int
     row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/cpu/row_kernels.py)
+    quantized_weight_bytes: int = 0  # RAM of weights kept quantized for the CPU kernels (cpu/quant_linear.py)
 
 
 def on_cpu() -> bool:
@@ -44,18 +47,28 @@ def _target_dtype(requested: str) -> mx.Dtype | None:
 
 def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     try:
-        model, config = load_model(path, lazy=True)
+        model, config = load_model(path, lazy=True,
+                                   get_model_classes=quantized_weights.model_classes(_get_classes))
     except ValueError as e:
         if "not supported" in str(e):
             raise UnsupportedModelError(f"{path}: {e}") from e
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
-    quantized = "quantization" in config or "quantization_config" in config
+    gguf_blocks = bool(quantized_weights.gguf_tensors(config))
+    quantized = gguf_blocks or "quantization" in config or "quantization_config" in config
+    quant_bytes = 0
+    if quantized and quant_linear.available():
+        # Quantized weights stay quantized, in the native kernels' layout (no float copy).
+        quant_bytes = quantized_weights.repack_model(model, config, Path(path))
+        model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
+    elif gguf_blocks:
+        quantized_weights.dequantize_blocks(model, config)
     target = _target_dtype(dtype)
     if target is not None:
         if quantized:
-            # Quantized CPU kernels are ~10x slower than float32 GEMM with a fast BLAS.
+            # What the native kernels do not run: MLX's quantized CPU kernels are ~10x
+            # slower than float32 GEMM with a fast BLAS.
             model = dequantize_model(model)
         model.update(tree_map(
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
@@ -82,7 +95,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         dtype=",".join(sorted(dtypes)), quantized=quantized,
         max_context=int(text_config.get("max_position_embeddings") or 32768),
         vocab_size=int(text_config.get("vocab_size") or len(tokenizer.vocab)),
-        row_kernel_bytes=row_bytes,
+        row_kernel_bytes=row_bytes, quantized_weight_bytes=quant_bytes,
     )
 
 
@@ -168,9 +181,11 @@ def packed_output_bytes(model) -> int:
 @contextlib.contextmanager
 def decode_products(model):
     """Within (decode and verify forwards): the products use the row kernels where
-    installed; else logits of 2 to 8 rows use the packed projection, evaluated at once."""
+    installed; else logits of 2 to 8 rows use the packed projection, evaluated at once.
+    With quantized kernels, verify windows attend row by row (models/row_attention.py)."""
     frozen = _frozen_output(model)
-    with row_kernels.decode_products():
+    quantized = getattr(model, "_kernelext_quantized", False)
+    with row_kernels.decode_products(), row_attention.row_by_row(quantized):
         if frozen is None or frozen.packed is None:
             yield
             return

@@ -123,7 +123,9 @@ def _default_gguf(cache: Path, progress: bool) -> Path:
 
 
 def _converted(gguf_path: Path, cache: Path, progress: bool) -> Path:
-    final = cache / f"{gguf_path.stem}-{gguf_digest(gguf_path)[:16]}"
+    # The converter version is in the name: processes running different versions of the
+    # engine never redo (and remove) each other's conversions.
+    final = cache / f"{gguf_path.stem}-{gguf_digest(gguf_path)[:16]}-v{CONVERTER_VERSION}"
     if _is_current(final):
         return final
     if final.exists():  # from an older converter version (or damaged): redo it

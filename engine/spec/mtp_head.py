@@ -59,6 +59,7 @@ from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from ..cache.block_keys import file_digest
+from ..cpu import quant_linear
 from ..errors import ModelLoadError, NoDraftHeadError, UnsupportedModelError
 from ..models.loader import output_projection
 
@@ -88,6 +89,8 @@ def _softcap(lm, logits: mx.array) -> mx.array:
 def _output_rows(lm, ids: mx.array) -> mx.array:
     """Rows `ids` of the output projection (lm_head or the tied embedding), dequantized."""
     proj = output_projection(lm)
+    if (packed := quant_linear.quant_weight(proj)) is not None:  # kept quantized on the CPU
+        return packed.rows(ids)
     if "scales" not in proj:
         return proj.weight[ids]
     biases = proj.get("biases")
@@ -206,7 +209,9 @@ class MTPHead(nn.Module):
         self._logits = functools.partial(_logits, lm)
         self._softcap = functools.partial(_softcap, lm)
         self._output_rows = functools.partial(_output_rows, lm)
-        self.vocab_size = output_projection(lm).weight.shape[0]
+        proj = output_projection(lm)
+        packed = quant_linear.quant_weight(proj)
+        self.vocab_size = packed.n if packed is not None else proj.weight.shape[0]
         self._draft_vocab = self._draft_rows = None  # "_": not parameters (never trained or flattened)
         self.set_dtype(final_norm.weight.dtype)  # norms are never quantized
 

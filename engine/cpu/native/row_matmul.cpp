@@ -2,11 +2,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -15,6 +10,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "workers.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -103,95 +99,6 @@ void multiply_blocks(const float* x, int M, int K, const float* wb, long N, floa
   }
 }
 
-// Persistent workers that share each product's weight blocks with the calling thread.
-// Chunks are claimed from a ticket, so a worker the OS has not scheduled yet costs
-// nothing: the caller takes the chunks it leaves, and waits only for chunks a worker
-// has claimed (a fixed split would stall every product on a descheduled worker).
-class Workers {
- public:
-  explicit Workers(int n) {
-    for (int i = 0; i < n; i++) threads_.emplace_back([this] { loop(); });
-  }
-  ~Workers() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    for (auto& t : threads_) t.join();
-  }
-  int size() const { return (int)threads_.size() + 1; }
-
-  // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
-  void run(const std::function<void(int)>& job, int chunks) {
-    std::lock_guard<std::mutex> caller(run_mutex_);  // one product at a time (any stream)
-    job_ = &job;
-    chunks_ = chunks;
-    done_.store(0, std::memory_order_relaxed);
-    uint64_t gen = ++generation_;
-    ticket_.store(gen << 32);  // publishes job_ and chunks_
-    if (sleepers_.load() > 0) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      cv_.notify_all();
-    }
-    work(gen);
-    while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();
-  }
-
- private:
-  bool claim(uint64_t gen, int& chunk) {
-    uint64_t t = ticket_.load(std::memory_order_acquire);
-    while ((t >> 32) == gen && (int)(t & 0xffffffffu) < chunks_) {
-      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
-        chunk = (int)(t & 0xffffffffu);
-        return true;
-      }
-    }
-    return false;
-  }
-  void work(uint64_t gen) {
-    int chunk;
-    while (claim(gen, chunk)) {
-      (*job_)(chunk);
-      done_.fetch_add(1, std::memory_order_release);
-    }
-  }
-  void loop() {
-    uint64_t seen = 0;
-    while (true) {
-      // Spin a little (a decode step issues products back to back), then sleep.
-      for (int i = 0; i < 20000 && (ticket_.load() >> 32) == seen; i++) _mm_pause();
-      if ((ticket_.load() >> 32) == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        sleepers_++;
-        cv_.wait(lock, [&] { return stop_ || (ticket_.load() >> 32) != seen; });
-        sleepers_--;
-        if (stop_) return;
-      }
-      seen = ticket_.load() >> 32;
-      work(seen);
-    }
-  }
-  std::vector<std::thread> threads_;
-  std::atomic<uint64_t> ticket_{0};  // generation << 32 | next chunk
-  std::atomic<int> done_{0};
-  std::atomic<int> sleepers_{0};
-  uint64_t generation_ = 0;  // the calling (MLX stream) thread only
-  const std::function<void(int)>* job_ = nullptr;
-  int chunks_ = 0;
-  std::mutex run_mutex_;
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool stop_ = false;
-};
-
-Workers& workers() {
-  // A memory-bound product stops scaling after a few cores; more spinning workers
-  // would only take CPU from everything else.
-  static Workers pool((int)std::min(8u, std::max(1u, std::thread::hardware_concurrency())) - 1);
-  return pool;
-}
-
 class RowMatmul : public mx::Primitive {
  public:
   RowMatmul(mx::Stream stream, long n) : mx::Primitive(stream), n_(n) {}
@@ -216,7 +123,7 @@ class RowMatmul : public mx::Primitive {
         multiply_blocks(xp, M, K, wp, N, op, 0, blocks);
         return;
       }
-      Workers& pool = workers();
+      kernelext::Workers& pool = kernelext::workers();
       // A few chunks per thread: enough to balance, few enough to claim cheaply.
       int chunks = (int)std::min<long>(blocks, 8L * pool.size());
       pool.run([&](int c) {

@@ -1,0 +1,430 @@
+// Products with quantized weights on the CPU, straight from their integer blocks (see
+// engine/cpu/quant.py for the layout and why).
+//
+// Weights: tiles of 16 outputs; per tile, per group of 32 inputs (k), `group_bytes`:
+//   [0, 512)      u8 values, [k/4 (8)][output (16)][k%4 (4)]: one 64-byte vector holds 4
+//                 consecutive k of 16 outputs, the operand layout of vpdpbusd
+//   then          float32 scales [subs][16]: subs = 1 (one per 32 k) or 2 (one per 16 k)
+//   then          float32 offsets [16] when the format has them (K-quant minimums, mlx biases)
+// A weight is scale * (u - zero) + offset.
+//
+// Activations are quantized per row per 32 k to int8 (scale amax / 127, as llama.cpp's
+// q8_0). A group's contribution to output j of a row is
+//   acc_j += float(isum_j - zero * xsum) * scale_j * dx  (+ offset_j * (dx * xsum))
+// with the integer dot product isum exact, and the float steps in a fixed order over k:
+// a row's bits never depend on the other rows of the call, on the number of rows or
+// threads, or on the instruction set (the AVX2 path reaches the same integers).
+#include <immintrin.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "workers.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+constexpr int kTile = 16;        // outputs per tile: one AVX-512 vector of floats
+constexpr int kGroup = 32;       // k per group
+constexpr int kRows = 8;         // rows per kernel pass (8 int + 8 float accumulators)
+constexpr int kRowBlock = 64;    // rows whose activations stay in cache while tiles pass
+constexpr size_t kParallelBytes = 256 << 10;  // below (and few rows): the calling thread alone
+constexpr double kParallelMultiplyAdds = 4e6;
+
+struct Format {
+  int subs;        // scales per group: 1 (per 32 k) or 2 (per 16 k)
+  bool offsets;    // a float offset per output per group
+  int zero;        // subtracted from every u8 value
+  bool wide;       // values use all 8 bits (the AVX2 path then multiplies in signed form)
+  int group_bytes() const { return 512 + 64 * subs + (offsets ? 64 : 0); }
+};
+
+// Activations of M rows, quantized per 32 k.
+struct Acts {
+  int M, K, groups;
+  std::vector<int8_t> q;      // [M][K]
+  std::vector<float> dx;      // [M][groups]
+  std::vector<int32_t> sum16; // [M][groups * 2] sums of q per 16 k
+  std::vector<float> dxsum;   // [M][groups]    dx * sum of q per 32 k (for offsets)
+
+  Acts(int M_, int K_) : M(M_), K(K_), groups(K_ / kGroup) {
+    q.resize((size_t)M * K);
+    dx.resize((size_t)M * groups);
+    sum16.resize((size_t)M * groups * 2);
+    dxsum.resize((size_t)M * groups);
+  }
+  // Rows [r0, r1) of x. Each row on its own: the same bits whatever the split.
+  void quantize_rows(const float* x, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+      for (int g = 0; g < groups; g++) {
+        size_t i = (size_t)r * groups + g;
+        int s0, s1;
+        quantize_group(x + (size_t)r * K + g * kGroup, q.data() + (size_t)r * K + g * kGroup, dx[i], s0, s1);
+        sum16[i * 2] = s0;
+        sum16[i * 2 + 1] = s1;
+        dxsum[i] = dx[i] * (float)(s0 + s1);
+      }
+  }
+
+  // 32 values -> int8 q = round(v * 127 / amax) (half to even), d = amax / 127, and the
+  // sums of q over each 16. AVX2: both kernel paths run it (the CPU check requires AVX2).
+  __attribute__((target("avx2,fma")))
+  static void quantize_group(const float* v, int8_t* qq, float& d, int& s0, int& s1) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+           a3 = _mm256_loadu_ps(v + 24);
+    __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a0), _mm256_andnot_ps(sign, a1)),
+                             _mm256_max_ps(_mm256_andnot_ps(sign, a2), _mm256_andnot_ps(sign, a3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    float amax = _mm_cvtss_f32(h);
+    d = amax / 127.f;
+    const __m256 id = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, id)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, id)),
+            i2 = _mm256_cvtps_epi32(_mm256_mul_ps(a2, id)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(a3, id));
+    s0 = hsum(_mm256_add_epi32(i0, i1));
+    s1 = hsum(_mm256_add_epi32(i2, i3));
+    // int32 -> int8 in order (packs interleave 128-bit lanes; the permute undoes it).
+    __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+    p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i*)qq, p);
+  }
+  __attribute__((target("avx2")))
+  static int hsum(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+  }
+};
+
+// ---- AVX-512 VNNI ------------------------------------------------------------------
+
+// SUBS and OFFSETS are compile-time so the k loop unrolls; two integer accumulators per
+// row (even and odd k/4 steps) halve the vpdpbusd dependency chain (integer sums are
+// exact, so this changes no bit).
+template <int R, int SUBS, bool OFFSETS>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
+               int valid) {
+  constexpr int kSteps = 8 / SUBS;  // k/4 steps per scale
+  const int gb = f.group_bytes(), groups = a.groups, zero = f.zero;
+  const int8_t* xq[R];
+  const float* dx[R];
+  const float* dxsum[R];
+  const int32_t* sum16[R];
+  for (int r = 0; r < R; r++) {
+    xq[r] = a.q.data() + (size_t)(r0 + r) * a.K;
+    dx[r] = a.dx.data() + (size_t)(r0 + r) * groups;
+    dxsum[r] = a.dxsum.data() + (size_t)(r0 + r) * groups;
+    sum16[r] = a.sum16.data() + (size_t)(r0 + r) * groups * 2;
+  }
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int g = 0; g < groups; g++) {
+    const uint8_t* w = tile + (size_t)g * gb;
+    _mm_prefetch((const char*)(w + 4 * gb), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w + 4 * gb + 64 * 4), _MM_HINT_T0);
+    const float* scales = (const float*)(w + 512);
+#pragma GCC unroll 2
+    for (int s = 0; s < SUBS; s++) {
+      __m512i ia[R][2];
+      for (int r = 0; r < R; r++) ia[r][0] = ia[r][1] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+      for (int t = 0; t < kSteps; t++) {
+        __m512i wv = _mm512_loadu_si512(w + (s * kSteps + t) * 64);
+        for (int r = 0; r < R; r++) {
+          int32_t x4;
+          std::memcpy(&x4, xq[r] + g * kGroup + (s * kSteps + t) * 4, 4);
+          ia[r][t & 1] = _mm512_dpbusd_epi32(ia[r][t & 1], wv, _mm512_set1_epi32(x4));
+        }
+      }
+      __m512 sv = _mm512_loadu_ps(scales + s * 16);
+      for (int r = 0; r < R; r++) {
+        int32_t xs = SUBS == 2 ? sum16[r][g * 2 + s] : sum16[r][g * 2] + sum16[r][g * 2 + 1];
+        __m512i i = _mm512_add_epi32(ia[r][0], ia[r][1]);
+        __m512 t = _mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zero * xs)));
+        t = _mm512_mul_ps(t, sv);
+        acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(dx[r][g]), acc[r]);
+      }
+    }
+    if (OFFSETS) {
+      __m512 ov = _mm512_loadu_ps(scales + SUBS * 16);
+      for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(dxsum[r][g]), acc[r]);
+    }
+  }
+  __mmask16 mask = valid >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
+  for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + (size_t)r * ldo, mask, acc[r]);
+}
+
+// ---- AVX2 (vpmaddubsw), for CPUs without VNNI ------------------------------------------
+// vpmaddubsw adds pairs of u8 x s8 products into saturating int16: values below 64 times
+// |q| <= 127 stay below 2^15. 8-bit values are multiplied as signed (u - 128): |u - 128|
+// with q's sign moved onto it, as llama.cpp does, and 128 * xsum added back; the integer
+// sums, and so the results, equal the VNNI path's.
+
+template <int R>
+__attribute__((target("avx2,fma")))
+void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
+               int valid) {
+  const int gb = f.group_bytes();
+  const int steps = 8 / f.subs;
+  const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+  for (int half = 0; half < 2; half++) {  // outputs 0-7, then 8-15
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < a.groups; g++) {
+      const uint8_t* w = tile + (size_t)g * gb;
+      const float* scales = (const float*)(w + 512);
+      for (int s = 0; s < f.subs; s++) {
+        __m256i ia[R];
+        for (int r = 0; r < R; r++) ia[r] = _mm256_setzero_si256();
+        for (int t = s * steps; t < (s + 1) * steps; t++) {
+          __m256i wv = _mm256_loadu_si256((const __m256i*)(w + t * 64 + half * 32));
+          __m256i signed_w = _mm256_xor_si256(wv, flip);
+          __m256i mag = f.wide ? _mm256_abs_epi8(signed_w) : wv;
+          for (int r = 0; r < R; r++) {
+            int32_t x4;
+            std::memcpy(&x4, a.q.data() + (size_t)(r0 + r) * a.K + g * kGroup + t * 4, 4);
+            __m256i xv = _mm256_set1_epi32(x4);
+            if (f.wide) xv = _mm256_sign_epi8(xv, signed_w);
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xv), ones);
+            ia[r] = _mm256_add_epi32(ia[r], p);
+          }
+        }
+        __m256 sv = _mm256_loadu_ps(scales + s * 16 + half * 8);
+        for (int r = 0; r < R; r++) {
+          const int32_t* s16 = a.sum16.data() + ((size_t)(r0 + r) * a.groups + g) * 2;
+          int32_t xs = f.subs == 2 ? s16[s] : s16[0] + s16[1];
+          int32_t corr = (f.wide ? -128 * xs : 0) + f.zero * xs;
+          __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(ia[r], _mm256_set1_epi32(corr)));
+          t = _mm256_mul_ps(t, sv);
+          acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(a.dx[(size_t)(r0 + r) * a.groups + g]), acc[r]);
+        }
+      }
+      if (f.offsets) {
+        __m256 ov = _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
+        for (int r = 0; r < R; r++)
+          acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a.dxsum[(size_t)(r0 + r) * a.groups + g]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; r++) {
+      alignas(32) float tmp[8];
+      _mm256_store_ps(tmp, acc[r]);
+      int n = std::min(8, valid - half * 8);
+      for (int i = 0; i < n; i++) out[(size_t)r * ldo + half * 8 + i] = tmp[i];
+    }
+  }
+}
+
+using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
+
+template <int S, bool O>
+constexpr std::array<TileFn, kRows + 1> vnni_table() {
+  return {nullptr,          tile_vnni<1, S, O>, tile_vnni<2, S, O>, tile_vnni<3, S, O>,
+          tile_vnni<4, S, O>, tile_vnni<5, S, O>, tile_vnni<6, S, O>, tile_vnni<7, S, O>,
+          tile_vnni<8, S, O>};
+}
+// [subs - 1][offsets][rows]
+const std::array<TileFn, kRows + 1> vnni_fns[2][2] = {{vnni_table<1, false>(), vnni_table<1, true>()},
+                                                       {vnni_table<2, false>(), vnni_table<2, true>()}};
+const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
+                                    tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
+
+bool has_vnni() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+
+// Tiles [t0, t1) for all M rows: rows in blocks whose activations stay in cache, each
+// block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
+void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
+                    long t0, long t1, bool avx2) {
+  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.subs - 1][f.offsets].data();
+  size_t tile_bytes = (size_t)a.groups * f.group_bytes();
+  for (int rb = 0; rb < a.M; rb += kRowBlock) {
+    int re = std::min(a.M, rb + kRowBlock);
+    for (long t = t0; t < t1; t++) {
+      int valid = (int)std::min<long>(kTile, N - t * kTile);
+      for (int r = rb; r < re; r += kRows) {
+        int rows = std::min(kRows, re - r);
+        fns[rows](w + t * tile_bytes, f, a, r, out + (size_t)r * N + t * kTile, N, valid);
+      }
+    }
+  }
+}
+
+class QuantMatmul : public mx::Primitive {
+ public:
+  QuantMatmul(mx::Stream stream, long n, Format f, bool avx2)
+      : mx::Primitive(stream), n_(n), f_(f), avx2_(avx2) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    int K = w.shape(1) * kGroup;
+    int M = (int)(x.size() / K);
+    long N = n_, tiles = w.shape(0);
+    Format f = f_;
+    bool avx2 = avx2_;
+    encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), op = out.data<float>(), M, K, N,
+                      tiles, f, avx2, wbytes = w.nbytes()]() {
+      if (M == 0) return;
+      Acts a(M, K);
+      if (wbytes < kParallelBytes && (double)M * K * N < kParallelMultiplyAdds) {
+        a.quantize_rows(xp, 0, M);
+        multiply_tiles(a, wp, f, N, op, 0, tiles, avx2);
+        return;
+      }
+      kernelext::Workers& pool = kernelext::workers();
+      if (M < 16) {
+        a.quantize_rows(xp, 0, M);
+      } else {  // prefill: quantize the rows on all threads too
+        int parts = std::min(M, 4 * pool.size());
+        pool.run([&](int c) { a.quantize_rows(xp, M * c / parts, M * (c + 1) / parts); }, parts);
+      }
+      int chunks = (int)std::min<long>(tiles, 8L * pool.size());
+      pool.run([&](int c) {
+        multiply_tiles(a, wp, f, N, op, tiles * c / chunks, tiles * (c + 1) / chunks, avx2);
+      }, chunks);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("quant_matmul runs on the CPU only");
+  }
+  const char* name() const override { return "QuantMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantMatmul&>(other);
+    return n_ == o.n_ && f_.subs == o.f_.subs && f_.offsets == o.f_.offsets &&
+           f_.zero == o.f_.zero && f_.wide == o.f_.wide && avx2_ == o.avx2_;
+  }
+
+ private:
+  long n_;
+  Format f_;
+  bool avx2_;
+};
+
+// Rows of the weight matrix as float32 (the embedding lookup): scale * (u - zero) + offset.
+class QuantRows : public mx::Primitive {
+ public:
+  QuantRows(mx::Stream stream, long n, Format f) : mx::Primitive(stream), n_(n), f_(f) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& ids = inputs[0];
+    const mx::array& w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(ids);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    encoder.dispatch([ip = ids.data<int32_t>(), count = ids.size(), wp = w.data<uint8_t>(),
+                      op = out.data<float>(), groups = w.shape(1), n = n_, f = f_]() {
+      size_t gb = f.group_bytes(), tile_bytes = (size_t)groups * gb;
+      long K = (long)groups * kGroup;
+      for (size_t i = 0; i < count; i++) {
+        long id = ip[i];
+        float* o = op + i * K;
+        if (id < 0 || id >= n) {  // MLX's take clamps nothing either; keep it defined
+          std::fill(o, o + K, 0.f);
+          continue;
+        }
+        const uint8_t* tile = wp + (id / kTile) * tile_bytes;
+        int j = (int)(id % kTile);
+        for (long g = 0; g < groups; g++) {
+          const uint8_t* gw = tile + g * gb;
+          const float* scales = (const float*)(gw + 512);
+          for (int k = 0; k < kGroup; k++) {
+            int u = gw[(k / 4) * 64 + j * 4 + k % 4];
+            float s = scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
+            float v = (float)(u - f.zero) * s;
+            if (f.offsets) v = v + scales[f.subs * 16 + j];
+            o[g * kGroup + k] = v;
+          }
+        }
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("quant_rows runs on the CPU only");
+  }
+  const char* name() const override { return "QuantRows"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantRows&>(other);
+    return n_ == o.n_ && f_.subs == o.f_.subs && f_.offsets == o.f_.offsets && f_.zero == o.f_.zero;
+  }
+
+ private:
+  long n_;
+  Format f_;
+};
+
+Format make_format(int subs, bool offsets, int zero, bool wide) {
+  if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
+  return Format{subs, offsets, zero, wide};
+}
+
+void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
+  if (w.dtype() != mx::uint8 || w.ndim() != 3 || w.shape(2) != f.group_bytes() ||
+      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile)
+    throw std::invalid_argument(std::string(what) +
+                                ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes]");
+}
+
+mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
+                       int zero, bool wide, bool avx2, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide);
+  check_weights(w, n, f, "quant_matmul");
+  if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
+    throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
+  if (avx2 ? !has_avx2() : !has_vnni())
+    throw std::runtime_error("quant_matmul: this CPU lacks the instructions of the chosen path");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  auto shape = x.shape();
+  shape.back() = (int)n;
+  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(stream, n, f, avx2),
+                   {mx::contiguous(x, false, stream), w});
+}
+
+mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
+                     int zero, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false);
+  check_weights(w, n, f, "quant_rows");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  auto shape = ids.shape();
+  shape.push_back(w.shape(1) * kGroup);
+  return mx::array(shape, mx::float32, std::make_shared<QuantRows>(stream, n, f),
+                   {mx::contiguous(mx::astype(ids, mx::int32, stream), false, stream), w});
+}
+
+}  // namespace
+
+NB_MODULE(_quant_matmul, m) {
+  m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant.py)";
+  m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
+        "wide"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+  m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
+        nb::kw_only(), "stream"_a = nb::none());
+  m.def("has_vnni", &has_vnni);
+  m.def("has_avx2", &has_avx2);
+}

@@ -1,0 +1,224 @@
+"""One layout for every quantized weight format the CPU kernels run (native/quant_matmul.cpp).
+
+A quantized checkpoint stores each weight as a small integer u with a scale per block
+(and, in some formats, an offset): w = scale * (u - zero) + offset. The GGUF types
+(Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K) and mlx-lm's affine 2- to 8-bit checkpoints all fit
+that form with a scale per 32 weights (per 16 for Q6_K), an offset per 32 or none, and
+u of at most 8 bits. So they are repacked once, at load, into one layout that the
+kernels stream, and every value the checkpoint encodes is kept exactly (the repacked
+values equal gguf's own dequantization bit for bit; tests/test_quant_layout.py):
+
+  tiles of 16 outputs; per tile, per group of 32 inputs:
+    512 bytes   u8 values as [k/4][output][k%4] (the operand of one vpdpbusd per 4 k)
+    64 * subs   float32 scales [subs][16], subs = 1 (per 32 k) or 2 (per 16 k)
+    64          float32 offsets [16], if the format has them (K-quant mins, mlx biases)
+
+That is 9 bits per weight for Q4_0/Q5_0/Q8_0 and 10 for the K-quants and mlx affine
+(4-bit-packed layouts, closer to the files' own size, are a later step). Rows are
+repacked a few thousand at a time into the final buffer, so a load never holds a
+float32 copy, nor more than one extra chunk.
+
+numpy only: imported without MLX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TILE = 16  # outputs per tile
+GROUP = 32  # inputs per group
+_CHUNK_TILES = 256  # tiles repacked at a time
+
+# GGUF types this layout holds: name -> (weights per block, bytes per block)
+GGUF_BLOCKS = {
+    "Q4_0": (32, 18),
+    "Q5_0": (32, 22),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How the kernels read a packed matrix: w = scale * (u - zero) + offset."""
+
+    subs: int  # scales per group of 32: 1, or 2 (per 16)
+    offsets: bool  # an offset per output per group
+    zero: int
+    wide: bool  # u uses all 8 bits (the AVX2 path multiplies those in signed form)
+
+    @property
+    def group_bytes(self) -> int:
+        return 512 + 64 * self.subs + (64 if self.offsets else 0)
+
+
+@dataclass
+class Unpacked:
+    """Rows of a quantized matrix, unpacked: values u [rows, k] uint8, scales [rows, k/32*subs],
+    offsets [rows, k/32] or None, all float32."""
+
+    values: np.ndarray
+    scales: np.ndarray
+    offsets: np.ndarray | None
+    format: QuantFormat
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, k], in the order the kernels' row lookup uses."""
+        rows, k = self.values.shape
+        per = GROUP // self.format.subs
+        v = self.values.reshape(rows, -1, per).astype(np.int32) - self.format.zero
+        w = v.astype(np.float32) * self.scales.reshape(rows, -1, 1)
+        if self.offsets is not None:
+            w = w.reshape(rows, -1, GROUP) + self.offsets.reshape(rows, -1, 1)
+        return w.reshape(rows, k)
+
+
+# -- GGUF blocks ------------------------------------------------------------------------
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., 16*m] bytes -> [..., 32*m] values: each 16-byte run gives its low nibbles, then
+    its high nibbles (ggml's order for Q4_0/Q5_0 and, by 32-byte runs, the K-quants)."""
+    return np.stack([qs & 0x0F, qs >> 4], axis=-2)
+
+
+def _unpack_q8_0(b, n):
+    d, q = b[..., :2], b[..., 2:]
+    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True)
+
+
+def _unpack_q4_0(b, n):
+    d, qs = b[..., :2], b[..., 2:]
+    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False)
+
+
+def _unpack_q5_0(b, n):
+    d, qh, qs = b[..., :2], b[..., 2:6], b[..., 6:]
+    high = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j: element j's fifth bit
+    u = _nibbles(qs).reshape(*qs.shape[:-1], 32) | (high << 4)
+    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False)
+
+
+def _k_scales(b):
+    """Q4_K/Q5_K: d, dmin (fp16) and 8 six-bit scales and mins per 256."""
+    import gguf
+
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    blocks = b.reshape(-1, b.shape[-1])
+    sc, m = gguf.quants.Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, 4:16]))
+    sc = sc.reshape(*b.shape[:-1], 8).astype(np.float32)
+    m = m.reshape(*b.shape[:-1], 8).astype(np.float32)
+    return d * sc, -(dmin * m)  # as ggml: (d * sc) * q - (dmin * m)
+
+
+def _unpack_q4_k(b, n):
+    scales, offsets = _k_scales(b)
+    u = _nibbles(b[..., 16:].reshape(*b.shape[:-1], 4, 32))  # [.., 4, 2, 32]: sub-blocks 2c, 2c+1
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False)
+
+
+def _unpack_q5_k(b, n):
+    scales, offsets = _k_scales(b)
+    qh, qs = b[..., 16:48], b[..., 48:]
+    low = _nibbles(qs.reshape(*b.shape[:-1], 4, 32)).reshape(*b.shape[:-1], 8, 32)
+    high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # bit i: sub-block i
+    u = low | (high << 4)
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False)
+
+
+def _unpack_q6_k(b, n):
+    ql, qh, sc, d = b[..., :128], b[..., 128:192], b[..., 192:208], b[..., 208:210]
+    lead = b.shape[:-1]
+    low = np.stack([ql.reshape(*lead, 2, 64) & 0x0F, ql.reshape(*lead, 2, 64) >> 4], axis=-2)
+    low = low.reshape(*lead, 8, 32)
+    high = (qh.reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
+    u = low | (high.reshape(*lead, 8, 32) << 4)
+    scales = _f16(d) * np.ascontiguousarray(sc).view(np.int8).astype(np.float32)  # per 16
+    return u.reshape(n, -1), scales.reshape(n, -1), None, QuantFormat(2, False, 32, False)
+
+
+_UNPACK_GGUF = {
+    "Q4_0": _unpack_q4_0,
+    "Q5_0": _unpack_q5_0,
+    "Q8_0": _unpack_q8_0,
+    "Q4_K": _unpack_q4_k,
+    "Q5_K": _unpack_q5_k,
+    "Q6_K": _unpack_q6_k,
+}
+
+
+def unpack_gguf(raw: np.ndarray, qtype: str) -> Unpacked:
+    """Rows of a GGUF tensor, raw [rows, bytes per row] uint8, unpacked."""
+    per, size = GGUF_BLOCKS[qtype]
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(n, -1, size)
+    values, scales, offsets, fmt = _UNPACK_GGUF[qtype](blocks, n)
+    return Unpacked(values.astype(np.uint8, copy=False), scales, offsets, fmt)
+
+
+# -- mlx-lm affine ----------------------------------------------------------------------
+
+def affine_supported(bits: int, group_size: int) -> bool:
+    return 2 <= bits <= 8 and group_size % GROUP == 0
+
+
+def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                      group_size: int) -> Unpacked:
+    """Rows of an mlx affine-quantized matrix (weight uint32 [rows, k*bits/32], scales and
+    biases [rows, k/group_size]): mlx packs values as a little-endian bit stream."""
+    n = weight.shape[0]
+    stream = np.unpackbits(np.ascontiguousarray(weight).view(np.uint8).reshape(n, -1), axis=-1,
+                           bitorder="little")
+    k = stream.shape[1] // bits
+    u = np.packbits(stream.reshape(n, k, bits), axis=-1, bitorder="little").reshape(n, k)
+    repeat = group_size // GROUP
+    scales = np.repeat(scales.astype(np.float32), repeat, axis=1)
+    biases = np.repeat(biases.astype(np.float32), repeat, axis=1)
+    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8))
+
+
+# -- tiles ------------------------------------------------------------------------------
+
+def packed_shape(rows: int, k: int, fmt: QuantFormat) -> tuple[int, int, int]:
+    return (-(-rows // TILE), k // GROUP, fmt.group_bytes)
+
+
+def pack_tiles(part: Unpacked, out: np.ndarray) -> None:
+    """Write the tiles of `part` (whole tiles, except at the matrix's end) into out
+    [tiles, k/32, group_bytes]."""
+    rows, k = part.values.shape
+    fmt = part.format
+    tiles, groups = out.shape[0], k // GROUP
+    pad = tiles * TILE - rows
+
+    def padded(a):
+        return np.pad(a, [(0, pad), (0, 0)]) if pad else a
+
+    u = padded(part.values).reshape(tiles, TILE, groups, 8, 4).transpose(0, 2, 3, 1, 4)
+    out[:, :, :512] = u.reshape(tiles, groups, 512)
+    s = padded(part.scales).astype("<f4").reshape(tiles, TILE, groups, fmt.subs).transpose(0, 2, 3, 1)
+    out[:, :, 512:512 + 64 * fmt.subs] = np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups, -1)
+    if fmt.offsets:
+        o = padded(part.offsets).astype("<f4").reshape(tiles, TILE, groups).transpose(0, 2, 1)
+        out[:, :, 512 + 64 * fmt.subs:] = np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1)
+
+
+def repack(rows: int, unpack, out_for) -> QuantFormat:
+    """Repack a matrix of `rows` rows chunk by chunk: unpack(r0, r1) -> Unpacked;
+    out_for(fmt) -> the whole output buffer (allocated once the format is known)."""
+    out, fmt = None, None
+    step = _CHUNK_TILES * TILE
+    for r0 in range(0, rows, step):
+        part = unpack(r0, min(rows, r0 + step))
+        if out is None:
+            fmt = part.format
+            out = out_for(fmt)
+        pack_tiles(part, out[r0 // TILE: r0 // TILE + -(-part.values.shape[0] // TILE)])
+    return fmt

@@ -1,0 +1,161 @@
+"""Quantized weights on the CPU (engine/cpu/quant_layout.py, quant_linear.py): the repacked
+values are the file's own, products match a float64 reference, and a row's bits depend on
+nothing but the row (not the other rows, the thread count or the instruction set)."""
+
+import os
+import subprocess
+import sys
+
+import gguf
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from engine.cpu import quant_layout, quant_linear
+from quant_blocks import GGUF_TYPES, quantize, random_blocks, random_bytes
+
+needs_kernels = pytest.mark.skipif(not quant_linear.available(),
+                                   reason="quantized kernels not built (make native) or no AVX2/VNNI")
+
+
+def _gguf_matrix(qtype: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    return random_blocks(qtype, n, k, np.random.default_rng(seed))
+
+
+def _packed(unpack, n, k):
+    """A QuantWeight repacked from unpack(r0, r1), chunk by chunk as the loader does."""
+    return quant_linear.QuantWeight.repacked(n, k, unpack)
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_gguf_values_round_trip_exactly(qtype):
+    raw = _gguf_matrix(qtype, 37, 512)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    got = quant_layout.unpack_gguf(raw, qtype).dequantize()
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_every_k_quant_bit_pattern_round_trips(qtype):
+    raw = random_bytes(qtype, 8, 1024, np.random.default_rng(1))
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    assert np.array_equal(quant_layout.unpack_gguf(raw, qtype).dequantize(), want)
+
+
+def test_test_quantizers_are_accurate():
+    w = np.random.default_rng(2).standard_normal((16, 512)).astype(np.float32)
+    for qtype, tol in [("Q4_K", 0.2), ("Q5_K", 0.1), ("Q6_K", 0.05), ("Q8_0", 0.01)]:
+        back = gguf.quants.dequantize(quantize(w, qtype), gguf.GGMLQuantizationType[qtype])
+        assert np.sqrt(np.mean((back - w) ** 2)) < tol, qtype
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_mlx_affine_values_round_trip_exactly(bits, group_size):
+    w = mx.random.normal((24, 256), key=mx.random.key(bits))
+    q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
+    want = np.array(mx.dequantize(q, scales, biases, group_size=group_size, bits=bits))
+    got = quant_layout.unpack_mlx_affine(np.array(q), np.array(scales), np.array(biases), bits, group_size)
+    assert np.array_equal(got.dequantize(), want)
+
+
+def _quantized_activations(x: np.ndarray) -> np.ndarray:
+    """x as the kernels see it: int8 per 32 inputs, scale amax / 127 (float32 arithmetic)."""
+    g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    amax = np.abs(g).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(g * inv), -127, 127)
+    return (q.astype(np.float64) * (amax / np.float32(127)).astype(np.float64)).reshape(x.shape)
+
+
+def _check_product(weight: quant_linear.QuantWeight, dense: np.ndarray, rows: int = 40):
+    x = np.array(mx.random.normal((rows, weight.k), key=mx.random.key(7)))
+    got = np.array(weight.matmul(mx.array(x)))
+    assert got.shape == (rows, weight.n)
+    # Exact up to float rounding against the quantized activations...
+    want = _quantized_activations(x) @ dense.astype(np.float64).T
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # ...and within int8 activation error of the float product.
+    exact = x.astype(np.float64) @ dense.astype(np.float64).T
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+    return x, got
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+# (100, 512): one thread; (3000, 1024): all threads.
+@pytest.mark.parametrize("n,k", [(100, 512), (3000, 1024)])
+def test_gguf_products_match_float64(qtype, n, k):
+    raw = _gguf_matrix(qtype, n, k, seed=1)
+    w = _packed(lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype), n, k)
+    x, got = _check_product(w, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]))
+    # Any number of rows, any position: the very same bits for a row (decode, verify
+    # windows and prefill tiles alike).
+    for rows in (1, 2, 3, 7, 8, 9, 15, 16, 17, 33):
+        assert np.array_equal(np.array(w.matmul(mx.array(x[:rows]))), got[:rows]), rows
+    single = np.stack([np.array(w.matmul(mx.array(x[i:i + 1])))[0] for i in range(len(x))])
+    assert np.array_equal(single, got)
+    lookup = np.array(w.rows(mx.array([0, n - 1, n // 2])))
+    assert np.array_equal(lookup, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])[[0, n - 1, n // 2]])
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (4, 128), (6, 32)])
+def test_mlx_affine_products_match_float64(bits, group_size):
+    n, k = 250, 384
+    w = mx.random.normal((n, k), key=mx.random.key(3))
+    q, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    qn, sn, bn = np.array(q), np.array(s), np.array(b)
+    packed = _packed(lambda a, c: quant_layout.unpack_mlx_affine(qn[a:c], sn[a:c], bn[a:c], bits, group_size), n, k)
+    _check_product(packed, np.array(mx.dequantize(q, s, b, group_size=group_size, bits=bits)), rows=17)
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_avx2_path_gives_the_same_bits(qtype, monkeypatch):
+    if not quant_linear._native.has_avx2():
+        pytest.skip("no AVX2")
+    raw = _gguf_matrix(qtype, 300, 512, seed=2)
+    w = _packed(lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype), 300, 512)
+    x = mx.random.normal((11, 512), key=mx.random.key(4))
+    first = np.array(w.matmul(x))
+    monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "avx2")
+    assert quant_linear.path() == "avx2"
+    assert np.array_equal(np.array(w.matmul(x)), first)
+
+
+_ONE_THREAD = """
+import sys, numpy as np, mlx.core as mx
+sys.path.insert(0, "tests")
+import engine
+from engine.cpu import quant_layout, quant_linear
+from quant_blocks import random_blocks
+raw = random_blocks("Q5_0", 3000, 1024, np.random.default_rng(5))
+w = quant_linear.QuantWeight.repacked(3000, 1024, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q5_0"))
+x = mx.random.normal((9, 1024), key=mx.random.key(6))
+np.save(sys.argv[1], np.array(w.matmul(x)))
+"""
+
+
+@needs_kernels
+def test_one_thread_and_all_threads_agree(tmp_path):
+    results = []
+    for threads in ("1", "8"):
+        out = tmp_path / f"t{threads}.npy"
+        env = {**os.environ, "KERNELEXT_KERNEL_THREADS": threads}
+        subprocess.run([sys.executable, "-c", _ONE_THREAD, str(out)], check=True, env=env,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+        results.append(np.load(out))
+    assert np.array_equal(results[0], results[1])
+
+
+@needs_kernels
+def test_bad_operands_raise():
+    raw = _gguf_matrix("Q4_0", 16, 64)
+    w = _packed(lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q4_0"), 16, 64)
+    with pytest.raises(ValueError):
+        w.matmul(mx.zeros((2, 96)))  # wrong k
+    bad = quant_linear.QuantWeight(w.packed[:, :, :100], 16, 64, w.format)
+    with pytest.raises(ValueError):
+        bad.matmul(mx.zeros((2, 64)))
