@@ -73,6 +73,9 @@ class Kernelext(Configurable):
     host = Unicode("127.0.0.1", help="Default `%llm serve --host`.").tag(config=True)
     port = Int(8000, help="Default `%llm serve --port`.").tag(config=True)
     api_key = Unicode(None, allow_none=True, help="Default `%llm serve --api-key`.").tag(config=True)
+    serve_max_tokens = Int(None, allow_none=True, min=1, help=(
+        "Default `%llm serve --default-max-tokens`: the output limit of server requests that set "
+        "none (None = the server's default, 2048).")).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         # Set before super().__init__, whose config loading runs the observers below.
@@ -162,12 +165,15 @@ class Kernelext(Configurable):
             [{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
 
     # -- server ------------------------------------------------------------------------
-    def serve(self, host: str | None = None, port: int | None = None, api_key: str | None = None):
+    def serve(self, host: str | None = None, port: int | None = None, api_key: str | None = None,
+              default_max_tokens: int | None = None):
         from .server import start_server  # written separately; only needed here
 
+        limit = default_max_tokens or self.serve_max_tokens
         self.server = start_server(self.ensure_engine(), host=host or self.host,
                                    port=self.port if port is None else port,
-                                   api_key=api_key or self.api_key)
+                                   api_key=api_key or self.api_key,
+                                   **({"default_max_tokens": limit} if limit else {}))
         return self.server
 
     def stop_server(self) -> None:

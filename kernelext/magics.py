@@ -58,6 +58,9 @@ def _llm_parser() -> _Parser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--api-key")
+    serve.add_argument("--default-max-tokens", type=_positive, metavar="N",
+                       help="output limit of requests that set none (default: Kernelext.serve_max_tokens, "
+                            "else 2048)")
     commands.add_parser("stop", help="stop the server")
     commands.add_parser("dashboard", help="show the live dashboard")
     bench = commands.add_parser("bench", help="prefill (PP) and generation (TG) tok/s")
@@ -291,7 +294,7 @@ class LLMMagics(Magics):
         if self.ext.server is not None:
             raise UsageError(f"already serving at {self.ext.server.url}; `%llm stop` first")
         try:
-            server = self.ext.serve(args.host, args.port, args.api_key)
+            server = self.ext.serve(args.host, args.port, args.api_key, args.default_max_tokens)
         except ImportError as e:
             raise UsageError(f"%llm serve needs kernelext.server: {e}") from None
         except (ValueError, OSError) as e:  # no API key off loopback, port in use, ...

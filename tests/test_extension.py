@@ -67,7 +67,9 @@ class Kernel:
     def finish(self, msg_id: str, outputs: list) -> Cell:
         outputs = outputs + self.collect(msg_id)
         reply = self.kc.get_shell_msg(timeout=30)
-        assert reply["parent_header"]["msg_id"] == msg_id
+        while reply["parent_header"].get("msg_id") != msg_id:  # a stale kernel_info reply of startup
+            assert reply["msg_type"] == "kernel_info_reply", reply["msg_type"]
+            reply = self.kc.get_shell_msg(timeout=30)
         return Cell(reply["content"]["status"], outputs)
 
     def run(self, code: str) -> Cell:
