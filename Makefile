@@ -5,7 +5,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NATIVE := $(VENV)/.native
 
-.PHONY: demo demo-py test bench install native clean
+.PHONY: demo demo-py test bench install native agents clean
+
+# The agent CLIs tests/test_real_clients.py drives, pinned, in git-ignored folders.
+# 0.94.0 is the last Codex CLI that accepts wire_api = "chat" (0.95.0 refuses it).
+CODEX_VERSION := 0.171.0
+CODEX_CHAT_VERSION := 0.94.0
+CLAUDE_CODE_VERSION := 2.1.332
+AGENTS := build/agents/.installed
+NPM_INSTALL := npm install --silent --no-audit --no-fund --no-update-notifier
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +53,19 @@ demo: $(STAMP) $(NATIVE)
 demo-py: $(STAMP) $(NATIVE)
 	$(PY) -m kernelext.demo
 
+# Without npm the agent CLI tests are skipped (they say so); the rest of the suite runs.
+$(AGENTS): Makefile
+	@if command -v npm >/dev/null; then \
+		$(NPM_INSTALL) --prefix build/agents @openai/codex@$(CODEX_VERSION) \
+			@anthropic-ai/claude-code@$(CLAUDE_CODE_VERSION) && \
+		$(NPM_INSTALL) --prefix build/agents-codex-chat @openai/codex@$(CODEX_CHAT_VERSION) && \
+		touch $(AGENTS); \
+	else echo "kernelext: npm not found; the Codex CLI and Claude Code tests will be skipped"; fi
+
+agents: $(AGENTS)
+
 # The suite, then every notebook cell by cell under nbval (notebooks/conftest.py).
-test: $(STAMP) $(NATIVE)
+test: $(STAMP) $(NATIVE) $(AGENTS)
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbval-lax notebooks
 

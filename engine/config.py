@@ -35,6 +35,9 @@ class EngineConfig:
     hot_cache_bytes: int = 1 << 30  # RAM tier budget
     ssd_cache: bool = True
     ssd_cache_bytes: int = 8 << 30  # SSD tier budget, over every file in cache_dir
+    # Also cache each finished request's reply (cache/reply_fill.py): an agent that
+    # sends it back in its next prompt gets a hit on it.
+    cache_replies: bool = True
     cache_dir: str | None = None  # None = $KERNELEXT_KV_CACHE or ~/.cache/kernelext/kv
     # Speculative decoding. "mtp": the model's own Multi-Token-Prediction head
     # (native or trained); "ngram": prompt lookup; "none": plain decoding;

@@ -21,7 +21,7 @@ class EngineMetrics:
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(
             ("requests_submitted", "requests_completed", "requests_cancelled", "requests_failed",
-             "requests_rejected", "prompt_tokens", "cached_tokens", "prefill_tokens",
+             "requests_rejected", "prompt_tokens", "cached_tokens", "prefill_tokens", "cache_fill_tokens",
              "generated_tokens", "steps"), 0)
         self._events: deque[tuple[float, int, int, int]] = deque()  # (t, decode, prefill, rows)
         self._ttft: deque[float] = deque(maxlen=1024)

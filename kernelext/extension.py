@@ -24,7 +24,8 @@ import engine
 from engine import Engine, EngineConfig, SamplingParams
 
 # Traits that become EngineConfig fields (or pick the model): they apply at the next load.
-_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "drafter")
+_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "block_size",
+                "cache_replies", "drafter")
 
 
 def _next_load(help: str) -> str:
@@ -48,6 +49,11 @@ class Kernelext(Configurable):
         "Prefix-cache budget in memory (None: the engine's default). Live.")).tag(config=True)
     ssd_cache_bytes = Int(None, allow_none=True, min=0, help=(
         "Prefix-cache budget on disk (None: the engine's default). Live.")).tag(config=True)
+    block_size = Int(None, allow_none=True, min=16, help=_next_load(
+        "Prefix-cache block size in tokens (None: the engine's default).")).tag(config=True)
+    cache_replies = Bool(None, allow_none=True, help=_next_load(
+        "Also cache each reply, so a conversation that sends it back hits the cache "
+        "(None: the engine's default, on).")).tag(config=True)
     drafter = Enum(("mtp", "ngram", "none"), None, allow_none=True, help=_next_load(
         "Speculative-decoding drafter (None: the engine's default). 'none' also forces "
         "plain decoding per request at once.")).tag(config=True)
@@ -73,6 +79,9 @@ class Kernelext(Configurable):
     host = Unicode("127.0.0.1", help="Default `%llm serve --host`.").tag(config=True)
     port = Int(8000, help="Default `%llm serve --port`.").tag(config=True)
     api_key = Unicode(None, allow_none=True, help="Default `%llm serve --api-key`.").tag(config=True)
+    serve_max_tokens = Int(None, allow_none=True, min=1, help=(
+        "Default `%llm serve --default-max-tokens`: the output limit of server requests that set "
+        "none (None = the server's default, 2048).")).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         # Set before super().__init__, whose config loading runs the observers below.
@@ -101,7 +110,8 @@ class Kernelext(Configurable):
         set ones this engine does not know yet (cache, speculation) are skipped with a notice."""
         wanted = dict(model_cache_dir=self.model_cache_dir, dtype=self.dtype, max_batch=self.max_batch,
                       cache_dir=self.cache_dir, hot_cache_bytes=self.hot_cache_bytes,
-                      ssd_cache_bytes=self.ssd_cache_bytes, drafter=self.drafter, depth=self.depth)
+                      ssd_cache_bytes=self.ssd_cache_bytes, block_size=self.block_size,
+                      cache_replies=self.cache_replies, drafter=self.drafter, depth=self.depth)
         wanted = {k: v for k, v in wanted.items() if v is not None}
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         if unknown := sorted(wanted.keys() - known):
@@ -162,12 +172,15 @@ class Kernelext(Configurable):
             [{"role": "user", "content": text}, {"role": "assistant", "content": reply}])
 
     # -- server ------------------------------------------------------------------------
-    def serve(self, host: str | None = None, port: int | None = None, api_key: str | None = None):
+    def serve(self, host: str | None = None, port: int | None = None, api_key: str | None = None,
+              default_max_tokens: int | None = None):
         from .server import start_server  # written separately; only needed here
 
+        limit = default_max_tokens or self.serve_max_tokens
         self.server = start_server(self.ensure_engine(), host=host or self.host,
                                    port=self.port if port is None else port,
-                                   api_key=api_key or self.api_key)
+                                   api_key=api_key or self.api_key,
+                                   **({"default_max_tokens": limit} if limit else {}))
         return self.server
 
     def stop_server(self) -> None:

@@ -270,3 +270,29 @@ def test_default_model_cache_hits_are_exact(tmp_path):
         ssd = eng.generate(ids, max_tokens=12)
     assert hot.token_ids == want and hot.usage.cached_tokens == 640  # 5 blocks of 128
     assert ssd.token_ids == want and ssd.usage.cached_tokens == 640
+
+
+def test_a_reply_sent_back_is_a_cache_hit_and_exact(family, tmp_path):
+    """An agent sends the model's reply back in its next prompt: the reply's whole blocks
+    are cached (prefilled again by a cache fill, not taken from decode's KV), so the next
+    request restores them and still returns exactly what the cache-off engine returns."""
+    with make_engine(family, tmp_path / "kv") as eng:
+        ids = prompt_ids(eng, 40)
+        first = eng.generate(ids, max_tokens=40)
+        follow_up = ids + first.token_ids + prompt_ids(eng, 9, salt="next ")
+        second = eng.generate(follow_up, max_tokens=12)
+        filled = eng.metrics()["cache_fill_tokens"]
+    with make_engine(family, tmp_path / "none", prefix_cache=False) as plain:
+        assert plain.generate(follow_up, max_tokens=12).token_ids == second.token_ids
+    reply_blocks = (len(ids) + len(first.token_ids) - 1) // BLOCK
+    assert second.usage.cached_tokens == reply_blocks * BLOCK > (len(ids) - 1) // BLOCK * BLOCK
+    assert filled == (reply_blocks - (len(ids) - 1) // BLOCK) * BLOCK
+
+
+def test_reply_caching_can_be_turned_off(tmp_path):
+    with make_engine("llama", tmp_path / "kv", cache_replies=False) as eng:
+        ids = prompt_ids(eng, 40)
+        first = eng.generate(ids, max_tokens=40)
+        second = eng.generate(ids + first.token_ids + prompt_ids(eng, 9, salt="next "), max_tokens=4)
+        assert eng.metrics()["cache_fill_tokens"] == 0
+    assert second.usage.cached_tokens == (len(ids) - 1) // BLOCK * BLOCK

@@ -264,7 +264,8 @@ def test_client_disconnect_cancels_its_request(srv, eng):
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 5000}]}, 400, "messages"),
     ("/v1/completions", {"prompt": [1] * 5000}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, None),
-    ("/v1/responses", {"input": [{"type": "web_search_call"}]}, 400, "input[0]"),
+    ("/v1/responses", {"input": [{"type": "no_such_item"}]}, 400, "input[0]"),
+    ("/v1/responses", {"input": [{"type": "web_search_call"}]}, 400, "input"),
 ])
 def test_openai_style_errors(srv, path, body, status, param):
     got, _, err = request(srv, "POST", path, body)

@@ -58,22 +58,23 @@ class PrefixCache:
         return block_keys(self.fingerprint, token_ids, self.block_size)
 
     # -- lookup and restore -------------------------------------------------------
-    def lookup(self, keys: list[str]) -> list[dict]:
-        """Payloads of the longest run of cached blocks at the start of `keys`."""
+    def lookup(self, keys: list[str], *, count: bool = True) -> list[dict]:
+        """Payloads of the longest run of cached blocks at the start of `keys`
+        (`count`: in the hit statistics, which describe requests, not cache fills)."""
         found = []
         for key in keys:
             payload = self.hot.get(key)
-            if payload is not None:
-                self.stats["hot_hit_blocks"] += 1
-            elif self.ssd is not None:
+            tier = "hot_hit_blocks"
+            if payload is None and self.ssd is not None:
                 loaded = self.ssd.load(key, self.block_size)
                 if loaded is None:
                     break
                 payload = _from_numpy(*loaded)
                 self.hot.put(key, payload)
-                self.stats["ssd_hit_blocks"] += 1
-            else:
+                tier = "ssd_hit_blocks"
+            elif payload is None:
                 break
+            self.stats[tier] += count
             found.append(payload)
         return found
 

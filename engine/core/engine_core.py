@@ -24,6 +24,7 @@ import numpy as np
 
 from ..cache.block_keys import model_fingerprint
 from ..cache.prefix_cache import PrefixCache
+from ..cache.reply_fill import fill_job
 from ..config import EngineConfig, default_kv_cache_dir
 from ..cpu import backend
 from ..errors import EngineClosedError, NoDraftHeadError, UnsupportedModelError
@@ -36,11 +37,14 @@ from ..spec.controller import SpeculationController
 from ..spec.drafters import Draft, DrafterPool, MTPDrafter
 from ..spec.mtp_head import find_head
 from ..spec.verify import verify_row
+from ..structured.constraint import constraint_of
+from ..structured.masks import MaskComputer
+from ..structured.matcher import GrammarTokenizer, RowMatcher
 from .admission import Admission
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import SeqStatus, Sequence
 
 
 class EngineCore:
@@ -76,6 +80,8 @@ class EngineCore:
         self.speculation = SpeculationController(config, self.drafter.name)
         self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
         self.output = OutputProcessor(self.loaded.tokenizer, metrics)
+        self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.loaded.vocab_size)
+        self.masks = MaskComputer(self.loaded.vocab_size)
         self.closed = False
         progress("ready")
 
@@ -96,6 +102,12 @@ class EngineCore:
         except UnsupportedModelError as e:
             warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
             return None
+
+    def new_matcher(self, params) -> RowMatcher | None:
+        """A request's grammar state (any thread; raises InvalidRequestError for a
+        schema or grammar that cannot compile, before anything is submitted)."""
+        constraint = constraint_of(params)
+        return RowMatcher(self.grammar_tokenizer, constraint) if constraint is not None else None
 
     def set_drafter(self, name: str) -> None:
         self.drafter = self.drafters.get(name)  # raises if mtp has no head
@@ -144,6 +156,7 @@ class EngineCore:
     def shutdown(self) -> None:
         self.closed = True
         self._abort_all(EngineClosedError("the engine was closed"))
+        self.masks.close()
         if self.prefix_cache is not None:
             self.prefix_cache.close()  # flushes queued SSD writes
         self.loaded.model = None
@@ -203,7 +216,7 @@ class EngineCore:
             # a moment ago by a request with the same prefix that is ahead of this one).
             done_blocks = seq.num_computed // block
             if pc is not None and seq.num_computed % block == 0 and done_blocks < len(seq.block_keys):
-                found = pc.lookup(seq.block_keys[done_blocks:])
+                found = pc.lookup(seq.block_keys[done_blocks:], count=not seq.fill_only)
                 if found:
                     seq.blocks.extend(found)
                     seq.cache = pc.restore(seq.blocks)
@@ -222,10 +235,13 @@ class EngineCore:
                 seq.blocks.append(pc.publish(seq.block_keys[done_blocks - 1], seq.cache))
         if seq.prefill_remaining == 0:
             seq.t_prefill_end = time.perf_counter()
-            if pc is not None:
+            seq.blocks = []
+            if seq.fill_only:  # its blocks are published: done
+                self.metrics.count("cache_fill_tokens", seq.num_computed - seq.cached_tokens)
+                seq.status, seq.cache = SeqStatus.FINISHED, None
+            elif pc is not None:
                 hits = seq.cached_tokens // block
                 pc.record(hits, len(seq.block_keys) - hits)
-            seq.blocks = []
 
     def _decode(self, rows: list[Sequence]) -> None:
         names = [s.params.drafter or self.drafter.name for s in rows]
@@ -233,6 +249,7 @@ class EngineCore:
         drafts = self._propose(rows, names, depths) if any(depths) else None
         if drafts is not None:
             self.speculation.cap_drafts(rows, drafts)
+            _cut_at_grammar(rows, drafts)
         if drafts is not None and any(d.tokens for d in drafts):
             try:
                 self._speculative_decode(rows, drafts)
@@ -256,15 +273,30 @@ class EngineCore:
 
     def _plain_decode(self, rows: list[Sequence]) -> None:
         start = time.perf_counter()
+        masks = self.masks.start([s.matcher for s in rows], [[] for _ in rows])  # beside the forward
         logits = _on_host(self.runner.decode([s.last_token for s in rows]))
-        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts)
+        masks.wait()
+        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts,
+                               None if masks.row(i) is None else masks.row(i)[0])
                   for i, s in enumerate(rows)]
         now = time.perf_counter()
         self.speculation.observe_step(len(rows), 1, now - start, len(rows))
         if self.runner.head is not None:
             MTPDrafter.observe(rows, [[t] for t in tokens], self.runner.hidden)
         for i, (seq, token) in enumerate(zip(rows, tokens)):
-            self.output.emit(seq, [token], [self.output.logprobs(seq, logits[i])], now)
+            self._emit(seq, [token], [self.output.logprobs(seq, logits[i])], now)
+
+    def _emit(self, seq: Sequence, tokens: list[int], infos: list, now: float) -> None:
+        """Advance the row's grammar through its new tokens, then deliver them."""
+        done = False
+        if seq.matcher is not None:
+            try:
+                tokens = tokens[:seq.matcher.advance(tokens)]
+            except Exception as e:
+                self.output.fail(seq, e)
+                return
+            done = seq.matcher.done
+        self.output.emit(seq, tokens, infos[:len(tokens)], now, grammar_done=done)
 
     def _speculative_decode(self, rows: list[Sequence], drafts: list[Draft]) -> None:
         start = time.perf_counter()
@@ -272,10 +304,15 @@ class EngineCore:
         # Rows with fewer drafts are padded; their extra positions are rolled back.
         windows = [[s.last_token] + d.tokens + [s.last_token] * (window - 1 - len(d.tokens))
                    for s, d in zip(rows, drafts)]
-        logits = self.runner.verify(windows)
+        masks = self.masks.start([s.matcher for s in rows], [d.tokens for d in drafts])
+        try:
+            logits = self.runner.verify(windows)
+        finally:
+            masks.wait()
         try:
             logits = _on_host(logits)
-            emitted = [verify_row(logits[i], s, d) for i, (s, d) in enumerate(zip(rows, drafts))]
+            emitted = [verify_row(logits[i], s, d, masks.row(i))
+                       for i, (s, d) in enumerate(zip(rows, drafts))]
             self.runner.commit([len(e) for e in emitted], window)
         except BaseException:
             self.runner.abort()
@@ -286,15 +323,32 @@ class EngineCore:
             MTPDrafter.observe(rows, emitted, self.runner.hidden)
         for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
             self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
-            self.output.emit(seq, tokens, [self.output.logprobs(seq, logits[i, j])
-                                           for j in range(len(tokens))], now)
+            self._emit(seq, tokens, [self.output.logprobs(seq, logits[i, j])
+                                     for j in range(len(tokens))], now)
 
     def _drop_finished(self) -> None:
+        if self.prefix_cache is not None and self.config.cache_replies:
+            for seq in self.scheduler.running:
+                job = fill_job(seq, self.config.block_size) if seq.status is SeqStatus.FINISHED else None
+                if job is not None:
+                    self.scheduler.add(job)
         was_waiting = len(self.scheduler.waiting)
         keep = self.scheduler.remove_finished()
         self.admission.release(was_waiting - len(self.scheduler.waiting))
         if keep is not None:
             self.runner.keep_rows(keep)
+
+
+def _cut_at_grammar(rows: list[Sequence], drafts: list[Draft]) -> None:
+    """Drop each constrained row's drafts from the first one its grammar rejects
+    (verification then samples that position from the masked p; spec/verify.py)."""
+    for seq, draft in zip(rows, drafts):
+        if seq.matcher is not None and draft.tokens:
+            keep = seq.matcher.valid_prefix(draft.tokens)
+            if keep < len(draft.tokens):
+                draft.tokens = draft.tokens[:keep]
+                if draft.q_probs is not None:
+                    draft.q_probs = draft.q_probs[:keep]
 
 
 def _on_host(logits: mx.array) -> np.ndarray:

@@ -27,15 +27,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []  # order = rows of the decode batch
+        self.filling: list[Sequence] = []  # cache fills (cache/reply_fill.py): no batch slot
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        (self.filling if seq.fill_only else self.waiting).append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.filling)
 
     def active(self) -> list[Sequence]:
-        return [*self.waiting, *self.prefilling, *self.running]
+        return [*self.waiting, *self.prefilling, *self.running, *self.filling]
 
     def schedule(self) -> StepPlan:
         slots = self.config.max_batch - len(self.running) - len(self.prefilling)
@@ -47,7 +48,9 @@ class Scheduler:
         plan = StepPlan()
         budget = self.config.step_token_budget - len(self.running)
         block = self.config.block_size
-        for seq in self.prefilling:
+        # Cache fills first: each is at most a block plus a reply, and the request that
+        # needs it (an agent's next turn) then restores its blocks in the same step.
+        for seq in [*self.filling, *self.prefilling]:
             # Every prefilling request is visited, even with no budget left: restoring
             # cached blocks costs no compute, and a fully cached prompt can join now.
             n = min(seq.prefill_remaining, budget)
@@ -71,6 +74,7 @@ class Scheduler:
         """Drop finished requests; returns the batch rows to keep, or None if all rows stay."""
         self.waiting = deque(s for s in self.waiting if s.status is not SeqStatus.FINISHED)
         self.prefilling = [s for s in self.prefilling if s.status is not SeqStatus.FINISHED]
+        self.filling = [s for s in self.filling if s.status is not SeqStatus.FINISHED]
         keep = [i for i, s in enumerate(self.running) if s.status is not SeqStatus.FINISHED]
         if len(keep) == len(self.running):
             return None

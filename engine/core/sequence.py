@@ -30,6 +30,9 @@ class Sequence:
     text: TextStream
     max_len: int  # context limit: prompt + output never exceed it
     source: str = "python"
+    # A cache fill (cache/reply_fill.py): prefills a finished request's prompt + reply
+    # into the prefix cache and never decodes or reaches a caller.
+    fill_only: bool = False
     status: SeqStatus = SeqStatus.WAITING
     # Prompt tokens whose KV is in `cache`; the last prompt token is never
     # prefilled here, it is the first decode input (as in mlx-lm's generate).
@@ -42,6 +45,7 @@ class Sequence:
     output_counts: Counter = field(default_factory=Counter)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    matcher: object | None = None  # structured/matcher.RowMatcher when the output is constrained
     draft_state: dict = field(default_factory=dict)  # per drafter name: its per-request state
     acceptance: float = 0.5  # running estimate of P(a draft token is accepted)
     drafted_tokens: int = 0

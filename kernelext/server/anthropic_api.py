@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
+_USED = frozenset({"model", "max_tokens", "system", "messages", "tools", "tool_choice", "stop_sequences",
+                   "stream", "output_format"})
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 _BLOCK_TYPES = {"text": "text", "reasoning": "thinking", "tool_call": "tool_use"}
 
@@ -14,15 +16,22 @@ _BLOCK_TYPES = {"text": "text", "reasoning": "thinking", "tool_call": "tool_use"
 async def messages(call, body: dict):
     engine = call.engine
     model = common.check_model(engine, body)
+    common.ignore_unused(body, _USED, "/v1/messages")
     get(body, "max_tokens", int, required=True)  # required by this API, unlike OpenAI's
     chat, tools = _chat(body)
+    fmt = structured.response_format(get(body, "output_format", dict), "output_format", None)
+    chat, constraint, json_call = structured.prepare(engine, {}, chat, tools,
+                                                     get(body, "tool_choice", dict), fmt)
     prompt = common.chat_prompt(engine, chat, tools)
-    params = common.sampling_params(body, engine, max_tokens=("max_tokens",), stop="stop_sequences")
+    params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_tokens",),
+                                    stop="stop_sequences", constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     head = {"id": common.new_id("msg_"), "type": "message", "role": "assistant", "model": model}
     if stream:
-        return SSE(_stream(gen, head))
+        # Anthropic's streams carry `ping` events, which its clients expect and skip.
+        return SSE(_stream(gen, head), keepalive=sse({"type": "ping"}, event="ping"))
     await gen.collect()
     return {**head, "content": [_block(b, done=True) for b in gen.blocks], **_stop(gen),
             "usage": _usage(gen.usage.prompt_tokens, gen.usage.cached_tokens, gen.usage.completion_tokens)}
@@ -30,6 +39,7 @@ async def messages(call, body: dict):
 
 async def count_tokens(call, body: dict) -> dict:
     common.check_model(call.engine, body)
+    common.ignore_unused(body, _USED, "/v1/messages/count_tokens")
     chat, tools = _chat(body)
     return {"input_tokens": len(common.chat_prompt(call.engine, chat, tools))}
 
@@ -96,21 +106,26 @@ def _arguments(text: str):
 
 
 def _chat(body: dict) -> tuple[list[dict], list[dict] | None]:
-    """`system` and `messages` as chat messages; the function tools (None if disabled)."""
+    """`system` and `messages` as chat messages; the function tools (None if disabled).
+
+    A `system` role inside `messages` (Claude Code sends one) is taken as it is: the
+    normalization (messages.py) moves it into the leading system message."""
     chat = []
     system = common.text_of(get(body, "system", (str, list)), "system")
     if system:
         chat.append({"role": "system", "content": system})
     for i, m in enumerate(common.items(body, "messages")):
         role, content, param = m.get("role"), m.get("content"), f"messages[{i}]"
-        if role not in ("user", "assistant"):
-            raise ApiError(400, f"'{param}.role' must be 'user' or 'assistant'", param=param)
+        if role not in ("user", "assistant", "system"):
+            raise ApiError(400, f"'{param}.role' must be 'user', 'assistant' or 'system'", param=param)
         if not isinstance(content, list):
             chat.append({"role": role, "content": common.text_of(content, f"{param}.content")})
             continue
         texts, calls = [], []
         for j, block in enumerate(content):
             kind, where = block.get("type") if isinstance(block, dict) else None, f"{param}.content[{j}]"
+            if kind is not None and "cache_control" in block:  # prompt caching here is automatic
+                common.ignored("/v1/messages cache_control")
             if kind == "text":
                 texts.append(common.text_of([block], where))
             elif kind == "tool_use":
@@ -122,9 +137,14 @@ def _chat(body: dict) -> tuple[list[dict], list[dict] | None]:
                 raise ApiError(400, f"unsupported content block type {kind!r}", param=where)
         if texts or calls:
             chat.append({"role": role, "content": "".join(texts), **({"tool_calls": calls} if calls else {})})
-    if not chat or chat[-1]["role"] == "system":
+    if all(m["role"] == "system" for m in chat):
         raise ApiError(400, "'messages' must not be empty", param="messages")
     choice = get(body, "tool_choice", dict, {})
-    tools = [common.function_tool(t.get("name"), t.get("description"), t.get("input_schema"), f"tools[{i}]")
-             for i, t in enumerate(common.items(body, "tools")) if "input_schema" in t]
+    tools = []
+    for i, t in enumerate(common.items(body, "tools")):
+        if "input_schema" in t:  # server tools (web_search_20250305, ...) have none and are left out
+            tools.append(common.function_tool(t.get("name"), t.get("description"), t.get("input_schema"),
+                                              f"tools[{i}]"))
+        else:
+            common.ignored(f"/v1/messages tool type {t.get('type')!r}")
     return chat, (tools if choice.get("type") != "none" else None)

@@ -8,6 +8,7 @@ engine; all MLX work stays on the engine's thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -18,11 +19,20 @@ from engine import EngineClosedError, InvalidRequestError, QueueFullError
 from . import anthropic_api, openai_api, responses_api
 from .common import SSE, ApiError, Text, anthropic_error, openai_error
 from .generation import Generation
+from .response_store import ResponseStore
 
 log = logging.getLogger("kernelext.server")
 
 MAX_BODY = 32 << 20
 RETRY_AFTER_S = "1"  # a batch slot frees up as soon as any running request finishes
+# The output limit of a request that sets none. A base model rarely ends a turn, and a
+# client that sends no limit (aider, the `llm` CLI) would otherwise hold a batch row
+# until the context is full.
+DEFAULT_MAX_TOKENS = 2048
+# While a long prompt prefills (an agent's first request: 10-15k tokens, a minute on a
+# laptop CPU) a stream sends an SSE comment this often, so no client or proxy idle
+# timeout fires on a healthy server.
+KEEPALIVE_S = 5.0
 
 
 async def _health(call, body: dict) -> dict:
@@ -61,6 +71,10 @@ class Call:
         if len(prompt_ids) >= limit:
             raise ApiError(400, f"the prompt has {len(prompt_ids)} tokens; the context limit is {limit}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
+        if params.max_tokens > limit - len(prompt_ids):
+            # Clients ask for more than fits (Claude Code: 32,000 or more); the output ends
+            # at the context limit either way, so clamp rather than refuse.
+            params = dataclasses.replace(params, max_tokens=limit - len(prompt_ids))
         try:
             handle = self.engine.submit(prompt_ids, params, source="http")
         except QueueFullError as e:
@@ -79,17 +93,25 @@ class Call:
 
 
 class App:
-    def __init__(self, engine, api_key: str | None = None, on_started=None):
+    def __init__(self, engine, api_key: str | None = None, on_started=None, *,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, keepalive_s: float = KEEPALIVE_S):
         self.engine = engine
+        self.default_max_tokens = default_max_tokens
+        self.keepalive_s = keepalive_s
+        self.responses = ResponseStore()
         self._key = api_key.encode() if api_key else None
         self._on_started = on_started
         self._calls: set[Call] = set()
         self._streams = 0
         self._counts = dict.fromkeys(("requests", "errors", "rejected", "cancelled"), 0)
+        # Answered (status < 400) per endpoint, e.g. "answered_v1_messages_count_tokens":
+        # shows which parts of the APIs a client really uses.
+        self._answered = {_answered_key(path): 0 for path in ROUTES}
         self.closing = False
 
     def stats(self) -> dict:
-        return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams}
+        return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams,
+                **self._answered}
 
     def shutdown(self) -> None:
         """On the server's loop: refuse new work and cancel what runs (streams then end)."""
@@ -152,6 +174,8 @@ class App:
             elif status >= 400:
                 self._counts["errors"] += 1
                 self._counts["rejected"] += status == 429
+            elif path in ROUTES:
+                self._answered[_answered_key(path)] += 1
 
     def _authorized(self, headers) -> bool:
         if self._key is None:
@@ -174,7 +198,7 @@ class App:
                 await send({"type": "http.response.start", "status": 200, "headers": [
                     (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
                 try:
-                    async for chunk in result.events:
+                    async for chunk in _with_keepalive(result.events, self.keepalive_s, result.keepalive):
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except Exception:  # a bug mid-stream: the 200 is sent, so just end the stream
                     log.exception("error in an event stream")
@@ -186,6 +210,29 @@ class App:
             await _send(send, 200, result.text.encode(), result.content_type)
         else:
             await _send(send, 200, json.dumps(result, ensure_ascii=False).encode(), "application/json")
+
+
+def _answered_key(path: str) -> str:
+    return "answered" + path.replace("/", "_")
+
+
+async def _with_keepalive(events, every_s: float, keepalive: bytes):
+    """`events`, with `keepalive` whenever none came for `every_s` seconds. The pending
+    event is awaited, never cancelled: cancelling an async generator mid-step would end it."""
+    events, step = aiter(events), None
+    try:
+        while True:
+            step = asyncio.ensure_future(anext(events))
+            while not (await asyncio.wait({step}, timeout=every_s))[0]:
+                yield keepalive
+            try:
+                chunk = step.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:  # the client went away mid-wait
+        if step is not None and not step.done():
+            step.cancel()
 
 
 async def _read_json(receive) -> dict:

@@ -1,4 +1,4 @@
-"""`kernelext serve --model M [--host H] [--port P] [--api-key K]`: the notebook's
+"""`kernelext serve --model M [--host H] [--port P] [--api-key K] [--default-max-tokens N]`: the notebook's
 server app, outside a notebook. Stops cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import threading
 
 from engine import DEFAULT_MODEL, Engine, EngineConfig, EngineError
 
+from .app import DEFAULT_MAX_TOKENS
 from .runner import check_bind, start_server
 
 
@@ -24,9 +25,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="required from clients (default: $KERNELEXT_API_KEY, which keeps it out of ps)")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
+    serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
+                       help="output limit of requests that set none (default: %(default)s); a larger "
+                            "limit than the context allows is clamped")
     args = parser.parse_args(argv)
     try:
         check_bind(args.host, args.api_key)  # before the slow part
+        if args.default_max_tokens < 1:
+            raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     except ValueError as e:
         parser.exit(2, f"kernelext: {e}\n")
     try:
@@ -35,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as e:
         parser.exit(1, f"kernelext: {e}\n")
     try:
-        srv = start_server(engine, args.host, args.port, args.api_key)
+        srv = start_server(engine, args.host, args.port, args.api_key,
+                           default_max_tokens=args.default_max_tokens)
     except OSError as e:  # the port is in use
         engine.close()
         parser.exit(1, f"kernelext: {e}\n")

@@ -10,11 +10,17 @@ expect, so prompt building and sampling are written once.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import uuid
 from pathlib import Path
 
 from engine import InvalidRequestError, SamplingParams
+
+from .messages import TemplateRejected, normalize, render
+
+log = logging.getLogger("kernelext.server")
 
 # Accepted besides the engine's model name: its last path component (the name
 # of a local directory) and "default", for clients that insist on some name.
@@ -57,10 +63,12 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
 
 
 class SSE:
-    """A handler's streamed answer: an async iterator of server-sent-event bytes."""
+    """A handler's streamed answer: an async iterator of server-sent-event bytes, and
+    what to send while none comes (an SSE comment, which every client skips, unless the
+    API documents an event for it)."""
 
-    def __init__(self, events):
-        self.events = events
+    def __init__(self, events, keepalive: bytes = b": keepalive\n\n"):
+        self.events, self.keepalive = events, keepalive
 
 
 class Text:
@@ -90,6 +98,30 @@ def get(body: dict, name: str, types, default=None, *, required: bool = False):
     return value
 
 
+# Sampling fields every dialect reads (sampling_params); the rest is per endpoint.
+SAMPLING_FIELDS = frozenset({"temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                             "frequency_penalty", "seed", "depth", "generation_mode"})
+_noted: set[str] = set()
+_noted_lock = threading.Lock()
+
+
+def ignored(what: str) -> None:
+    """Log once per process, at debug level, something a client sent that this server
+    accepts but does not act on (prompt-cache hints, thinking budgets, built-in tools...).
+    Real agents send many such fields; refusing them would refuse the agent."""
+    with _noted_lock:
+        if what in _noted:
+            return
+        _noted.add(what)
+    log.debug("ignored: %s", what)
+
+
+def ignore_unused(body: dict, used: frozenset[str], endpoint: str) -> None:
+    """Accept and log (once) every top-level field `endpoint` does not read."""
+    for name in sorted(body.keys() - used - SAMPLING_FIELDS):
+        ignored(f"{endpoint} field '{name}'")
+
+
 def check_model(engine, body: dict) -> str:
     """The model name to echo back; unknown names are a 404 like OpenAI's."""
     model = get(body, "model", str)
@@ -106,15 +138,17 @@ def check_n(body: dict) -> None:
         raise ApiError(400, "only n=1 is supported", param="n")
 
 
-def sampling_params(body: dict, engine, *, max_tokens: tuple[str, ...], stop: str,
-                    logprobs: int | None = None) -> SamplingParams:
+def sampling_params(body: dict, default_max_tokens: int, *, max_tokens: tuple[str, ...], stop: str,
+                    logprobs: int | None = None, constraint: dict | None = None) -> SamplingParams:
     """SamplingParams from a request body; `max_tokens` lists the dialect's names for
     the output limit (first present wins), `stop` its name for stop strings.
 
     Omitted temperature/top_p take the APIs' documented defaults (1.0), not the
-    engine's greedy default; an omitted output limit means "until the context is full".
+    engine's greedy default; an omitted output limit is the server's default (a client
+    that sends none must not hold a batch row until the context is full). A limit beyond
+    the context is clamped when the request is submitted (Call.submit).
     top_k, min_p, repetition_penalty, depth and generation_mode are accepted everywhere."""
-    limit = next((v for k in max_tokens if (v := get(body, k, int)) is not None), engine.max_context)
+    limit = next((v for k in max_tokens if (v := get(body, k, int)) is not None), default_max_tokens)
     stops = get(body, stop, (str, list), [])
     try:
         return SamplingParams(
@@ -130,7 +164,8 @@ def sampling_params(body: dict, engine, *, max_tokens: tuple[str, ...], stop: st
             stop=[stops] if isinstance(stops, str) else stops,
             logprobs=logprobs,
             depth=get(body, "depth", int),
-            generation_mode=get(body, "generation_mode", str, "auto"))
+            generation_mode=get(body, "generation_mode", str, "auto"),
+            **(constraint or {}))  # structured output (server/structured.py)
     except InvalidRequestError as e:
         raise ApiError(400, str(e)) from None
 
@@ -197,23 +232,17 @@ def items(body: dict, name: str) -> list[dict]:
 def chat_prompt(engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a chat through the model's template, with the tools shown to it.
 
-    The engine's own chat encoding takes no tools, hence the template is applied here
-    (the same way: rendered to text, then encoded without extra special tokens)."""
-    messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
-    # Many templates take one system message, first; Codex sends `instructions` and
-    # developer messages, so the leading ones are merged.
-    lead = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    if lead > 1:
-        merged = "\n\n".join(m["content"] for m in messages[:lead] if m["content"])
-        messages = [{"role": "system", "content": merged}, *messages[lead:]]
+    Messages are normalized first (messages.py: the same rules for every dialect). The
+    engine's own chat encoding takes no tools, hence the template is applied here (the
+    same way: rendered to text, then encoded without extra special tokens)."""
     tok = engine.tokenizer
     if not tok.has_chat_template:
-        return encode(engine, messages)  # the engine's plain "role: content" fallback
+        return encode(engine, normalize(messages))  # the engine's plain "role: content" fallback
     try:
-        text = tok.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                       tokenize=False)
-    except Exception as e:  # jinja raises whatever the template does not accept
-        raise ApiError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        text = render(messages, lambda ms: tok.apply_chat_template(ms, tools=tools or None,
+                                                                   add_generation_prompt=True, tokenize=False))
+    except TemplateRejected as e:
+        raise ApiError(400, str(e), param="messages") from None
     return tok.encode(text, add_special_tokens=False)
 
 

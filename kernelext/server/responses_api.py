@@ -1,51 +1,110 @@
-"""OpenAI Responses API (what Codex CLI speaks), stateless: every request carries
-its whole conversation (`store`/`previous_response_id` are not kept/served)."""
+"""OpenAI Responses API (what Codex CLI and the Agents SDK speak).
+
+Every request may carry its whole conversation as `input`; with `store` (the API's
+default) the response is also kept, bounded, so a later request can continue it with
+`previous_response_id` (response_store.py)."""
 
 from __future__ import annotations
 
 import itertools
 import time
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _ITEM_PREFIX = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
+_USED = frozenset({"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "store",
+                   "max_output_tokens", "stop", "top_logprobs", "stream", "parallel_tool_calls", "metadata",
+                   "text", *structured.BODY_FIELDS})
+# Input items from built-in tools this server does not run; a client replaying its
+# history sends them back, and they carry nothing a chat template could show.
+_SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
+                  "computer_call", "computer_call_output", "code_interpreter_call", "mcp_list_tools",
+                  "compaction", "item_reference")
 
 
 async def create(call, body: dict):
     engine = call.engine
     model = common.check_model(engine, body)
-    if get(body, "previous_response_id", str):
-        raise ApiError(400, "this server keeps no responses; send the whole conversation as 'input'",
-                       param="previous_response_id")
-    messages = _messages(body)
-    tools = None
-    if get(body, "tool_choice", (str, dict)) != "none":
-        # Only function tools can be shown to a chat template; built-in tools are left out.
-        tools = [common.function_tool(t.get("name"), t.get("description"), t.get("parameters"), f"tools[{i}]")
-                 for i, t in enumerate(common.items(body, "tools")) if t.get("type") == "function"]
+    common.ignore_unused(body, _USED, "/v1/responses")
+    store = get(body, "store", bool, True)
+    previous = get(body, "previous_response_id", str)
+    history: list[dict] = []
+    if previous:
+        stored = call.app.responses.get(previous)
+        if stored is None:
+            raise ApiError(404, f"previous response '{previous}' not found (this server keeps the last "
+                           f"{call.app.responses.capacity} responses created with store: true, in memory)",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = list(stored.messages)
+    conversation = history + _messages(body)
+    if not conversation:
+        raise ApiError(400, "'input' has no message to answer", param="input")
+    instructions = get(body, "instructions", str)
+    messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
+    tools, namespaces = None, {}
+    choice = get(body, "tool_choice", (str, dict))
+    if choice != "none":
+        tools, namespaces = _tools(body)
+    text_format = get(get(body, "text", dict, {}), "format", dict)
+    fmt = structured.response_format(text_format, "text.format", None)
+    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
     prompt = common.chat_prompt(engine, messages, tools)
-    params = common.sampling_params(body, engine, max_tokens=("max_output_tokens",), stop="stop",
-                                    logprobs=get(body, "top_logprobs", int))
+    params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_output_tokens",),
+                                    stop="stop", logprobs=get(body, "top_logprobs", int), constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     rid = common.new_id("resp_")
     head = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
-            "instructions": body.get("instructions"), "tools": body.get("tools") or [],
-            "tool_choice": body.get("tool_choice", "auto"), "parallel_tool_calls": True,
-            "text": {"format": {"type": "text"}}, "metadata": {}, "error": None,
+            "instructions": instructions, "tools": body.get("tools") or [],
+            "tool_choice": body.get("tool_choice", "auto"),
+            "parallel_tool_calls": get(body, "parallel_tool_calls", bool, True),
+            "previous_response_id": previous, "store": store,
+            "text": {"format": text_format or {"type": "text"}}, "metadata": get(body, "metadata", dict, {}), "error": None,
             "incomplete_details": None, "output": [], "usage": None}
+    keep = (lambda: call.app.responses.put(rid, conversation + _as_messages(gen))) if store else (lambda: None)
     if stream:
-        return SSE(_stream(gen, head))
+        return SSE(_stream(gen, head, namespaces, keep))
     await gen.collect()
-    return _final(gen, head)
+    keep()
+    return _final(gen, head, namespaces)
 
 
-def _final(gen, head: dict) -> dict:
+def _tools(body: dict) -> tuple[list[dict], dict[str, str]]:
+    """Function tools for the template, and the namespace of each namespaced one.
+
+    Only function tools can be shown to a chat template: built-in tools (web_search,
+    custom, ...) are left out; Codex's `namespace` tools nest function tools, which are
+    shown flat (their calls are tagged with the namespace again on the way out)."""
+    tools, namespaces = [], {}
+    for i, t in enumerate(common.items(body, "tools")):
+        kind = t.get("type")
+        if kind == "function":
+            tools.append(common.function_tool(t.get("name"), t.get("description"), t.get("parameters"),
+                                              f"tools[{i}]"))
+        elif kind == "namespace" and isinstance(t.get("tools"), list):
+            for j, inner in enumerate(t["tools"]):
+                if isinstance(inner, dict) and inner.get("type", "function") == "function":
+                    tools.append(common.function_tool(inner.get("name"), inner.get("description"),
+                                                      inner.get("parameters"), f"tools[{i}].tools[{j}]"))
+                    namespaces[inner.get("name")] = t.get("name")
+        else:
+            common.ignored(f"/v1/responses tool type {kind!r}")
+    return tools, namespaces
+
+
+def _as_messages(gen) -> list[dict]:
+    """A finished response's output as chat messages, for the response store."""
+    calls = [common.tool_call(b.call_id, b.name, b.text, "output") for b in gen.blocks if b.kind == "tool_call"]
+    return [{"role": "assistant", "content": gen.joined(), **({"tool_calls": calls} if calls else {})}]
+
+
+def _final(gen, head: dict, namespaces: dict[str, str]) -> dict:
     """The finished response: "completed", or "incomplete" at the output limit."""
     u = gen.usage
     out = {**head, "status": "completed",
-           "output": [_item(b, head["id"], done=True) for b in gen.blocks],
+           "output": [_item(b, head["id"], True, namespaces) for b in gen.blocks],
            "usage": {"input_tokens": u.prompt_tokens,
                      "input_tokens_details": {"cached_tokens": u.cached_tokens},
                      "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
@@ -55,7 +114,7 @@ def _final(gen, head: dict) -> dict:
     return out
 
 
-async def _stream(gen, head: dict):
+async def _stream(gen, head: dict, namespaces: dict[str, str], keep):
     seq = itertools.count()
     rid = head["id"]
 
@@ -73,7 +132,7 @@ async def _stream(gen, head: dict):
             out = [event("response.reasoning_text.done", **where, content_index=0, text=b.text)]
         else:
             out = [event("response.function_call_arguments.done", **where, name=b.name, arguments=b.text)]
-        return out + [event("response.output_item.done", output_index=b.index, item=_item(b, rid, True))]
+        return out + [event("response.output_item.done", output_index=b.index, item=_item(b, rid, True, namespaces))]
 
     running = {**head, "status": "in_progress"}
     yield event("response.created", response=running)
@@ -87,7 +146,7 @@ async def _stream(gen, head: dict):
                 for e in close(current):
                     yield e
             current = b
-            yield event("response.output_item.added", output_index=b.index, item=_item(b, rid, False))
+            yield event("response.output_item.added", output_index=b.index, item=_item(b, rid, False, namespaces))
             if b.kind == "text":
                 yield event("response.content_part.added", **where, content_index=0,
                             part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
@@ -109,14 +168,15 @@ async def _stream(gen, head: dict):
     # Always "response.completed", also for a response cut off at max_output_tokens
     # (status "incomplete" inside): clients such as the openai SDK's stream helper
     # and Codex take the output from this event only.
-    yield event("response.completed", response=_final(gen, head))
+    keep()
+    yield event("response.completed", response=_final(gen, head, namespaces))
 
 
 def _item_id(b, rid: str) -> str:
     return f"{_ITEM_PREFIX[b.kind]}_{rid.removeprefix('resp_')}_{b.index}"
 
 
-def _item(b, rid: str, done: bool) -> dict:
+def _item(b, rid: str, done: bool, namespaces: dict[str, str]) -> dict:
     status = "completed" if done else "in_progress"
     item_id = _item_id(b, rid)
     if b.kind == "text":
@@ -125,8 +185,9 @@ def _item(b, rid: str, done: bool) -> dict:
     if b.kind == "reasoning":
         return {"type": "reasoning", "id": item_id, "status": status, "summary": [],
                 "content": [{"type": "reasoning_text", "text": b.text}] if done else []}
+    namespace = {"namespace": namespaces[b.name]} if b.name in namespaces else {}
     return {"type": "function_call", "id": item_id, "status": status, "call_id": b.call_id,
-            "name": b.name, "arguments": b.text if done else ""}
+            "name": b.name, **namespace, "arguments": b.text if done else ""}
 
 
 def _part(b) -> dict:
@@ -135,11 +196,8 @@ def _part(b) -> dict:
 
 
 def _messages(body: dict) -> list[dict]:
-    """`instructions` and `input` (a string or a list of items) as chat messages."""
+    """`input` (a string or a list of items, with or without ids) as chat messages."""
     messages = []
-    instructions = get(body, "instructions", str)
-    if instructions:
-        messages.append({"role": "system", "content": instructions})
     source = get(body, "input", (str, list), required=True)
     if isinstance(source, str):
         return messages + [{"role": "user", "content": source}]
@@ -160,6 +218,8 @@ def _messages(body: dict) -> list[dict]:
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": common.text_of(item.get("output"), f"{param}.output")})
-        elif kind != "reasoning":  # earlier reasoning is not shown to the model again
+        elif kind in _SKIPPED_ITEMS:  # earlier reasoning is not shown to the model again
+            common.ignored(f"/v1/responses input item type {kind!r}")
+        else:
             raise ApiError(400, f"unsupported input item type {kind!r}", param=param)
     return messages

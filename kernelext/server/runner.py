@@ -7,13 +7,14 @@ import asyncio
 import ipaddress
 import json
 import logging
+import shlex
 import socket
 import threading
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
-from .app import App
+from .app import DEFAULT_MAX_TOKENS, KEEPALIVE_S, App
 
 log = logging.getLogger("kernelext.server")
 
@@ -34,10 +35,10 @@ def check_bind(host: str, api_key: str | None) -> None:
 class ServerHandle:
     """A running server; `stop()` ends it (idempotent)."""
 
-    def __init__(self, engine, host: str, port: int, api_key: str | None):
+    def __init__(self, engine, host: str, port: int, api_key: str | None, **app_options):
         self.engine, self.host, self.port, self.api_key = engine, host, port, api_key
         self._started = threading.Event()
-        self._app = App(engine, api_key, on_started=self._started.set)
+        self._app = App(engine, api_key, on_started=self._started.set, **app_options)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._error: BaseException | None = None
@@ -96,11 +97,18 @@ class ServerHandle:
                 log.exception("the server stopped with an error")
 
     def snippets(self) -> str:
-        """Copy-paste configuration for the OpenAI and Anthropic clients and Codex CLI."""
+        """Copy-paste configuration for the OpenAI and Anthropic clients, Codex CLI and
+        Claude Code (the test suite runs both CLIs with exactly this text)."""
         key = self.api_key or "none"
         model = json.dumps(self.engine.model_name)
         hi = '[{"role": "user", "content": "Hi"}]'
         env_key = f'env_key = "KERNELEXT_API_KEY"  # export KERNELEXT_API_KEY={key}\n' if self.api_key else ""
+        claude_env = {"ANTHROPIC_BASE_URL": self.url, "ANTHROPIC_AUTH_TOKEN": key,
+                      # Claude Code asks for its own model names unless told otherwise.
+                      "ANTHROPIC_MODEL": self.engine.model_name,
+                      "ANTHROPIC_DEFAULT_HAIKU_MODEL": self.engine.model_name,
+                      "CLAUDE_CODE_SUBAGENT_MODEL": self.engine.model_name,
+                      "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
         return (
             "# OpenAI Python client (chat, completions, responses)\n"
             "from openai import OpenAI\n"
@@ -110,23 +118,37 @@ class ServerHandle:
             "from anthropic import Anthropic\n"
             f'client = Anthropic(base_url="{self.url}", api_key="{key}")\n'
             f"client.messages.create(model={model}, max_tokens=256, messages={hi})\n\n"
-            "# Codex CLI: ~/.codex/config.toml\n"
+            f"{CODEX_HEADER}\n"
             f"model = {model}\n"
-            'model_provider = "kernelext"\n\n'
+            'model_provider = "kernelext"\n'
+            f"model_context_window = {self.engine.max_context}\n\n"
             "[model_providers.kernelext]\n"
             'name = "kernelext"\n'
             f'base_url = "{self.url}/v1"\n'
             'wire_api = "responses"\n'
-            f"{env_key}"
+            f"{env_key}\n"
+            f"{CLAUDE_HEADER}\n"
+            + "".join(f"export {k}={shlex.quote(v)}\n" for k, v in claude_env.items())
         )
 
 
-def start_server(engine, host: str = "127.0.0.1", port: int = 8000,
-                 api_key: str | None = None) -> ServerHandle:
-    """Serve `engine` over HTTP; returns once listening (port 0 = a free port)."""
+# Section headers of snippets(); tests find each CLI's configuration by them.
+CODEX_HEADER = "# Codex CLI: ~/.codex/config.toml"
+CLAUDE_HEADER = "# Claude Code: in the shell that runs `claude`"
+
+
+def start_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+                 default_max_tokens: int = DEFAULT_MAX_TOKENS, keepalive_s: float = KEEPALIVE_S) -> ServerHandle:
+    """Serve `engine` over HTTP; returns once listening (port 0 = a free port).
+
+    `default_max_tokens`: the output limit of requests that set none; `keepalive_s`: how
+    often a stream waiting on a long prefill sends an SSE comment."""
     check_bind(host, api_key)
+    if default_max_tokens < 1:
+        raise ValueError(f"the default output limit must be >= 1, got {default_max_tokens}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=128)
-    handle = ServerHandle(engine, host, sock.getsockname()[1], api_key)
+    handle = ServerHandle(engine, host, sock.getsockname()[1], api_key,
+                          default_max_tokens=default_max_tokens, keepalive_s=keepalive_s)
     handle._start(sock)
     return handle
