@@ -25,6 +25,7 @@ class RequestHandle:
         self._completion: Completion | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._done_callbacks: list = []
         self.cancel_requested = False
 
     # -- caller side -------------------------------------------------------
@@ -37,6 +38,15 @@ class RequestHandle:
     @property
     def done(self) -> bool:
         return self._closed
+
+    def add_done_callback(self, fn) -> None:
+        """Call fn(handle) once the request has finished (at once if it has); on the
+        engine thread, so fn must be quick and must not block."""
+        with self._cond:
+            if not self._closed:
+                self._done_callbacks.append(fn)
+                return
+        fn(self)
 
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request finishes; returns the Completion (raises the engine's error)."""
@@ -92,10 +102,14 @@ class RequestHandle:
                 return
             if delta is not None:
                 self._deltas.append(delta)
+            callbacks = []
             if completion is not None or error is not None:
                 self._completion, self._error, self._closed = completion, error, True
+                callbacks, self._done_callbacks = self._done_callbacks, []
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
+        for fn in callbacks:
+            fn(self)
         for loop, event in waiters:
             try:
                 loop.call_soon_threadsafe(event.set)

@@ -108,6 +108,8 @@ class Engine(CoreFront):
         self._check_open()
         if params is not None and kwargs:
             raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
+        if "schema" in kwargs:  # generate(prompt, schema=MyModel)
+            kwargs["json_schema"] = kwargs.pop("schema")
         params = params or SamplingParams(**kwargs)
         if params.drafter == "mtp" and self.core.runner.head is None:
             raise InvalidRequestError(
@@ -117,6 +119,7 @@ class Engine(CoreFront):
         if len(prompt_ids) >= max_len:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the context limit is {max_len}")
+        matcher = self.core.new_matcher(params)  # a bad schema or grammar raises here
         # Free batch slots take requests at the next step; the rest must wait.
         scheduler = self.core.scheduler
         free = self.config.max_batch - len(scheduler.running) - len(scheduler.prefilling)
@@ -130,7 +133,7 @@ class Engine(CoreFront):
             request_id=request_id, prompt_ids=prompt_ids, params=params,
             seed=params.seed if params.seed is not None else random.getrandbits(63),
             handle=handle, text=TextStream(self.core.loaded.tokenizer.detokenizer, params.stop),
-            max_len=max_len, source=source)
+            max_len=max_len, source=source, matcher=matcher)
         self.metrics_.count("requests_submitted")
         self._worker.post(self.core, ("submit", seq))
         return handle
@@ -143,6 +146,16 @@ class Engine(CoreFront):
         except BaseException:
             handle.cancel()  # e.g. KeyboardInterrupt in a notebook cell
             raise
+
+    def map(self, prompts, params: SamplingParams | None = None, *, progress: bool = True,
+            **kwargs) -> list[Completion]:
+        """Run a list (or pandas Series) of prompts through the batch; one Completion per
+        prompt, in order, behind a progress bar. `schema=MyModel` fills each `.parsed`.
+        A failed row carries its error in `.error`; Ctrl-C returns the rows done so far
+        (the others cancelled). See batch_map.py."""
+        from .batch_map import run_map
+        self._check_open()
+        return run_map(self, prompts, params, kwargs, progress)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None,
                **kwargs) -> Iterator[Delta]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -56,3 +57,9 @@ class Completion:
     usage: Usage
     logprobs: list[TokenLogprob] | None = None
     request_id: str = ""
+    # With a constraint: the output parsed (a pydantic object for a pydantic schema,
+    # JSON values for a dict schema, the text for regex/choice/grammar). When it
+    # could not be (cut at max_tokens), parsed is None and error says why.
+    parsed: Any = None
+    # Why this request produced no usable result (engine.map keeps failed rows so).
+    error: str | None = None

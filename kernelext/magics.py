@@ -105,6 +105,14 @@ def _generate_parser() -> _Parser:
                         help="send the text as is, without the chat template")
     parser.add_argument("--session", metavar="NAME", help="continue the conversation NAME")
     parser.add_argument("--out", metavar="VAR", help="store the Completion in VAR")
+    shape = parser.add_mutually_exclusive_group()  # structured output: at most one
+    shape.add_argument("--json-schema", metavar="VAR",
+                       help="output JSON valid against VAR: a JSON Schema dict or a pydantic model "
+                            "class (the Completion's .parsed holds the result)")
+    shape.add_argument("--json", action="store_true", help="output any JSON object")
+    shape.add_argument("--regex", metavar="R", help="output matching the regular expression R")
+    shape.add_argument("--choice", metavar="A,B,...", help="output exactly one of these strings")
+    shape.add_argument("--grammar", metavar="VAR", help="output in the Lark or GBNF grammar held by VAR")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction,
                         help="print the tokens instead of a live Markdown display")
     return parser
@@ -232,7 +240,7 @@ class LLMMagics(Magics):
         params = ext.sampling_params(
             max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p,
             top_k=opts.top_k, seed=opts.seed, stop=opts.stop, depth=opts.depth,
-            drafter=opts.drafter)
+            drafter=opts.drafter, **self._constraint(opts))
         prompt = text if raw else ext.chat_prompt(text, opts.system, opts.session)
         completion = stream_to_cell(eng.submit(prompt, params, source="cell"),
                                     plain=ext.plain if opts.plain is None else opts.plain)
@@ -240,6 +248,25 @@ class LLMMagics(Magics):
             ext.record_turn(opts.session, text, completion.text)
         if opts.out:
             self.shell.user_ns[opts.out] = completion
+
+    def _constraint(self, opts) -> dict:
+        """SamplingParams constraint fields from --json-schema VAR, --json, --regex,
+        --choice or --grammar VAR (VARs are looked up in the notebook's namespace)."""
+        def variable(name: str, flag: str):
+            if name not in self.shell.user_ns:
+                raise UsageError(f"%%generate: {flag} names {name!r}, which is not defined")
+            return self.shell.user_ns[name]
+        if opts.json_schema:
+            return {"json_schema": variable(opts.json_schema, "--json-schema")}
+        if opts.json:
+            return {"json_schema": True}
+        if opts.regex:
+            return {"regex": opts.regex}
+        if opts.choice:
+            return {"choice": [c.strip() for c in opts.choice.split(",") if c.strip()]}
+        if opts.grammar:
+            return {"grammar": variable(opts.grammar, "--grammar")}
+        return {}
 
     # -- %llm commands -----------------------------------------------------------------
     def _load(self, args):

@@ -158,6 +158,23 @@ def test_sampling_options(kernel):
                      "k1.token_ids == g.token_ids == p.token_ids)") == "True True True\n"
 
 
+def test_generate_structured_output_options(kernel):
+    kernel.ok("import pydantic\nclass Pet(pydantic.BaseModel):\n    name: str = pydantic.Field(max_length=8)\n"
+              "    legs: int = pydantic.Field(ge=0, le=8)\n"
+              "grammar = 'start: \"(\" /[0-9]/ \")\"'")
+    kernel.ok("%%generate --raw -n 60 -t 0.8 --seed 1 --json-schema Pet --out pet\nA pet:")
+    # IPython expands {...} in magic lines: a regex's counts are written {{3}}.
+    kernel.ok("%%generate --raw -n 20 --regex '[a-z]{{3}}-[0-9]{{2}}' --out code\nA code:")
+    kernel.ok("%%generate --raw -n 20 --choice yes,no --out yn\nYes or no?")
+    kernel.ok("%%generate --raw -n 20 -t 1.0 --seed 2 --grammar grammar --out g\nDigit:")
+    assert kernel.ok("import re\nprint(pet.finish_reason == 'length' or isinstance(pet.parsed, Pet), "
+                     "bool(re.fullmatch('[a-z]{3}-[0-9]{2}', code.text)), yn.text in ('yes', 'no'), "
+                     "bool(re.fullmatch(r'\\([0-9]\\)', g.text)))") == "True True True True\n"
+    bad = kernel.run("%%generate --regex '(' \nx")
+    assert bad.status == "error" and "invalid regex" in str(bad.outputs)
+    assert kernel.run("%%generate --json-schema Nope\nx").status == "error"
+
+
 def test_stop_strings(kernel):
     kernel.ok("%%generate --raw -n 16 --out g\nHello")
     kernel.ok("stop = next(g.text[i:i + 3] for i in range(4, 13) if g.text[i:i + 3].isalnum())")

@@ -120,3 +120,21 @@ def test_avx2_path_generates_the_same_tokens(monkeypatch):
     monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "avx2")
     with make_engine(path) as eng:
         assert [eng.generate(p, max_tokens=12).token_ids for p in PROMPTS[:3]] == want
+
+
+def test_without_the_kernels_on_a_gpu_blocks_become_mlx_quantized_modules(monkeypatch):
+    """The GPU path (macOS), run here on the CPU: no native kernels, mlx-lm's quantized
+    modules holding the blocks exactly; close to the float32 dequantization."""
+    import mlx.nn as nn
+
+    path = tiny_gguf_model("llama")
+    monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "0")
+    dense = loader.load(path)
+    monkeypatch.setattr(loader, "on_cpu", lambda: False)
+    mapped = loader.load(path, dtype="model")
+    kinds = {type(m).__name__ for _, m in mapped.model.named_modules()}
+    assert "QuantizedLinear" in kinds and "Linear" not in kinds
+    assert mapped.quantized and mapped.quantized_weight_bytes == 0
+    assert not any(isinstance(m, nn.Linear) for _, m in mapped.model.named_modules())
+    ids = mx.array([dense.tokenizer.encode(TEXT)[:24]])
+    np.testing.assert_allclose(np.array(mapped.model(ids)), np.array(dense.model(ids)), rtol=1e-3, atol=1e-3)

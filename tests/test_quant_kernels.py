@@ -159,3 +159,14 @@ def test_bad_operands_raise():
     bad = quant_linear.QuantWeight(w.packed[:, :, :100], 16, 64, w.format)
     with pytest.raises(ValueError):
         bad.matmul(mx.zeros((2, 64)))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q5_K"])
+def test_gguf_blocks_as_mlx_affine_are_exact(qtype):
+    """Where MLX's own quantized kernels run (a GPU), GGUF blocks become mlx affine arrays."""
+    raw = _gguf_matrix(qtype, 24, 512, seed=3)
+    bits = quant_layout.gguf_as_mlx_affine(qtype)
+    w, s, b = quant_layout.to_mlx_affine(quant_layout.unpack_gguf(raw, qtype), bits)
+    got = np.array(mx.dequantize(mx.array(w), mx.array(s), mx.array(b), group_size=32, bits=bits))
+    assert np.array_equal(got, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]))
+    assert quant_layout.gguf_as_mlx_affine("Q6_K") is None

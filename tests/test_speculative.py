@@ -166,11 +166,11 @@ def test_failed_verification_leaves_caches_untouched(eng, monkeypatch):
     calls = Counter()
     real = llm_engine.verify_row
 
-    def flaky(logits, seq, draft):
+    def flaky(logits, seq, draft, masks=None):
         calls["n"] += 1
         if calls["n"] % 3 == 0:
             raise RuntimeError("injected verification failure")
-        return real(logits, seq, draft)
+        return real(logits, seq, draft, masks)
 
     monkeypatch.setattr(llm_engine, "verify_row", flaky)
     with pytest.warns(RuntimeWarning, match="speculative step failed"):
@@ -252,15 +252,19 @@ def tiny_vocab_model(seed):
     return m
 
 
-def dist_fn(model, params):
-    """context -> float64 probabilities of the next token under `params` (memoized)."""
+def dist_fn(model, params, mask=None):
+    """context -> float64 probabilities of the next token under `params` (memoized);
+    mask(context) -> bool[V] is a grammar's mask, applied as the engine applies it."""
+    from engine.structured.masks import masked_logits
     memo = {}
 
     def p(context):
         key = tuple(context)
         if key not in memo:
-            logits = model(mx.array(context)[None])[0, -1]
-            memo[key] = target_probs(np.array(logits), params)
+            logits = np.array(model(mx.array(context)[None])[0, -1])
+            if mask is not None:
+                logits = masked_logits(logits, mask(context))
+            memo[key] = target_probs(logits, params)
         return memo[key]
     return p
 

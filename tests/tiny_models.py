@@ -289,13 +289,67 @@ _TOKENS = {
 }
 
 
+QWEN_STYLE_TOKENS = 151_643  # Qwen2/3's regular tokens; their configs pad the vocab to 151,936
+QWEN_STYLE_VOCAB = 151_936
+
+
+@functools.cache
+def _qwen_style_tokenizer() -> str:
+    """A byte-level BPE the size of Qwen's (151,643 merges-built tokens), for measuring
+    what a real vocabulary costs (grammar masks, the sampler) on a tiny model.
+
+    No Qwen tokenizer ships on this machine, so its token strings are grown from the
+    default model's (Gemma 3's 262k SentencePiece pieces, a local package): each piece,
+    as UTF-8 bytes, becomes a token once a split of it into two existing tokens exists,
+    which gives a valid merges list. Shortest pieces first, as BPE training would.
+    """
+    from engine import resolve_model  # imports no MLX
+
+    gemma = json.loads((Path(resolve_model("gemma-3-270m")) / "tokenizer.json").read_text())
+    to_char = {b: c for b, c in zip(range(256), _byte_level_alphabet())}
+    pieces = sorted((p for p in gemma["model"]["vocab"] if not p.startswith("<")),
+                    key=lambda p: (len(p.encode()), p))
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for b in range(256):
+        vocab.setdefault(to_char[b], len(vocab))
+    merges = []
+    for piece in pieces:
+        if len(vocab) >= QWEN_STYLE_TOKENS:
+            break
+        token = "".join(to_char[b] for b in piece.replace("\u2581", " ").encode())
+        if token in vocab or len(token) < 2:
+            continue
+        for k in range(len(token) - 1, 0, -1):
+            if token[:k] in vocab and token[k:] in vocab:
+                merges.append([token[:k], token[k:]])
+                vocab[token] = len(vocab)
+                break
+    tok = json.loads(_trained_tokenizer())
+    tok["model"]["vocab"], tok["model"]["merges"] = vocab, merges
+    return json.dumps(tok)
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table (byte-level BPE's token alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 def _token_id(token: str) -> int:
     return SPECIAL_TOKENS.index(token)  # the trainer puts special tokens first
 
 
-def _write_tokenizer(family: str, path: Path) -> None:
+def _write_tokenizer(family: str, path: Path, vocab: str = "small") -> None:
     bos, eos, pad, template, _ = _TOKENS[family]
-    tok = Tokenizer.from_str(_trained_tokenizer())
+    tok = Tokenizer.from_str(_qwen_style_tokenizer() if vocab == "qwen150k" else _trained_tokenizer())
     post = [processors.ByteLevel(trim_offsets=False)]
     if bos:
         post.append(
@@ -598,13 +652,21 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a tiny random checkpoint of `family` into directory `path`."""
+def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32",
+                     vocab: str = "small") -> Path:
+    """Write a tiny random checkpoint of `family` into directory `path`.
+
+    vocab "small" is the 768-token BPE above; "qwen150k" a Qwen-sized byte-level BPE
+    (151,643 tokens, config vocab 151,936; see _qwen_style_tokenizer)."""
+    if vocab not in ("small", "qwen150k"):
+        raise ValueError(f"vocab must be 'small' or 'qwen150k', not {vocab!r}")
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, not {dtype!r}")
     config = _config(family)
+    if vocab == "qwen150k":
+        config.get("text_config", config)["vocab_size"] = QWEN_STYLE_VOCAB
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _write_json(path / "config.json", {**config, "torch_dtype": dtype})
@@ -618,7 +680,7 @@ def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str
             "do_sample": False,
         },
     )
-    _write_tokenizer(family, path)
+    _write_tokenizer(family, path, vocab)
     return path
 
 
@@ -630,6 +692,7 @@ def _cache_dir() -> Path:
 
 
 @functools.cache
-def tiny_model(family: str, *, seed: int = 0, dtype: str = "float32") -> Path:
+def tiny_model(family: str, *, seed: int = 0, dtype: str = "float32", vocab: str = "small") -> Path:
     """`write_tiny_model` into a per-process temp dir, written once per argument set."""
-    return write_tiny_model(family, _cache_dir() / f"{family}-s{seed}-{dtype}", seed=seed, dtype=dtype)
+    return write_tiny_model(family, _cache_dir() / f"{family}-s{seed}-{dtype}-{vocab}", seed=seed,
+                            dtype=dtype, vocab=vocab)

@@ -37,6 +37,9 @@ from ..spec.controller import SpeculationController
 from ..spec.drafters import Draft, DrafterPool, MTPDrafter
 from ..spec.mtp_head import find_head
 from ..spec.verify import verify_row
+from ..structured.constraint import constraint_of
+from ..structured.masks import MaskComputer
+from ..structured.matcher import GrammarTokenizer, RowMatcher
 from .admission import Admission
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
@@ -78,6 +81,8 @@ class EngineCore:
         self.speculation = SpeculationController(config, self.drafter.name)
         self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
         self.output = OutputProcessor(self.loaded.tokenizer, metrics)
+        self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.loaded.vocab_size)
+        self.masks = MaskComputer(self.loaded.vocab_size)
         self.closed = False
         progress("ready")
 
@@ -98,6 +103,12 @@ class EngineCore:
         except UnsupportedModelError as e:
             warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
             return None
+
+    def new_matcher(self, params) -> RowMatcher | None:
+        """A request's grammar state (any thread; raises InvalidRequestError for a
+        schema or grammar that cannot compile, before anything is submitted)."""
+        constraint = constraint_of(params)
+        return RowMatcher(self.grammar_tokenizer, constraint) if constraint is not None else None
 
     def set_drafter(self, name: str) -> None:
         self.drafter = self.drafters.get(name)  # raises if mtp has no head
@@ -142,6 +153,7 @@ class EngineCore:
     def shutdown(self) -> None:
         self.closed = True
         self._abort_all(EngineClosedError("the engine was closed"))
+        self.masks.close()
         if self.prefix_cache is not None:
             self.prefix_cache.close()  # flushes queued SSD writes
         self.loaded.model = None
@@ -239,6 +251,7 @@ class EngineCore:
         drafts = self._propose(rows, names, depths) if any(depths) else None
         if drafts is not None:
             self.speculation.cap_drafts(rows, drafts)
+            _cut_at_grammar(rows, drafts)
         if drafts is not None and any(d.tokens for d in drafts):
             try:
                 self._speculative_decode(rows, drafts)
@@ -262,15 +275,30 @@ class EngineCore:
 
     def _plain_decode(self, rows: list[Sequence]) -> None:
         start = time.perf_counter()
+        masks = self.masks.start([s.matcher for s in rows], [[] for _ in rows])  # beside the forward
         logits = _on_host(self.runner.decode([s.last_token for s in rows]))
-        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts)
+        masks.wait()
+        tokens = [sample_token(logits[i], s.params, s.seed, s.position, s.context, s.output_counts,
+                               None if masks.row(i) is None else masks.row(i)[0])
                   for i, s in enumerate(rows)]
         now = time.perf_counter()
         self.speculation.observe_step(len(rows), 1, now - start, len(rows))
         if self.runner.head is not None:
             MTPDrafter.observe(rows, [[t] for t in tokens], self.runner.hidden)
         for i, (seq, token) in enumerate(zip(rows, tokens)):
-            self.output.emit(seq, [token], [self.output.logprobs(seq, logits[i])], now)
+            self._emit(seq, [token], [self.output.logprobs(seq, logits[i])], now)
+
+    def _emit(self, seq: Sequence, tokens: list[int], infos: list, now: float) -> None:
+        """Advance the row's grammar through its new tokens, then deliver them."""
+        done = False
+        if seq.matcher is not None:
+            try:
+                tokens = tokens[:seq.matcher.advance(tokens)]
+            except Exception as e:
+                self.output.fail(seq, e)
+                return
+            done = seq.matcher.done
+        self.output.emit(seq, tokens, infos[:len(tokens)], now, grammar_done=done)
 
     def _speculative_decode(self, rows: list[Sequence], drafts: list[Draft]) -> None:
         start = time.perf_counter()
@@ -278,10 +306,15 @@ class EngineCore:
         # Rows with fewer drafts are padded; their extra positions are rolled back.
         windows = [[s.last_token] + d.tokens + [s.last_token] * (window - 1 - len(d.tokens))
                    for s, d in zip(rows, drafts)]
-        logits = self.runner.verify(windows)
+        masks = self.masks.start([s.matcher for s in rows], [d.tokens for d in drafts])
+        try:
+            logits = self.runner.verify(windows)
+        finally:
+            masks.wait()
         try:
             logits = _on_host(logits)
-            emitted = [verify_row(logits[i], s, d) for i, (s, d) in enumerate(zip(rows, drafts))]
+            emitted = [verify_row(logits[i], s, d, masks.row(i))
+                       for i, (s, d) in enumerate(zip(rows, drafts))]
             self.runner.commit([len(e) for e in emitted], window)
         except BaseException:
             self.runner.abort()
@@ -292,8 +325,8 @@ class EngineCore:
             MTPDrafter.observe(rows, emitted, self.runner.hidden)
         for i, (seq, draft, tokens) in enumerate(zip(rows, drafts, emitted)):
             self.speculation.observe_row(seq, len(draft.tokens), len(tokens) - 1)
-            self.output.emit(seq, tokens, [self.output.logprobs(seq, logits[i, j])
-                                           for j in range(len(tokens))], now)
+            self._emit(seq, tokens, [self.output.logprobs(seq, logits[i, j])
+                                     for j in range(len(tokens))], now)
 
     def _drop_finished(self) -> None:
         if self.prefix_cache is not None and self.config.cache_replies:
@@ -306,6 +339,18 @@ class EngineCore:
         self.admission.release(was_waiting - len(self.scheduler.waiting))
         if keep is not None:
             self.runner.keep_rows(keep)
+
+
+def _cut_at_grammar(rows: list[Sequence], drafts: list[Draft]) -> None:
+    """Drop each constrained row's drafts from the first one its grammar rejects
+    (verification then samples that position from the masked p; spec/verify.py)."""
+    for seq, draft in zip(rows, drafts):
+        if seq.matcher is not None and draft.tokens:
+            keep = seq.matcher.valid_prefix(draft.tokens)
+            if keep < len(draft.tokens):
+                draft.tokens = draft.tokens[:keep]
+                if draft.q_probs is not None:
+                    draft.q_probs = draft.q_probs[:keep]
 
 
 def _on_host(logits: mx.array) -> np.ndarray:

@@ -26,8 +26,10 @@ class OutputProcessor:
         n = seq.params.logprobs
         return top_logprobs(logits, n) if n is not None else None
 
-    def emit(self, seq: Sequence, tokens: list[int], logprob_infos: list, now: float) -> None:
-        """Deliver this step's tokens of one row, stopping at the first that ends it."""
+    def emit(self, seq: Sequence, tokens: list[int], logprob_infos: list, now: float,
+             grammar_done: bool = False) -> None:
+        """Deliver this step's tokens of one row, stopping at the first that ends it
+        (grammar_done: the last token completed the row's grammar, which ends it too)."""
         if seq.t_first_token is None:
             seq.t_first_token = now
             self.metrics.ttft(now - seq.t_submit)
@@ -51,6 +53,9 @@ class OutputProcessor:
             if len(seq.output_ids) >= seq.params.max_tokens or seq.position >= seq.max_len:
                 self.finish(seq, "length", delta)
                 return
+        if grammar_done:
+            self.finish(seq, "stop", delta)
+            return
         seq.handle._push(delta)
 
     def _token_logprob(self, token: int, logprobs: np.ndarray, top_ids: list[int]) -> TokenLogprob:
@@ -71,6 +76,12 @@ class OutputProcessor:
         completion = Completion(text=seq.text.text, token_ids=list(seq.output_ids),
                                 finish_reason=reason, usage=usage, logprobs=seq.logprobs,
                                 request_id=seq.request_id)
+        if seq.matcher is not None and reason != "cancelled":
+            try:
+                completion.parsed = seq.matcher.constraint.parse(completion.text)
+            except ValueError as e:  # json's and pydantic's errors are ValueErrors
+                completion.error = (f"the output does not parse ({reason}): "
+                                    f"{type(e).__name__}: {str(e)[:300]}")
         seq.handle._push(delta, completion=completion)
 
     def fail(self, seq: Sequence, error: Exception) -> None:

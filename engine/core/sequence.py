@@ -45,6 +45,7 @@ class Sequence:
     output_counts: Counter = field(default_factory=Counter)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    matcher: object | None = None  # structured/matcher.RowMatcher when the output is constrained
     draft_state: dict = field(default_factory=dict)  # per drafter name: its per-request state
     acceptance: float = 0.5  # running estimate of P(a draft token is accepted)
     drafted_tokens: int = 0

@@ -184,6 +184,26 @@ def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray
     return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8))
 
 
+def gguf_as_mlx_affine(qtype: str) -> int | None:
+    """The bits of the mlx-lm affine format (group size 32) that holds a GGUF type exactly,
+    or None (Q6_K's per-16 scales fit no mlx group size)."""
+    return {"Q4_0": 4, "Q4_K": 4, "Q5_0": 5, "Q5_K": 5, "Q8_0": 8}.get(qtype)
+
+
+def to_mlx_affine(part: Unpacked, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(weight uint32, scales, biases) of mlx's affine format, group size 32, for values
+    that fit `bits`: w = scale * u + bias, with bias = -zero * scale where the format has
+    no offsets (exact: scale * u and zero * scale need at most 19 bits)."""
+    fmt = part.format
+    if fmt.subs != 1:
+        raise ValueError("mlx affine groups hold one scale per 32 weights")
+    rows, k = part.values.shape
+    stream = (part.values[..., None] >> np.arange(bits, dtype=np.uint8)) & 1
+    weight = np.packbits(stream.reshape(rows, k * bits), axis=-1, bitorder="little").view("<u4")
+    biases = part.offsets if fmt.offsets else -np.float32(fmt.zero) * part.scales
+    return weight, part.scales.astype(np.float32), biases.astype(np.float32)
+
+
 # -- tiles ------------------------------------------------------------------------------
 
 def packed_shape(rows: int, k: int, fmt: QuantFormat) -> tuple[int, int, int]:

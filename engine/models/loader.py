@@ -98,7 +98,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         quant_bytes = quantized_weights.repack_model(model, config, Path(path))
         model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
     elif gguf_blocks:
-        quantized_weights.dequantize_blocks(model, config)
+        quantized_weights.unpack_blocks(model, config, mlx_quantized=not on_cpu())
     target = _target_dtype(dtype)
     if target is not None:
         if quantized:

@@ -12,8 +12,9 @@ Where the quantized kernels run (engine/cpu/quant_linear.py), `repack_model` rep
 each such module by a QuantLinear / QuantEmbedding, one matrix at a time and a few
 thousand rows at a time, so a load holds the packed model plus one matrix of blocks,
 never float32 weights. Elsewhere (macOS, where MLX's quantized Metal kernels stay in
-charge of mlx-lm's own modules, or without the native build) GGUF blocks are
-dequantized to float32 matrices as the converter used to write them.
+charge) GGUF blocks become mlx-lm quantized modules where a format holds them exactly;
+on a CPU without the native build they are dequantized to float32 matrices, as the
+converter used to write them.
 """
 
 from __future__ import annotations
@@ -140,11 +141,34 @@ def repack_model(model: nn.Module, config: dict, model_dir: Path) -> int:
     return held
 
 
-def dequantize_blocks(model: nn.Module, config: dict) -> None:
-    """GGUF blocks -> float32 weights, one matrix at a time (where the kernels do not run)."""
+def _mlx_module(module, raw: np.ndarray, qtype: str, rows: int, cols: int, bits: int) -> nn.Module:
+    """An mlx-lm QuantizedLinear / QuantizedEmbedding holding the blocks exactly."""
+    weight, scales, biases = quant_layout.to_mlx_affine(quant_layout.unpack_gguf(raw, qtype), bits)
+    if isinstance(module, nn.Embedding):
+        new = nn.QuantizedEmbedding(rows, cols, group_size=32, bits=bits)
+    else:
+        new = nn.QuantizedLinear(cols, rows, bias="bias" in module, group_size=32, bits=bits)
+        if "bias" in module:
+            new.bias = module.bias
+    # (the constructors' random weights are lazy: replaced before anything evaluates them)
+    new.weight, new.scales, new.biases = mx.array(weight), mx.array(scales), mx.array(biases)
+    return new
+
+
+def unpack_blocks(model: nn.Module, config: dict, mlx_quantized: bool) -> None:
+    """Where the native kernels do not run: GGUF blocks become mlx-lm quantized modules
+    (`mlx_quantized`: a GPU, where MLX's own quantized kernels are fast; every type but
+    Q6_K maps exactly) or float32 weights (the CPU, where MLX's float32 GEMM is faster
+    than its quantized kernels). One matrix at a time."""
     import gguf
 
+    modules = dict(model.named_modules())
     for path, (qtype, rows, cols) in gguf_tensors(config).items():
-        module = dict(model.named_modules())[path]
-        dense = gguf.quants.dequantize(_host(module.weight), gguf.GGMLQuantizationType[qtype])
-        module.weight = mx.array(dense.reshape(rows, cols))
+        module = modules[path]
+        raw = _host(module.weight)
+        bits = quant_layout.gguf_as_mlx_affine(qtype) if mlx_quantized else None
+        if bits is not None:
+            _replace(model, modules, path, _mlx_module(module, raw, qtype, rows, cols, bits))
+        else:
+            dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+            module.weight = mx.array(dense.reshape(rows, cols))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import InvalidRequestError
 
@@ -26,6 +27,11 @@ class SamplingParams:
     depth: int | None = None
     generation_mode: str = "auto"
     drafter: str | None = None  # "mtp" | "ngram" | "none" for this request; None = the engine's
+    # Structured generation (engine/structured), at most one: the output must match it.
+    json_schema: Any = None  # a JSON Schema dict, a pydantic model class, or True (any JSON object)
+    regex: str | None = None
+    choice: list[str] | None = None  # exactly one of these strings
+    grammar: str | None = None  # Lark (llguidance's dialect) or GBNF text
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,10 +65,28 @@ class SamplingParams:
                f"drafter must be None, 'mtp', 'ngram' or 'none', got {self.drafter!r}")
         _check(self.generation_mode in ("auto", "ar"),
                f"generation_mode must be 'auto' or 'ar', got {self.generation_mode!r}")
+        constraints = [n for n in ("json_schema", "regex", "choice", "grammar")
+                       if getattr(self, n) is not None and getattr(self, n) is not False]
+        _check(len(constraints) <= 1, f"at most one of json_schema, regex, choice and grammar, got {constraints}")
+        if self.json_schema is False:
+            self.json_schema = None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value),
+                   f"{name} must be a non-empty string, got {value!r}")
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        _check(self.choice is None or (isinstance(self.choice, list) and self.choice
+                                       and all(isinstance(c, str) and c for c in self.choice)),
+               f"choice must be a non-empty list of non-empty strings, got {self.choice!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constrained(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("json_schema", "regex", "choice", "grammar"))
 
     @property
     def has_penalties(self) -> bool:

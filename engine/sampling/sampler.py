@@ -20,6 +20,7 @@ from collections import Counter
 
 import numpy as np
 
+from ..structured.masks import masked_logits
 from .params import SamplingParams
 
 # Roles of a keyed draw: the same (seed, position) gives independent uniforms per role.
@@ -106,8 +107,13 @@ def sample_index(probs: np.ndarray, u: float) -> int:
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, seed: int, position: int,
-                 context: set[int], output_counts: Counter) -> int:
-    """The token one request draws at `position` from its float32 logits row."""
+                 context: set[int], output_counts: Counter, allowed: np.ndarray | None = None) -> int:
+    """The token one request draws at `position` from its float32 logits row.
+
+    `allowed` (bool[vocab]) is a grammar's mask: forbidden tokens go to -inf first,
+    then penalties, temperature, top-k/p, min-p and the keyed draw, unchanged."""
+    if allowed is not None:
+        logits = masked_logits(logits, allowed)
     if params.has_penalties:
         logits = apply_penalties(logits, params, context, output_counts)
     if params.greedy:

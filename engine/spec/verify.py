@@ -17,6 +17,15 @@ q are float64, so the window's law equals AR's to ~1e-15.
 
 p is the very distribution the AR sampler uses at each position (temperature,
 top-k/p, min-p and penalties, with the accepted draft prefix counted).
+
+With a grammar (engine/structured), p at window position j is masked by the
+grammar advanced through the first j drafts, and drafts were cut at the first
+token the grammar rejects. For a sampled draft the cut means the kept draft was
+in effect drawn from q restricted to permitted tokens, q' = normalize(q * mask):
+acceptance and residual use q', and a cut position emits plain decoding's draw
+from p. Given the prefix, the output at j is then p under both events (draft
+permitted: Leviathan-Chen with q'; draft cut: a draw from p), so the window's law
+stays plain constrained decoding's (tests/test_structured.py enumerates it).
 Randomness is keyed by (request seed, absolute position, role), so no draw
 depends on batch neighbours or on how the window was cut.
 """
@@ -29,6 +38,7 @@ from typing import Callable
 import numpy as np
 
 from .drafters import Draft
+from ..structured.masks import masked_distribution, masked_logits
 from ..sampling.sampler import (ROLE_ACCEPT, ROLE_RESIDUAL, apply_penalties, keyed_uniform, sample_index,
                                 sample_token, target_probs)
 from ..core.sequence import Sequence
@@ -72,9 +82,13 @@ def run_window(drafts: list[int], accept_prob: Callable[[int], float],
 class _Window:
     """One row's verify window: position j's logits with the draft prefix counted."""
 
-    def __init__(self, logits: np.ndarray, seq: Sequence, drafts: list[int]):
-        self.logits, self.seq, self.drafts = logits, seq, drafts
+    def __init__(self, logits: np.ndarray, seq: Sequence, drafts: list[int],
+                 masks: np.ndarray | None = None):
+        self.logits, self.seq, self.drafts, self.masks = logits, seq, drafts, masks
         self.pos0 = seq.position
+
+    def allowed(self, j: int) -> np.ndarray | None:
+        return None if self.masks is None else self.masks[j]
 
     def _state(self, j: int) -> tuple[set[int], Counter]:
         seq = self.seq
@@ -87,28 +101,36 @@ class _Window:
         """The token plain decoding would draw at window position j."""
         context, counts = self._state(j)
         seq = self.seq
-        return sample_token(self.logits[j], seq.params, seq.seed, self.pos0 + j, context, counts)
+        return sample_token(self.logits[j], seq.params, seq.seed, self.pos0 + j, context, counts,
+                            self.allowed(j))
 
     def p(self, j: int) -> np.ndarray:
         row = self.logits[j]
+        if self.masks is not None:
+            row = masked_logits(row, self.masks[j])
         if self.seq.params.has_penalties:
             row = apply_penalties(row, self.seq.params, *self._state(j))
         return target_probs(row, self.seq.params)
 
 
-def verify_row(logits: np.ndarray, seq: Sequence, draft: Draft) -> list[int]:
-    """Tokens one row emits from its verify window (logits: float32 [window, vocab])."""
-    window = _Window(logits, seq, draft.tokens)
+def verify_row(logits: np.ndarray, seq: Sequence, draft: Draft,
+               masks: np.ndarray | None = None) -> list[int]:
+    """Tokens one row emits from its verify window (logits: float32 [window, vocab];
+    masks: the grammar's bool[len(drafts) + 1, vocab], or None)."""
+    window = _Window(logits, seq, draft.tokens, masks)
     if draft.q_probs is None or seq.params.greedy:
         return coupled_window(draft.tokens, window.draw)
     p = {}
+    q = draft.q_probs
+    if masks is not None:
+        q = [masked_distribution(q[j], masks[j]) for j in range(len(draft.tokens))]
 
     def p_at(j: int) -> np.ndarray:
         if j not in p:
             p[j] = window.p(j)
         return p[j]
 
-    drafts, q, pos0 = draft.tokens, draft.q_probs, seq.position
+    drafts, pos0 = draft.tokens, seq.position
     return run_window(
         drafts, lambda j: accept_probability(p_at(j)[drafts[j]], q[j][drafts[j]]),
         lambda j: keyed_uniform(seq.seed, pos0 + j, ROLE_ACCEPT),

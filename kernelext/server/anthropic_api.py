@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _USED = frozenset({"model", "max_tokens", "system", "messages", "tools", "tool_choice", "stop_sequences",
-                   "stream"})
+                   "stream", "output_format"})
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
 _BLOCK_TYPES = {"text": "text", "reasoning": "thinking", "tool_call": "tool_use"}
 
@@ -19,11 +19,15 @@ async def messages(call, body: dict):
     common.ignore_unused(body, _USED, "/v1/messages")
     get(body, "max_tokens", int, required=True)  # required by this API, unlike OpenAI's
     chat, tools = _chat(body)
+    fmt = structured.response_format(get(body, "output_format", dict), "output_format", None)
+    chat, constraint, json_call = structured.prepare(engine, {}, chat, tools,
+                                                     get(body, "tool_choice", dict), fmt)
     prompt = common.chat_prompt(engine, chat, tools)
     params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_tokens",),
-                                    stop="stop_sequences")
+                                    stop="stop_sequences", constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     head = {"id": common.new_id("msg_"), "type": "message", "role": "assistant", "model": model}
     if stream:
         # Anthropic's streams carry `ping` events, which its clients expect and skip.

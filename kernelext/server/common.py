@@ -139,7 +139,7 @@ def check_n(body: dict) -> None:
 
 
 def sampling_params(body: dict, default_max_tokens: int, *, max_tokens: tuple[str, ...], stop: str,
-                    logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None, constraint: dict | None = None) -> SamplingParams:
     """SamplingParams from a request body; `max_tokens` lists the dialect's names for
     the output limit (first present wins), `stop` its name for stop strings.
 
@@ -164,7 +164,8 @@ def sampling_params(body: dict, default_max_tokens: int, *, max_tokens: tuple[st
             stop=[stops] if isinstance(stops, str) else stops,
             logprobs=logprobs,
             depth=get(body, "depth", int),
-            generation_mode=get(body, "generation_mode", str, "auto"))
+            generation_mode=get(body, "generation_mode", str, "auto"),
+            **(constraint or {}))  # structured output (server/structured.py)
     except InvalidRequestError as e:
         raise ApiError(400, str(e)) from None
 

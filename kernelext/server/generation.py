@@ -54,6 +54,9 @@ class Generation:
         self._tok, self._tools = tok, tools
         self._sm = make_text_state_machine(tok).make_state(_initial_state(tok, prompt_ids)) if chat else None
         self._tool_text: str | None = None  # inside a tool call: its text so far
+        # A call forced on a model without tool-call markers: the whole output is one
+        # {"name", "arguments"} object (server/structured.py), turned into the call at the end.
+        self.forced_json_call = False
 
     def joined(self, kind: str = "text") -> str:
         return "".join(b.text for b in self.blocks if b.kind == kind)
@@ -69,7 +72,8 @@ class Generation:
         try:
             async for delta in self.handle:
                 pending.extend(delta.logprobs or ())
-                for kind, text, name, call_id in self._split(delta.text, delta.finish_reason is not None):
+                split = self._forced_call if self.forced_json_call else self._split
+                for kind, text, name, call_id in split(delta.text, delta.finish_reason is not None):
                     yield self._add(kind, text, name, call_id, pending if kind == "text" else [])
                     pending = []
         except EngineClosedError as e:
@@ -137,6 +141,20 @@ class Generation:
             out += self._calls(self._tool_text)
             self._tool_text = None
         return out
+
+    def _forced_call(self, text: str, final: bool) -> list[tuple[str, str, str, str]]:
+        """The JSON convention's output, held back whole, then one call (or, cut off at
+        the output limit, the text as it is)."""
+        self._tool_text = (self._tool_text or "") + text
+        if not final:
+            return []
+        text, self._tool_text = self._tool_text, None
+        try:
+            call = json.loads(text)
+            return [("tool_call", json.dumps(call["arguments"], ensure_ascii=False), call["name"],
+                     new_id("call_"))]
+        except (ValueError, KeyError, TypeError):
+            return [("text", text, "", "")] if text else []
 
     def _calls(self, text: str) -> list[tuple[str, str, str, str]]:
         """Tool calls parsed by the model's mlx-lm tool parser; unparseable text is

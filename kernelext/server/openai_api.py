@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import time
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _STARTED = int(time.time())
 _CHAT_FIELDS = frozenset({"model", "messages", "tools", "tool_choice", "logprobs", "top_logprobs",
-                          "max_completion_tokens", "max_tokens", "stop", "stream", "stream_options", "n"})
+                          "max_completion_tokens", "max_tokens", "stop", "stream", "stream_options", "n",
+                          "response_format", *structured.BODY_FIELDS})
 _COMPLETION_FIELDS = frozenset({"model", "prompt", "echo", "logprobs", "max_tokens", "stop", "stream",
-                                "stream_options", "n"})
+                                "stream_options", "n", "response_format", *structured.BODY_FIELDS})
 
 
 async def models(call, body: dict) -> dict:
@@ -31,8 +32,11 @@ async def chat_completions(call, body: dict):
     if not messages:
         raise ApiError(400, "'messages' must not be empty", param="messages")
     tools = None
-    if get(body, "tool_choice", (str, dict)) != "none":
+    choice = get(body, "tool_choice", (str, dict))
+    if choice != "none":
         tools = [_function_tool(t, i) for i, t in enumerate(common.items(body, "tools")) if _is_function(t)]
+    fmt = structured.response_format(get(body, "response_format", dict), "response_format", "json_schema")
+    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
     prompt = common.chat_prompt(engine, messages, tools)
     logprobs = None
     if get(body, "logprobs", bool, False):
@@ -41,9 +45,10 @@ async def chat_completions(call, body: dict):
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     params = common.sampling_params(body, call.app.default_max_tokens,
                                     max_tokens=("max_completion_tokens", "max_tokens"),
-                                    stop="stop", logprobs=logprobs)
+                                    stop="stop", logprobs=logprobs, constraint=constraint)
     stream, include_usage = _stream_options(body)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     head = {"id": common.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": model}
     if stream:
@@ -74,8 +79,11 @@ async def completions(call, body: dict):
         raise ApiError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
                        param="prompt")
     logprobs = get(body, "logprobs", int)
+    constraint = structured.merge(
+        structured.response_format(get(body, "response_format", dict), "response_format", "json_schema"),
+        structured.body_constraint(body))
     params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_tokens",), stop="stop",
-                                    logprobs=logprobs)
+                                    logprobs=logprobs, constraint=constraint)
     stream, include_usage = _stream_options(body)
     gen = call.submit(common.encode(engine, prompt), params, tools=None, chat=False)
     head = {"id": common.new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),

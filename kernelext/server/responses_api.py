@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import time
 
-from . import common
+from . import common, structured
 from .common import SSE, ApiError, get, sse
 
 _ITEM_PREFIX = {"text": "msg", "reasoning": "rs", "tool_call": "fc"}
 _USED = frozenset({"model", "input", "instructions", "tools", "tool_choice", "previous_response_id", "store",
-                   "max_output_tokens", "stop", "top_logprobs", "stream", "parallel_tool_calls", "metadata"})
+                   "max_output_tokens", "stop", "top_logprobs", "stream", "parallel_tool_calls", "metadata",
+                   "text", *structured.BODY_FIELDS})
 # Input items from built-in tools this server does not run; a client replaying its
 # history sends them back, and they carry nothing a chat template could show.
 _SKIPPED_ITEMS = ("reasoning", "web_search_call", "file_search_call", "image_generation_call",
@@ -42,20 +43,25 @@ async def create(call, body: dict):
     instructions = get(body, "instructions", str)
     messages = ([{"role": "system", "content": instructions}] if instructions else []) + conversation
     tools, namespaces = None, {}
-    if get(body, "tool_choice", (str, dict)) != "none":
+    choice = get(body, "tool_choice", (str, dict))
+    if choice != "none":
         tools, namespaces = _tools(body)
+    text_format = get(get(body, "text", dict, {}), "format", dict)
+    fmt = structured.response_format(text_format, "text.format", None)
+    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
     prompt = common.chat_prompt(engine, messages, tools)
     params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_output_tokens",),
-                                    stop="stop", logprobs=get(body, "top_logprobs", int))
+                                    stop="stop", logprobs=get(body, "top_logprobs", int), constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
+    gen.forced_json_call = json_call
     rid = common.new_id("resp_")
     head = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
             "instructions": instructions, "tools": body.get("tools") or [],
             "tool_choice": body.get("tool_choice", "auto"),
             "parallel_tool_calls": get(body, "parallel_tool_calls", bool, True),
             "previous_response_id": previous, "store": store,
-            "text": {"format": {"type": "text"}}, "metadata": get(body, "metadata", dict, {}), "error": None,
+            "text": {"format": text_format or {"type": "text"}}, "metadata": get(body, "metadata", dict, {}), "error": None,
             "incomplete_details": None, "output": [], "usage": None}
     keep = (lambda: call.app.responses.put(rid, conversation + _as_messages(gen))) if store else (lambda: None)
     if stream:
