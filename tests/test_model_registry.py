@@ -86,10 +86,11 @@ def test_raw_base64_and_rerank(served):
     status, body = post(srv, "/v1/rerank", {"model": "rerank", "query": "fibonacci", "documents": docs,
                                             "top_n": 2, "return_documents": True})
     assert status == 200, body
-    expected = models.get("rerank").rerank("fibonacci", [d if isinstance(d, str) else d["text"] for d in docs])
+    texts = [d if isinstance(d, str) else d["text"] for d in docs]
+    expected = models.get("rerank").rerank("fibonacci", texts)
     assert [(r["index"], r["relevance_score"]) for r in body["results"]] == \
         [(r.index, r.relevance_score) for r in expected[:2]]
-    assert body["results"][0]["document"]["text"] == docs[expected[0].index]
+    assert body["results"][0]["document"]["text"] == texts[expected[0].index]
     assert body["usage"]["total_tokens"] > 0
     status, body = post(srv, "/v1/rerank", {"query": "q", "documents": "not a list"})
     assert status == 400
