@@ -16,6 +16,7 @@ on tiny_models' corpus (lower-cased, [PAD]=0 [UNK] [CLS] [SEP] [MASK]), the
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -30,6 +31,14 @@ MAX_SEQ_LENGTH = 64
 
 
 def _bert_tokenizer(path: Path) -> None:
+    (path / "tokenizer.json").write_text(_trained_wordpiece(), encoding="utf-8")
+    _write_json(path / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+
+
+@functools.cache
+def _trained_wordpiece() -> str:
+    """Trained once per process: the trainer breaks frequency ties in hash-map order, so two
+    trainings may number the vocabulary differently."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -41,8 +50,7 @@ def _bert_tokenizer(path: Path) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    tok.save(str(path / "tokenizer.json"))
-    _write_json(path / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True})
+    return tok.to_str()
 
 
 def _bert_weights(rng, cross_encoder: bool) -> dict:
