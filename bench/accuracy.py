@@ -85,8 +85,8 @@ def compare(model, reference, tokens: list[int], bos: int) -> dict:
         ids[0] = bos
         targets = mx.array(ids[first + 1:])
         x = mx.array(ids)[None]
-        logp = _log_softmax(model(x)[0, first:N_CTX - 1].astype(mx.float32))
-        logq = _log_softmax(reference(x)[0, first:N_CTX - 1].astype(mx.float32))
+        logp = _log_softmax(_scored_logits(model, x, first))
+        logq = _log_softmax(_scored_logits(reference, x, first))
         rows = mx.arange(targets.size)
         step = [-logp[rows, targets].sum(), -logq[rows, targets].sum(),
                 (mx.exp(logq) * (logq - logp)).sum(),
@@ -99,6 +99,20 @@ def compare(model, reference, tokens: list[int], bos: int) -> dict:
         count += targets.size
     return {"ppl": math.exp(nll / count), "ppl_ref": math.exp(nll_ref / count),
             "kl": kl / count, "top1": agree / count, "scored": int(count), "chunks": n_chunks}
+
+
+def _scored_logits(model, x, first: int):
+    """Logits of positions first .. N_CTX-2 only: the trunk runs on the whole chunk, the
+    output projection (262k wide on Gemma) only on the scored half."""
+    import mlx.core as mx
+
+    lm = getattr(model, "language_model", model)
+    hidden = lm.model(x)[:, first:N_CTX - 1]
+    if getattr(lm, "lm_head", None) is not None and not getattr(lm, "tie_word_embeddings", False):
+        logits = lm.lm_head(hidden)
+    else:
+        logits = lm.model.embed_tokens.as_linear(hidden)
+    return logits[0].astype(mx.float32)
 
 
 def _log_softmax(x):

@@ -24,10 +24,9 @@ model of Qwen3-1.7B's shape (Q4_K_M via llama-quantize, and a 4-bit mlx-lm direc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,7 +55,7 @@ def prompts(n: int) -> list[str]:
 
 def default_gguf() -> Path:
     """The default model's GGUF file, assembled from its PyPI packages (the engine does the same)."""
-    from engine.model_store import _default_gguf, default_model_cache_dir
+    from engine.models.store import _default_gguf, default_model_cache_dir
 
     return _default_gguf(default_model_cache_dir(), progress=False)
 
@@ -270,6 +269,11 @@ def main() -> None:
     system = agent_system_prompt(lambda text: len(eng.encode(text)))
     system_tokens = len(eng.encode(system))
     eng.close()
+    del eng  # the servers below run in their own processes: free this one's memory first
+    gc.collect()
+    import mlx.core as mx
+
+    mx.clear_cache()
 
     if not args.skip_http:
         http_section(cpp, gguf, args, system, system_tokens)

@@ -15,7 +15,9 @@ its input, attention returns its queries), one more part each time:
                               activations, residual adds, dispatch
 The variants run interleaved, round by round, so drift hits all alike; medians are printed.
 Stand-ins change the values computed, never the shapes, so every kernel left does the same
-work as in a real step.
+work as in a real step. The step and its product-free form are also timed with mlx-lm's own
+norms and RoPE put back (engine/cpu/fused_layers.py swapped out), to show what the compiled
+ones save.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+try:  # the compiled norms and RoPE (engine/cpu/fused_layers.py), compared with mlx-lm's
+    from engine.cpu import fused_layers
+except ImportError:
+    fused_layers = None
 
 PRODUCTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,6 +79,9 @@ def _swapped(model, parts: set[str], widths: dict[str, int], head_path: tuple, v
 
     lm = getattr(model, "language_model", model)
     attn_module = None
+    plain = "mlx-lm layers" in parts and fused_layers is not None
+    if plain:
+        plain = fused_layers.uninstall(model) > 0
     try:
         for layer in lm.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -104,6 +114,8 @@ def _swapped(model, parts: set[str], widths: dict[str, int], head_path: tuple, v
     finally:
         for parent, name, original in reversed(saved):
             setattr(parent, name, original)
+        if plain:
+            fused_layers.install(model)
 
 
 class _TiedStandIn(nn.Module):
@@ -130,6 +142,8 @@ def _head_path(model, output_projection):
 
 VARIANTS = (("step", set()),
             ("no products", {"products"}),
+            ("mlx-lm layers", {"mlx-lm layers"}),
+            ("mlx-lm layers, no products", {"mlx-lm layers", "products"}),
             ("no norms", {"products", "norms"}),
             ("no rope", {"products", "norms", "rope"}),
             ("no attention", {"products", "norms", "rope", "attention"}))
@@ -150,19 +164,22 @@ def measure(model, encode, rounds: int = 25) -> dict:
     cache = runner.new_cache()
     runner.prefill(cache, encode("The quick brown fox jumps over the lazy dog. " * 6)[:64], [0])
     runner.add_rows([cache])
-    times: dict[str, list] = {}
+    times: dict[str, list] = {}  # wall ms
+    cpu: dict[str, list] = {}  # CPU ms of this process (all its threads): robust to other jobs
 
     def step(name, parts):
         with _swapped(model, parts, widths, head, args.vocab_size), decode_products(model):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             logits = runner.decode([7])
-            t1 = time.perf_counter()
+            c1, t1 = time.process_time(), time.perf_counter()
             mx.eval(logits)
-            t2 = time.perf_counter()
+            c2, t2 = time.process_time(), time.perf_counter()
         int(np.argmax(np.asarray(memoryview(logits.astype(mx.float32)))[0]))
-        t3 = time.perf_counter()
-        for key, dt in ((name, t3 - t0), (name + ":graph", t1 - t0), (name + ":sampling", t3 - t2)):
+        c3, t3 = time.process_time(), time.perf_counter()
+        for key, dt, dc in ((name, t3 - t0, c3 - c0), (name + ":graph", t1 - t0, c1 - c0),
+                            (name + ":sampling", t3 - t2, c3 - c2)):
             times.setdefault(key, []).append(1000 * dt)
+            cpu.setdefault(key, []).append(1000 * dc)
 
     try:
         for r in range(rounds + 2):
@@ -170,7 +187,11 @@ def measure(model, encode, rounds: int = 25) -> dict:
                 step(name, parts)
     finally:
         runner.reset()
-    med = {k: statistics.median(v[2:]) for k, v in times.items()}  # the first rounds warm up
+    return {"wall": _parts(times), "cpu": _parts(cpu)}
+
+
+def _parts(samples: dict) -> dict:
+    med = {k: statistics.median(v[2:]) for k, v in samples.items()}  # the first rounds warm up
     out = {"step": med["step"], "outside": med["no products"],
            "products": med["step"] - med["no products"],
            "norms": med["no products"] - med["no norms"],
@@ -178,12 +199,16 @@ def measure(model, encode, rounds: int = 25) -> dict:
            "attention": med["no rope"] - med["no attention"],
            "graph": med["no attention:graph"], "sampling": med["no attention:sampling"]}
     out["other"] = med["no attention"] - out["graph"] - out["sampling"]
+    out["plain step"] = med["mlx-lm layers"]
+    out["plain outside"] = med["mlx-lm layers, no products"]
     return out
 
 
 def report(eng) -> dict:
     r = eng.call(lambda: measure(eng._loaded.model, eng.encode))
-    print("\n## Where a batch-1 decode step goes, median ms (by ablation; target <= 5 ms outside products)")
+    w, c = r["wall"], r["cpu"]
+    print("\n## Where a batch-1 decode step goes, median ms by ablation (target <= 5 ms outside products)")
+    print(f"{'':54} {'wall':>7} {'CPU':>7}  (CPU: this process's threads, robust to other jobs)")
     rows = (("step: graph + evaluation + host sampling", "step"),
             ("  matrix products", "products"),
             ("  outside the products", "outside"),
@@ -192,5 +217,10 @@ def report(eng) -> dict:
             ("    other: cache, masks, embedding, activations, adds", "other"))
     for label, key in rows:
         note = "   target <= 5.0" if key == "outside" else ""
-        print(f"{label:54} {r[key]:7.2f}{note}")
+        print(f"{label:54} {w[key]:7.2f} {c[key]:7.2f}{note}")
+    if fused_layers is not None:
+        print(f"{'with mlx-lm own norms and RoPE (interleaved): step':54} {w['plain step']:7.2f} "
+              f"{c['plain step']:7.2f}")
+        print(f"{'  outside the products':54} {w['plain outside']:7.2f} {c['plain outside']:7.2f}   "
+              f"compiled norms and RoPE save {c['plain outside'] - c['outside']:.2f} ms CPU a step")
     return r
