@@ -24,20 +24,20 @@ N_CTX = 512
 CHUNKS = 40  # 40 x 512 = 20,480 tokens
 
 
-def text_file(tokenizer, work: Path) -> tuple[Path, list[int]]:
+def text_file(tokenizer, work: Path, chunks: int = CHUNKS) -> tuple[Path, list[int]]:
     """The fixed text, written to work/, and its tokens (with BOS) under kernelext's tokenizer."""
     from pydoc_data import topics
 
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper around transformers'
     enc = hf.backend_tokenizer.encode(text)  # a fast tokenizer: ids with character offsets
-    end_token = CHUNKS * N_CTX + N_CTX // 4  # a little slack: llama.cpp's tokens may differ slightly
+    end_token = chunks * N_CTX + N_CTX // 4  # a little slack: llama.cpp's tokens may differ slightly
     if len(enc.ids) <= end_token:
         raise RuntimeError(f"pydoc_data.topics has only {len(enc.ids)} tokens")
     cut = enc.offsets[end_token][0]
     text = text[:cut]
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"pydoc_topics_{sys.version_info.major}{sys.version_info.minor}_{CHUNKS}x{N_CTX}.txt"
+    path = work / f"pydoc_topics_{sys.version_info.major}{sys.version_info.minor}_{chunks}x{N_CTX}.txt"
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
     return path, tokenizer.encode(text)
@@ -121,12 +121,12 @@ def _log_softmax(x):
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def report(eng, gguf: Path, cpp, work: Path) -> dict:
+def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS) -> dict:
     from mlx_lm.utils import load_model
 
     import llama_cpp_runs
 
-    path, tokens = text_file(eng.tokenizer, work)
+    path, tokens = text_file(eng.tokenizer, work, chunks)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     print(f"\n## Accuracy on {path.name} (CPython's pydoc_data.topics, {path.stat().st_size:,} bytes, "
           f"sha256 {digest}; {len(tokens):,} tokens; chunks of {N_CTX}, second halves scored)", flush=True)

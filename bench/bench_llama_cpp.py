@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -203,6 +204,9 @@ def main() -> None:
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--skip-qwen", action="store_true")
+    ap.add_argument("--accuracy-chunks", type=int, default=40, help="chunks of 512 tokens (40: 20,480)")
+    ap.add_argument("--identity-turns", type=int, default=10,
+                    help="agent-loop turns replayed on a cache-off server to check identical output")
     ap.add_argument("--serve-worker", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -221,6 +225,8 @@ def main() -> None:
     except AnchorUnavailable as e:
         cpp = None
         print(f"llama.cpp: NOT AVAILABLE, the build failed: {e}\n(kernelext's figures alone follow)")
+    print(f"load average at start (other jobs on this machine): {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     print(f"model: {gguf.name}; {llama_cpp_runs.THREADS} threads each; kernelext drafter "
           f"{args.drafter!r}; {args.rounds} interleaved rounds, medians")
 
@@ -265,7 +271,7 @@ def main() -> None:
     if not args.skip_accuracy:
         import accuracy
 
-        accuracy.report(eng, gguf, cpp, WORK)
+        accuracy.report(eng, gguf, cpp, WORK, args.accuracy_chunks)
     system = agent_system_prompt(lambda text: len(eng.encode(text)))
     system_tokens = len(eng.encode(system))
     eng.close()
@@ -275,12 +281,14 @@ def main() -> None:
 
     mx.clear_cache()
 
-    if not args.skip_http:
-        http_section(cpp, gguf, args, system, system_tokens)
+    loop = http_section(cpp, gguf, args, system, system_tokens) if not args.skip_http else None
     if not args.skip_qwen:
         import qwen_shape
 
         qwen_shape.report(cpp, WORK / "qwen3-1.7b-shape", args.gen_tokens // 2)
+    if loop is not None and args.identity_turns:
+        cache_off_identity(loop, args)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
 
 
 def run_rss_worker(prompt_tokens: int, gen_tokens: int, drafter: str) -> dict:
@@ -303,7 +311,7 @@ def rss_worker(prompt_tokens: str, gen_tokens: str, drafter: str) -> dict:
     return {"load_s": load_s}
 
 
-def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> None:
+def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> dict:
     """Servers in their own processes, as users start them; interleaved workloads."""
     cache_dir = tempfile.mkdtemp(prefix="kernelext-bench-kv-")
     ours = start_kernelext_server(cache_dir, True, args.drafter)
@@ -322,8 +330,9 @@ def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> None
 
         loop_a = agent_loop(ours.base, system, 10, 32)
         loop_b = agent_loop(theirs.base, system, 10, 32) if theirs else None
-        title = f"agent loop, 10 turns (~{system_tokens}-token system prompt, 32-token replies)"
-        t.add(title, loop_a["seconds"], loop_b["seconds"] if loop_b else None, "s",
+        print(f"agent loop: 10 turns over /v1/completions, a ~{system_tokens}-token system prompt, "
+              f"32-token replies fed back verbatim")
+        t.add("agent loop, 10 turns", loop_a["seconds"], loop_b["seconds"] if loop_b else None, "s",
               higher_is_better=False, target="target: faster than llama-server")
         t.add("  prompt tokens reused", f"{loop_a['reused']:.1%}",
               f"{loop_b['reused']:.1%}" if loop_b else None, "", target="target >= 97%")
@@ -331,20 +340,24 @@ def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> None
         ours_rss = ours.stop()
         theirs_rss = theirs.stop() if theirs else None
     t.add("peak RSS of the server", ours_rss, theirs_rss, "MB", higher_is_better=False)
+    return {"system": system, "replies": loop_a["replies"], "cache_dir": cache_dir}
 
-    off = start_kernelext_server(cache_dir, False, args.drafter)
+
+def cache_off_identity(loop: dict, args) -> None:
+    """The agent loop's prompts replayed on a cache-off kernelext server: same replies?"""
+    turns = min(args.identity_turns, len(loop["replies"]))
+    off = start_kernelext_server(loop["cache_dir"], False, args.drafter)
     try:
-        loop_off = agent_loop(off.base, system, 10, 32)
+        replay = agent_loop(off.base, loop["system"], turns, 32)
     finally:
         off.stop()
-    same = loop_off["replies"] == loop_a["replies"]
-    print(f"agent loop, kernelext cache off: {loop_off['seconds']:.1f} s; replies identical to "
-          f"cache on: {'yes' if same else 'NO'}")
-    if not same:
-        for i, (x, y) in enumerate(zip(loop_a["replies"], loop_off["replies"])):
-            if x != y:
-                print(f"  first difference at turn {i}: on {x!r} / off {y!r}")
-                break
+    same = replay["replies"] == loop["replies"][:turns]
+    print(f"\nagent loop on a cache-off kernelext server, {turns} turns: {replay['seconds']:.1f} s; "
+          f"replies identical to the cached run: {'yes' if same else 'NO'}")
+    for i, (x, y) in enumerate(zip(loop["replies"], replay["replies"])):
+        if x != y:
+            print(f"  first difference at turn {i}: cached {x!r} / cache off {y!r}")
+            break
 
 
 def step_cost(eng: Engine) -> None:

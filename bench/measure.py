@@ -8,6 +8,8 @@ import os
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -29,28 +31,55 @@ def _collect(stream, into: list) -> threading.Thread:
     return t
 
 
-def _reap(proc: subprocess.Popen) -> tuple[int, float]:
-    """Wait for proc with wait4, which reports its peak RSS (Popen.wait would discard it)."""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss / 1024  # KiB on Linux
+# Peak RSS comes from wait4's ru_maxrss, taken by a small launcher process: Linux carries
+# the RSS high-water mark of the memory a process had before exec() into ru_maxrss, so a
+# child forked straight from this (large) bench process would report this process's size.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+signal_through = lambda *_: os.kill(pid, 15)
+import signal
+signal.signal(signal.SIGTERM, signal_through)
+while True:
+    try:
+        _, status, usage = os.wait4(pid, 0)
+        break
+    except InterruptedError:
+        continue
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
+
+def launched(cmd: list[str], rss_file: str) -> list[str]:
+    """cmd run under the launcher, which writes the peak RSS (KiB) to rss_file at its end."""
+    return [sys.executable, "-S", "-c", _LAUNCHER, rss_file, *cmd]
+
+
+def _read_kib(path: str) -> float:
+    try:
+        with open(path) as f:
+            return int(f.read()) / 1024
+    except (OSError, ValueError):
+        return float("nan")
 
 
 def run(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> Finished:
     """Run cmd to completion; its output, wall time and peak RSS."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = [], []
-    readers = [_collect(proc.stdout, out), _collect(proc.stderr, err)]
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    try:
-        rc, rss = _reap(proc)
-    finally:
-        timer.cancel()
-    for r in readers:
-        r.join()
-    return Finished(rc, "".join(out), "".join(err), time.perf_counter() - t0, rss)
+    with tempfile.NamedTemporaryFile(prefix="kernelext-rss-") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(launched(cmd, rss.name), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        wall = time.perf_counter() - t0
+        return Finished(proc.returncode, out, err, wall, _read_kib(rss.name))
 
 
 def free_port() -> int:
@@ -71,24 +100,29 @@ class Server:
     peak_rss_mb: float = 0.0
     log: list = field(default_factory=list)
 
+    rss_file: str = ""
+
     def stop(self) -> float:
-        if self.proc.returncode is None:
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            timer = threading.Timer(60, self.proc.kill)
-            timer.start()
             try:
-                _, self.peak_rss_mb = _reap(self.proc)
-            finally:
-                timer.cancel()
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.peak_rss_mb = _read_kib(self.rss_file)
+            os.unlink(self.rss_file)
         return self.peak_rss_mb
 
 
 def start_server(name: str, cmd: list[str], port: int, env: dict | None = None,
                  ready_path: str = "/v1/models", timeout: float = 900) -> Server:
     """Spawn cmd (which listens on 127.0.0.1:port) and wait until ready_path answers 200."""
+    rss_file = tempfile.mkstemp(prefix="kernelext-rss-")[1]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    server = Server(name, proc, f"http://127.0.0.1:{port}")
+    proc = subprocess.Popen(launched(cmd, rss_file), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    server = Server(name, proc, f"http://127.0.0.1:{port}", rss_file=rss_file)
     _collect(proc.stderr, server.log)  # drained, so a chatty server never blocks on its pipe
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
