@@ -43,17 +43,9 @@ from engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 import llama_cpp_runs  # noqa: E402
 import measure  # noqa: E402
 from anchor import AnchorUnavailable, ensure_llama_cpp  # noqa: E402
+from bench_engine import http_concurrent, prompts  # noqa: E402
 
 WORK = Path(__file__).resolve().parent.parent / "build" / "bench"  # git-ignored scratch
-TOPICS = ["the history of Paris", "how a compiler works", "why the sky is blue",
-          "the rules of chess", "a recipe for bread", "the water cycle",
-          "how vaccines work", "the life of bees"]
-
-
-def prompts(n: int) -> list[str]:
-    return [f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}." for i in range(n)]
-
-
 def default_gguf() -> Path:
     """The default model's GGUF file, assembled from its PyPI packages (the engine does the same)."""
     from engine.models.store import _default_gguf, default_model_cache_dir
@@ -126,28 +118,6 @@ def serve_worker(port: int, cache_dir: str, prefix_cache: bool, drafter: str) ->
         max_batch=16, prefix_cache=prefix_cache, cache_dir=cache_dir, drafter=drafter, progress=False))
     start_server(eng, port=port)
     threading.Event().wait()  # until SIGTERM
-
-
-def http_clients(base: str, n: int, gen_tokens: int) -> float:
-    """n concurrent /v1/completions requests; completion tokens per second of wall time."""
-    results: list = []
-
-    def one(prompt: str):
-        results.append(measure.post(base, "/v1/completions", {
-            "prompt": prompt, "max_tokens": gen_tokens, "temperature": 0.0}))
-
-    one("Hello")  # warm-up
-    results.clear()
-    threads = [threading.Thread(target=one, args=(p,)) for p in prompts(n)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if len(results) != n:
-        raise RuntimeError(f"{n - len(results)} of {n} requests to {base} failed")
-    return sum(r["usage"]["completion_tokens"] for r in results) / wall
 
 
 def agent_system_prompt(count_tokens, target: int = 2000) -> str:
@@ -322,9 +292,9 @@ def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> dict
     try:
         a, b = [], []
         for _ in range(args.rounds):
-            a.append(http_clients(ours.base, args.streams, args.gen_tokens))
+            a.append(http_concurrent(ours.base, "default", args.streams, args.gen_tokens)["end_to_end_tps"])
             if theirs:
-                b.append(http_clients(theirs.base, args.streams, args.gen_tokens))
+                b.append(http_concurrent(theirs.base, "default", args.streams, args.gen_tokens)["end_to_end_tps"])
         t.add(f"{args.streams} clients x {args.gen_tokens} tokens", median(a), median(b), "tok/s",
               target="target >= 2x")
 
