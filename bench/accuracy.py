@@ -121,7 +121,7 @@ def _log_softmax(x):
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
-def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS) -> dict:
+def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS, cpp_threads: int = 2) -> dict:
     from mlx_lm.utils import load_model
 
     import llama_cpp_runs
@@ -147,7 +147,7 @@ def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS) -> dict:
     print(f"  top-1 agreement {r['top1']:.3%}  (target >= 98%)")
     print(f"  KL(reference || kernelext) {r['kl']:.6f} nats per token")
     if cpp is not None:
-        lp = llama_cpp_runs.perplexity(cpp, gguf, path, N_CTX)
+        lp = llama_cpp_runs.perplexity(cpp, gguf, path, N_CTX, cpp_threads)
         print(f"  llama-perplexity on the same file and GGUF: PPL {lp['ppl']:.4f} +/- {lp['ppl_err']:.4f} "
               f"({lp['chunks']} chunks; {lp['seconds']:.0f} s); kernelext / llama.cpp "
               f"{r['ppl'] / lp['ppl']:.4f}")

@@ -10,7 +10,11 @@ from pathlib import Path
 import measure
 from anchor import LlamaCpp
 
-THREADS = 2  # both sides use the machine's 2 cores
+THREADS = 2  # the machine's 2 cores
+# On a machine shared with other jobs, llama.cpp's 2 threads can stall each other at every
+# barrier when one is descheduled (measured here at load 17: 0.2 tok/s with -t 2, 9 tok/s
+# with -t 1). The bench measures both and compares against llama.cpp's better count.
+THREAD_CHOICES = (2, 1)
 
 
 @dataclass
@@ -20,12 +24,13 @@ class BenchRun:
     peak_rss_mb: float
 
 
-def llama_bench(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, gen_tokens: int) -> BenchRun:
+def llama_bench(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, gen_tokens: int,
+                threads: int = THREADS) -> BenchRun:
     """One llama-bench pass (-r 1): prefill of prompt_tokens and decode of gen_tokens, each
     from an empty context, as llama-bench always measures."""
     out = measure.run([str(cpp.tool("llama-bench")), "-m", str(gguf), "-p", str(prompt_tokens),
-                       "-n", str(gen_tokens), "-r", "1", "-t", str(THREADS), "-o", "json"],
-                      env=cpp.env())
+                       "-n", str(gen_tokens), "-r", "1", "-t", str(threads), "-o", "json"],
+                      env=cpp.env(), timeout=1200)
     _check(out, "llama-bench")
     rows = json.loads(out.stdout)
     speed = {("prefill" if r["n_gen"] == 0 else "decode"): r["avg_ts"] for r in rows}
@@ -33,28 +38,29 @@ def llama_bench(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, gen_tokens: int) 
 
 
 def batched_decode_tps(cpp: LlamaCpp, gguf: Path, streams: int, prompt_tokens: int,
-                       gen_tokens: int) -> float:
+                       gen_tokens: int, threads: int = THREADS) -> float:
     """Aggregate decode tok/s of `streams` sequences decoded together (llama-batched-bench)."""
     ctx = streams * (prompt_tokens + gen_tokens) + 16
     out = measure.run([str(cpp.tool("llama-batched-bench")), "-m", str(gguf), "-c", str(ctx),
                        "-npp", str(prompt_tokens), "-ntg", str(gen_tokens), "-npl", str(streams),
-                       "-t", str(THREADS), "--output-format", "jsonl"], env=cpp.env())
+                       "-t", str(threads), "--output-format", "jsonl"], env=cpp.env(), timeout=1200)
     _check(out, "llama-batched-bench")
     rows = [json.loads(line) for line in out.stdout.splitlines() if '"speed_tg"' in line]
     return rows[-1]["speed_tg"]
 
 
-def start_llama_server(cpp: LlamaCpp, gguf: Path, slots: int, slot_ctx: int) -> measure.Server:
+def start_llama_server(cpp: LlamaCpp, gguf: Path, slots: int, slot_ctx: int,
+                       threads: int = THREADS) -> measure.Server:
     port = measure.free_port()
     cmd = [str(cpp.tool("llama-server")), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(slots), "-c", str(slots * slot_ctx), "-t", str(THREADS), "-tb", str(THREADS)]
+           "-np", str(slots), "-c", str(slots * slot_ctx), "-t", str(threads), "-tb", str(threads)]
     return measure.start_server("llama-server", cmd, port, env=cpp.env(), ready_path="/health")
 
 
-def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, n_ctx: int) -> dict:
+def perplexity(cpp: LlamaCpp, gguf: Path, text_file: Path, n_ctx: int, threads: int = THREADS) -> dict:
     """llama-perplexity's own estimate over text_file (chunks of n_ctx, second halves scored)."""
     out = measure.run([str(cpp.tool("llama-perplexity")), "-m", str(gguf), "-f", str(text_file),
-                       "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(THREADS)], env=cpp.env())
+                       "-c", str(n_ctx), "-b", str(n_ctx), "-t", str(threads)], env=cpp.env())
     _check(out, "llama-perplexity")
     log = out.stdout + out.stderr
     found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", log)

@@ -72,12 +72,13 @@ def run(cmd: list[str], env: dict | None = None, timeout: float = 3600) -> Finis
     with tempfile.NamedTemporaryFile(prefix="kernelext-rss-") as rss:
         t0 = time.perf_counter()
         proc = subprocess.Popen(launched(cmd, rss.name), env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command it runs
             out, err = proc.communicate()
+            err += f"\n(killed after {timeout:.0f} s)"
         wall = time.perf_counter() - t0
         return Finished(proc.returncode, out, err, wall, _read_kib(rss.name))
 

@@ -226,7 +226,7 @@ with Engine.load(model, EngineConfig(prefix_cache=False, drafter="none", dtype=d
 """ % str(Path(__file__).resolve().parent.parent)
 
 
-def report(cpp, work: Path, gen_tokens: int) -> None:
+def report(cpp, work: Path, gen_tokens: int, cpp_threads: int = 2) -> None:
     import llama_cpp_runs
 
     print(f"\n## Random-weight model of Qwen3-1.7B's shape ({SHAPE['layers']} layers, hidden "
@@ -240,8 +240,8 @@ def report(cpp, work: Path, gen_tokens: int) -> None:
     theirs = None
     if "gguf_q4_k_m" in models:
         try:
-            theirs = llama_cpp_runs.llama_bench(cpp, models["gguf_q4_k_m"], 0, gen_tokens)
-            print(f"{'llama.cpp, Q4_K_M GGUF':34} {theirs.decode_tps:13.2f} {theirs.peak_rss_mb:12,.0f}")
+            theirs = llama_cpp_runs.llama_bench(cpp, models["gguf_q4_k_m"], 0, gen_tokens, cpp_threads)
+            print(f"{f'llama.cpp, Q4_K_M GGUF, -t {cpp_threads}':34} {theirs.decode_tps:13.2f} {theirs.peak_rss_mb:12,.0f}")
         except Exception as e:
             print(f"llama.cpp on the Q4_K_M GGUF failed: {e}")
     else:
