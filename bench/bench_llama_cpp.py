@@ -159,6 +159,18 @@ def agent_loop(base: str, system: str, turns: int, reply_tokens: int) -> dict:
 
 # -- the run ---------------------------------------------------------------------------------
 
+def choose_threads(cpp, gguf: Path) -> int:
+    """llama.cpp's faster thread count right now: a short decode at each (bounded in time)."""
+    speed = {}
+    for threads in llama_cpp_runs.THREAD_CHOICES:
+        run = anchor_call(llama_cpp_runs.llama_bench, cpp, gguf, 0, 16, threads, 180)
+        speed[threads] = run.decode_tps if run is not None else 0.0
+    best = max(speed, key=speed.get)
+    print("llama.cpp probe, 16 tokens: " + ", ".join(f"-t {t}: {v:.1f} tok/s" for t, v in speed.items())
+          + f"; compared at -t {best}")
+    return best
+
+
 def anchor_call(fn, *args):
     """A llama.cpp measurement, or None (said why) if it failed or timed out."""
     try:
@@ -218,25 +230,18 @@ def main() -> None:
     Table.header()
 
     # 1. single stream and prefill: kernelext in this process vs llama-bench, round by round,
-    # llama.cpp at 2 threads and at 1 (see llama_cpp_runs.THREAD_CHOICES).
+    # llama.cpp at its better thread count (see llama_cpp_runs.THREAD_CHOICES).
+    cpp_threads = choose_threads(cpp, gguf) if cpp else llama_cpp_runs.THREADS
     ids = long_prompt_ids(eng, args.prompt_tokens)
     engine_single(eng, ids[:64], 8)  # warm-up
-    ours, theirs = [], {t: [] for t in llama_cpp_runs.THREAD_CHOICES}
+    ours, best = [], []
     for _ in range(args.rounds):
         ours.append(engine_single(eng, ids, args.gen_tokens))
-        for threads in theirs if cpp else ():
+        if cpp:
             run = anchor_call(llama_cpp_runs.llama_bench, cpp, gguf, args.prompt_tokens,
-                              args.gen_tokens, threads)
+                              args.gen_tokens, cpp_threads)
             if run is not None:
-                theirs[threads].append(run)
-    decode = {t: median(r.decode_tps for r in runs) for t, runs in theirs.items()}
-    measured = [t for t in decode if decode[t] is not None]
-    cpp_threads = max(measured, key=lambda t: decode[t]) if measured else llama_cpp_runs.THREADS
-    if cpp:
-        print("llama.cpp decode by thread count: " + ", ".join(
-            f"-t {t}: {decode[t]:.1f} tok/s" if decode[t] else f"-t {t}: n/a" for t in decode)
-            + f"; compared at its best, -t {cpp_threads}")
-    best = theirs.get(cpp_threads, [])
+                best.append(run)
     t = Table(f"Single stream (llama-bench -p {args.prompt_tokens} -n {args.gen_tokens} -t {cpp_threads})")
     t.add("decode, 1 stream", median(o[1] for o in ours),
           median(r.decode_tps for r in best), "tok/s", target="target >= 1.0x (1.3x)")

@@ -25,12 +25,12 @@ class BenchRun:
 
 
 def llama_bench(cpp: LlamaCpp, gguf: Path, prompt_tokens: int, gen_tokens: int,
-                threads: int = THREADS) -> BenchRun:
+                threads: int = THREADS, timeout: float = 1200) -> BenchRun:
     """One llama-bench pass (-r 1): prefill of prompt_tokens and decode of gen_tokens, each
     from an empty context, as llama-bench always measures."""
     out = measure.run([str(cpp.tool("llama-bench")), "-m", str(gguf), "-p", str(prompt_tokens),
                        "-n", str(gen_tokens), "-r", "1", "-t", str(threads), "-o", "json"],
-                      env=cpp.env(), timeout=1200)
+                      env=cpp.env(), timeout=timeout)
     _check(out, "llama-bench")
     rows = json.loads(out.stdout)
     speed = {("prefill" if r["n_gen"] == 0 else "decode"): r["avg_ts"] for r in rows}
