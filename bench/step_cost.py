@@ -103,7 +103,7 @@ def _swapped(model, parts: set[str], widths: dict[str, int], head_path: tuple, v
         if "products" in parts:
             parent, name = head_path
             original = getattr(parent, name)
-            if isinstance(original, nn.Embedding):  # tied: keep the lookup, drop the projection
+            if hasattr(original, "as_linear"):  # tied embedding: keep the lookup, drop the projection
                 stand_in = _TiedStandIn(original, vocab)
             else:
                 stand_in = _ZeroProduct(vocab)
