@@ -139,7 +139,9 @@ def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS, cpp_threads: 
 
     t0 = time.perf_counter()
     r = eng.call(run)
-    print(f"kernelext weights ({eng.metrics().get('dtype')}) vs the float32-dequantized reference, "
+    packed = eng.metrics().get("quantized_weight_bytes") or 0
+    kind = "quantized, CPU kernels" if packed else eng.metrics().get("dtype")
+    print(f"kernelext weights ({kind}) vs the float32-dequantized reference, "
           f"{r['scored']:,} scored tokens in {r['chunks']} chunks ({time.perf_counter() - t0:.0f} s):")
     ppl_change = r["ppl"] / r["ppl_ref"] - 1
     print(f"  perplexity      kernelext {r['ppl']:.4f}   reference {r['ppl_ref']:.4f}   "

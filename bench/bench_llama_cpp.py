@@ -226,7 +226,10 @@ def main() -> None:
     eng = Engine.load(engine.DEFAULT_MODEL, EngineConfig(
         max_batch=16, prefix_cache=False, drafter=args.drafter, progress=False))
     m = eng.metrics()
-    print(f"kernelext: backend {eng.backend}, weights {m.get('dtype')}")
+    packed = m.get("quantized_weight_bytes") or 0
+    print(f"kernelext: backend {eng.backend}, "
+          + (f"weights kept quantized for the CPU kernels ({packed / 1e6:,.0f} MB)" if packed
+             else f"weights {m.get('dtype')} (not quantized)"))
     Table.header()
 
     # 1. single stream and prefill: kernelext in this process vs llama-bench, round by round,

@@ -222,7 +222,8 @@ with Engine.load(model, EngineConfig(prefix_cache=False, drafter="none", dtype=d
     load_s = time.perf_counter() - t0
     u = eng.generate("Hello there", SamplingParams(max_tokens=gen)).usage
     print(json.dumps({"decode_tps": u.decode_tps, "load_s": load_s, "tokens": u.completion_tokens,
-                      "weights": eng.metrics().get("dtype")}))
+                      "weights": (f"{eng.metrics()['quantized_weight_bytes'] / 1e6:,.0f} MB kept quantized"
+                                  if eng.metrics().get("quantized_weight_bytes") else eng.metrics().get("dtype"))}))
 """ % str(Path(__file__).resolve().parent.parent)
 
 
