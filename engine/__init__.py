@@ -13,7 +13,10 @@ The data path, in the order a request flows:
                              picks each row's depth from acceptance and step cost
       core/model_runner      executes: batched prefill, decode and verify forwards
                              (models/loader's weights, cpu/ kernels on the CPU)
-      sampling/sampler       keyed host sampling; spec/verify checks drafts exactly
+      structured/            grammar constraints: each row's matcher, its next-token
+                             masks computed beside the forward (llguidance)
+      sampling/sampler       keyed host sampling (after the mask); spec/verify checks
+                             drafts exactly
       core/output_processor  text deltas, stops, usage -> the caller's RequestHandle
 
 `backend.configure()` must run before anything imports mlx.core: on Linux it

@@ -81,7 +81,8 @@ class EngineCore:
         self.speculation = SpeculationController(config, self.drafter.name)
         self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
         self.output = OutputProcessor(self.loaded.tokenizer, metrics)
-        self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.loaded.vocab_size)
+        self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.loaded.vocab_size,
+                                                  key=self.fingerprint)
         self.masks = MaskComputer(self.loaded.vocab_size)
         self.closed = False
         progress("ready")

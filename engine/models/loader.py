@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokenizer
 
-from ..cpu import quant_linear, row_kernels
+from ..cpu import fused_layers, quant_linear, row_kernels
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import quantized as quantized_weights
@@ -113,6 +113,8 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     if on_cpu():
         _pretranspose_output(model)
         row_bytes = row_kernels.install(model) + _output_rows_bytes(model)
+        if fused_layers.enabled():
+            fused_layers.install(model)
     if progress:
         progress("weights")
     try:

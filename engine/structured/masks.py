@@ -5,7 +5,7 @@ a step are computed on a helper thread, started just before the forward and read
 just after it: llguidance releases the GIL, the forward runs in MLX on the engine
 thread, so on a multi-core machine the mask costs no wall time. For a verify
 window the row's masks at positions 0..len(draft) are computed with the matcher
-advanced through each draft prefix and rolled back (llguidance does both).
+advanced through each draft prefix, then rolled back to where it was.
 """
 
 from __future__ import annotations

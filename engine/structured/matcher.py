@@ -17,20 +17,29 @@ class GrammarError(EngineError):
 
 class GrammarTokenizer:
     """The model's tokenizer as llguidance sees it (token bytes, EOS), built on first use:
-    it takes seconds on a 262k vocabulary, which requests without constraints never pay."""
+    it takes seconds on a 262k vocabulary, which requests without constraints never pay.
+    The last one built is kept per process by `key` (the model's fingerprint), so reloading the
+    same model in a notebook does not pay again."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    _built: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, tokenizer, vocab_size: int, key: str = ""):
         self._tokenizer, self.vocab_size = tokenizer, vocab_size
-        self._lock = threading.Lock()
+        self._key = (key, vocab_size, tuple(sorted(tokenizer.eos_token_ids))) if key else None
         self._ll: llguidance.LLTokenizer | None = None
 
     @property
     def ll(self) -> llguidance.LLTokenizer:
         with self._lock:
             if self._ll is None:
+                self._ll = self._built.get(self._key) if self._key else None
+            if self._ll is None:
                 hf = getattr(self._tokenizer, "_tokenizer", self._tokenizer)
                 self._ll = llguidance.hf.from_tokenizer(
                     hf, n_vocab=self.vocab_size, eos_token=sorted(self._tokenizer.eos_token_ids))
+                if self._key:
+                    GrammarTokenizer._built = {self._key: self._ll}  # one model's at a time
             return self._ll
 
 

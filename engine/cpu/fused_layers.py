@@ -1,0 +1,131 @@
+"""Norms and RoPE as compiled MLX functions, so a CPU decode step runs few small kernels.
+
+Outside its matrix products, a decode step of a small model is hundreds of tiny ops. On the
+CPU, MLX runs `mx.fast.rms_norm` and `mx.fast.rope` as general kernels that cost far more than
+their arithmetic: measured on Gemma 3 270M's shapes (one row, 2 cores), ~20-50 us per norm
+and ~90-130 us per RoPE, against ~7 us for an `mx.compile`d norm and ~8 us for a compiled
+RoPE. Gemma 3 270M runs 109 norms and 36 RoPEs per step: that was most of the step's time
+outside the products (bench/step_cost.py prints the breakdown).
+
+`install(model)` swaps the `__call__` of mlx-lm's RMSNorm modules (the plain and Gemma's
+`1 + weight` forms) and of plain `nn.RoPE` modules for compiled equivalents. They compute
+every row and position on its own, with the same code whatever the batch size, window
+length or offset, so a row's bits depend on nothing but its own inputs: prefill, decode
+and verify windows agree, and batches stay invariant. Values differ from MLX's fused
+kernels by float rounding (~1e-5 for RoPE), the same size as the row kernels' products.
+Modules of other kinds (scaled RoPE variants, Qwen3.5's gated norms) keep mlx-lm's code.
+On a GPU nothing is swapped: MLX's own kernels are fast there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@mx.compile
+def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    x32 = x.astype(mx.float32)
+    scale = mx.rsqrt(mx.mean(mx.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * scale).astype(x.dtype) * weight
+
+
+@mx.compile
+def _rope(x: mx.array, positions: mx.array, inv_freq: mx.array) -> mx.array:
+    """Rotate-half RoPE (`traditional=False`): x [..., L, dims], positions broadcast to
+    [..., L, 1] in float32."""
+    half = inv_freq.shape[-1]
+    angles = positions * inv_freq
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    x1, x2 = x[..., :half], x[..., half:2 * half]
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if x.shape[-1] > 2 * half:  # partial rotary dims: the rest passes through
+        rotated.append(x[..., 2 * half:])
+    return mx.concatenate(rotated, axis=-1).astype(x.dtype)
+
+
+def _plain_norm(self, x):
+    return _rms_norm(x, self.weight, self.eps)
+
+
+def _gemma_norm(self, x):
+    return _rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class _CompiledRoPE(nn.RoPE):
+    def __call__(self, x, offset=0):
+        length = x.shape[-2]
+        steps = mx.arange(length, dtype=mx.float32)
+        if isinstance(offset, mx.array) and offset.ndim == 1:  # one offset per batch row
+            positions = offset.astype(mx.float32).reshape(-1, 1, 1, 1) + steps.reshape(1, 1, length, 1)
+        else:
+            positions = (steps + offset).reshape(length, 1)
+        return _rope(x, positions * self.scale, self._inv_freq)
+
+
+def _rope_table(dims: int, base: float) -> mx.array:
+    inv = mx.power(mx.array(base, mx.float32), -mx.arange(0, dims, 2, dtype=mx.float32) / dims)
+    mx.eval(inv)
+    return inv
+
+
+# mlx-lm's RMSNorm classes whose weight enters as (1 + weight); nn.RMSNorm uses it as is.
+_GEMMA_NORM_MODULES = ("mlx_lm.models.gemma", "mlx_lm.models.gemma2", "mlx_lm.models.gemma3_text")
+
+
+def _norm_kind(module) -> str | None:
+    """'plain', 'gemma' or None (a norm of another kind, left alone)."""
+    cls = type(module)
+    if cls is nn.RMSNorm:
+        return "plain"
+    if cls.__name__ == "RMSNorm" and cls.__module__ in _GEMMA_NORM_MODULES:
+        return "gemma"
+    return None
+
+
+_NORMS = {}
+
+
+def _norm_class(cls, kind: str):
+    key = (cls, kind)
+    if key not in _NORMS:
+        _NORMS[key] = type(cls.__name__, (cls,), {
+            "__call__": _gemma_norm if kind == "gemma" else _plain_norm,
+            "__module__": __name__})
+    return _NORMS[key]
+
+
+def enabled() -> bool:
+    """On by default on the CPU; KERNELEXT_FUSED_LAYERS=0 keeps mlx-lm's modules (to compare)."""
+    return os.environ.get("KERNELEXT_FUSED_LAYERS", "1") != "0" and mx.default_device() == mx.cpu
+
+
+def install(model: nn.Module) -> int:
+    """Swap norms and RoPEs for the compiled ones (in place); returns how many were swapped."""
+    swapped = 0
+    for _, module in model.named_modules():
+        kind = _norm_kind(module)
+        if kind is not None:
+            module._plain_class = type(module)
+            module.__class__ = _norm_class(type(module), kind)
+            swapped += 1
+        elif type(module) is nn.RoPE and not module.traditional:
+            module._plain_class = nn.RoPE
+            module.__class__ = _CompiledRoPE
+            module._inv_freq = _rope_table(module.dims, module.base)  # "_": not a parameter
+            swapped += 1
+    return swapped
+
+
+def uninstall(model: nn.Module) -> int:
+    """Put mlx-lm's modules back (the bench measures both)."""
+    restored = 0
+    for _, module in model.named_modules():
+        plain = getattr(module, "_plain_class", None)
+        if plain is not None:
+            module.__class__ = plain
+            del module._plain_class
+            restored += 1
+    return restored
