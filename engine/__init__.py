@@ -43,16 +43,18 @@ from .errors import (  # noqa: E402
     QueueFullError,
     UnsupportedModelError,
 )
+from .embed.pooling_engine import PoolingEngine, RerankResult  # noqa: E402
 from .handle import RequestHandle  # noqa: E402
 from .llm_engine import Engine  # noqa: E402
-from .models.store import DEFAULT_MODEL, resolve_model  # noqa: E402
+from .models.store import DEFAULT_EMBEDDING_MODEL, DEFAULT_MODEL, resolve_model  # noqa: E402
 from .outputs import Completion, Delta, TokenLogprob, Usage  # noqa: E402
+from .registry import ModelRegistry, open_model  # noqa: E402
 from .sampling.params import SamplingParams  # noqa: E402
 
 __all__ = [
-    "DEFAULT_MODEL", "Completion", "Delta", "Engine", "EngineClosedError", "EngineConfig",
-    "EngineError", "InvalidRequestError", "ModelLoadError", "NoDraftHeadError", "QueueFullError", "RequestHandle",
-    "SamplingParams", "TokenLogprob", "UnsupportedModelError", "Usage", "resolve_model",
+    "DEFAULT_EMBEDDING_MODEL", "DEFAULT_MODEL", "Completion", "Delta", "Engine", "EngineClosedError", "EngineConfig",
+    "EngineError", "InvalidRequestError", "ModelLoadError", "ModelRegistry", "NoDraftHeadError", "PoolingEngine", "QueueFullError", "RequestHandle", "RerankResult",
+    "SamplingParams", "TokenLogprob", "UnsupportedModelError", "Usage", "open_model", "resolve_model",
 ]
 
 # Module paths from before the engine was grouped into folders, kept so that user

@@ -51,6 +51,11 @@ class EngineConfig:
     # A trained draft head file for models without native MTP weights (None = look
     # next to the model and in the bundled heads).
     mtp_head: str | None = None
+    # Embedding and reranking models (engine/embed): texts per forward, and padded
+    # tokens per forward while no generation core shares the thread (with one, a
+    # step holds to step_token_budget).
+    embed_batch: int = 32
+    embed_batch_tokens: int = 8192
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -65,6 +70,8 @@ class EngineConfig:
                 f"({self.max_batch}) + block_size ({self.block_size}) so prompts always make progress"
             )
         check_speculation(self.drafter, self.depth, self.max_depth)
+        if self.embed_batch < 1 or self.embed_batch_tokens < 1:
+            raise InvalidRequestError("embed_batch and embed_batch_tokens must be >= 1")
         for name in ("hot_cache_bytes", "ssd_cache_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0")

@@ -13,17 +13,16 @@ from __future__ import annotations
 import itertools
 import os
 import random
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 from tqdm.auto import tqdm
 
 from .config import EngineConfig, check_speculation
 from .core.admission import Admission
 from .core.sequence import Sequence
-from .core.worker import MLXWorker
-from .errors import EngineClosedError, InvalidRequestError, QueueFullError
+from .errors import InvalidRequestError, QueueFullError
+from .front import CoreFront
 from .handle import RequestHandle
 from .metrics import EngineMetrics
 from .models.store import DEFAULT_MODEL, resolve_model
@@ -36,7 +35,7 @@ Prompt = str | list[dict] | list[int]
 _ids = itertools.count(1)
 
 
-class Engine:
+class Engine(CoreFront):
     """Use `Engine.load(model, config)`; the constructor is internal."""
 
     def __init__(self, model_path, config: EngineConfig, name: str, progress=None):
@@ -45,24 +44,17 @@ class Engine:
         self.model_path = model_path
         self.metrics_ = EngineMetrics()
         self._admission = Admission()
-        self._worker = MLXWorker.get()
-        self._closed = False
         # `progress` is called with a stage name from the MLX thread while loading.
-        ready = self._worker.attach(model_path=model_path, config=config, name=name,
-                                    metrics=self.metrics_, admission=self._admission,
-                                    progress=progress)
-        try:
-            self.core = ready.result()  # re-raises a load error in the caller
-        except BaseException:
-            self._closed = True
-            # Interrupted (Ctrl-C in a cell) while the model loads: it is freed once loaded.
-            ready.add_done_callback(
-                lambda f: f.exception() is None and self._worker.post(f.result(), ("stop", Future())))
-            raise
+        def build():  # on the MLX thread: the front never imports MLX
+            from .core.engine_core import EngineCore
+            return EngineCore(model_path=model_path, config=config, name=name, metrics=self.metrics_,
+                              admission=self._admission, progress=progress)
+
+        self._attach(build)
 
     @classmethod
     def load(cls, model: str | os.PathLike = DEFAULT_MODEL,
-             config: EngineConfig | None = None) -> "Engine":
+             config: EngineConfig | None = None, name: str | None = None) -> "Engine":
         config = config or EngineConfig()
         path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
         stages = ("weights", "tokenizer", "fingerprint", "ready")  # each reported when done
@@ -71,7 +63,7 @@ class Engine:
             def progress(done: str) -> None:
                 bar.set_postfix_str(f"{done} done")
                 bar.update()
-            return cls(path, config, name=str(model), progress=progress)
+            return cls(path, config, name=name or str(model), progress=progress)
 
     # -- public API (any thread) ---------------------------------------------
     @property
@@ -191,15 +183,6 @@ class Engine:
         finally:
             handle.cancel()
 
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the engine thread between steps (for anything that touches MLX)."""
-        self._check_open()
-        if self._worker.on_thread():
-            return fn()
-        future: Future = Future()
-        self._worker.post(self.core, ("call", fn, future))
-        return future.result()
-
     def metrics(self) -> dict:
         out = self.metrics_.snapshot()
         out.update(model=self.model_name, max_batch=self.config.max_batch)
@@ -298,30 +281,6 @@ class Engine:
     def max_context(self) -> int:
         limit = self.core.loaded.max_context
         return min(self.config.max_context or limit, limit)
-
-    def close(self) -> None:
-        """Cancel everything and free the model. The shared MLX thread keeps running."""
-        if self._closed:
-            return
-        self._closed = True
-        done: Future = Future()
-        self._worker.post(self.core, ("stop", done))
-        if not self._worker.on_thread():
-            done.result()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise EngineClosedError("the engine is closed")
 
     # -- the core's parts, for tests, benches and the dashboard (read on any thread;
     #    change them only through call()) ----------------------------------------

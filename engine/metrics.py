@@ -57,3 +57,37 @@ class EngineMetrics:
         out["ttft_p50_s"] = _percentile(ttft, 0.50)
         out["ttft_p99_s"] = _percentile(ttft, 0.99)
         return out
+
+
+class PoolingMetrics:
+    """An embedding or reranking model's counters: requests, texts, tokens, and the
+    texts per second of its recent batches."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.counters = dict.fromkeys(("requests_submitted", "requests_completed", "requests_failed",
+                                       "texts", "tokens", "batches"), 0)
+        self._events: deque[tuple[float, int, float]] = deque()  # (t, texts, seconds)
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    def batch(self, texts: int, tokens: int, seconds: float) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            self.counters["texts"] += texts
+            self.counters["tokens"] += tokens
+            self.counters["batches"] += 1
+            self._events.append((now, texts, seconds))
+            while self._events and self._events[0][0] < now - WINDOW_S:
+                self._events.popleft()
+
+    def snapshot(self) -> dict:
+        now = time.perf_counter()
+        with self._lock:
+            events = [e for e in self._events if e[0] >= now - WINDOW_S]
+            out = dict(self.counters)
+        span = max(now - events[0][0] + events[0][2], 1e-3) if events else WINDOW_S
+        out["texts_per_s"] = sum(e[1] for e in events) / span if events else 0.0
+        return out

@@ -5,7 +5,10 @@
     %%generate -n 64
     Write a haiku about {topic}.
 
-From Python cells: `from kernelext import get_engine; get_engine().generate(...)`.
+    %llm load all-minilm-l6-v2 --as embed     # more models beside it, by name
+
+From Python cells: `from kernelext import get_engine; get_engine().generate(...)`,
+`get_model("embed").embed(texts)`.
 IPython parts are imported lazily, so `python -m kernelext.demo` needs no IPython.
 """
 
@@ -30,3 +33,11 @@ def get_engine():
     from . import extension
 
     return extension.current().ensure_engine()
+
+
+def get_model(name: str | None = None):
+    """A model of the kernel by its `%llm load ... --as NAME` name (an Engine, or a
+    PoolingEngine for embedding and reranking models); None: the default engine."""
+    from . import extension
+
+    return extension.current().get_model(name)

@@ -21,7 +21,7 @@ from traitlets import Bool, Enum, Float, Int, List, Unicode, Union, observe
 from traitlets.config import Configurable
 
 import engine
-from engine import Engine, EngineConfig, SamplingParams
+from engine import Engine, EngineConfig, ModelRegistry, SamplingParams
 
 # Traits that become EngineConfig fields (or pick the model): they apply at the next load.
 _LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "block_size",
@@ -87,6 +87,9 @@ class Kernelext(Configurable):
         # Set before super().__init__, whose config loading runs the observers below.
         self.shell = shell
         self.engine: Engine | None = None
+        # Every model of the kernel: the default engine above (pinned, under its model
+        # name) and those loaded with `%llm load MODEL --as NAME`; the server routes to them.
+        self.models = ModelRegistry()
         self.server = None
         self.sessions: dict[str, list[dict]] = {}  # --session name -> chat messages so far
         super().__init__(parent=shell, **kwargs)
@@ -132,6 +135,7 @@ class Kernelext(Configurable):
             bar.set_postfix_str("weights")
             self.unload()
             self.engine = Engine.load(model, config)  # resolves again: a cache hit now
+            self.models.adopt(self.engine.model_name, self.engine, pin=True)
             bar.update()
         m = self.engine.metrics()
         print(f"kernelext: loaded {model} · {m['backend']} ({m['blas']}) · {m['dtype']} · "
@@ -145,12 +149,44 @@ class Kernelext(Configurable):
             self.load()
         return self.engine
 
+    def load_as(self, model: str, name: str, *, pin: bool = False, task: str | None = None):
+        """Load `model` beside the others as `name` (an embedding, reranking or second
+        chat model); it is evicted when memory runs short unless pinned."""
+        if self.engine is not None and name == self.engine.model_name:
+            raise engine.InvalidRequestError(f"{name!r} is the default model's name; pick another")
+        t0 = time.perf_counter()
+        eng = self.models.add(name, model, pin=pin, task=task, config=self.engine_config())
+        task = getattr(eng, "task", "generate")
+        print(f"kernelext: loaded {model} as {name!r} ({task}{', pinned' if pin else ''}) · "
+              f"{time.perf_counter() - t0:.1f} s")
+        return eng
+
+    def get_model(self, name: str | None = None):
+        """A model by name (loading it again if it was evicted); None: the default engine."""
+        if name is None or (self.engine is not None and name == self.engine.model_name):
+            return self.ensure_engine()
+        return self.models.get(name)
+
+    def unload_model(self, name: str) -> None:
+        if self.engine is not None and name == self.engine.model_name:
+            self.unload()
+        elif name in self.models:
+            self.models.remove(name)
+        else:
+            raise engine.InvalidRequestError(f"no model named {name!r} is loaded")
+
     def unload(self) -> None:
-        """Stop the server and close the engine (closing flushes the engine's cache)."""
+        """Stop the server and close the default engine (closing flushes its cache)."""
         self.stop_server()  # it serves this engine
         if self.engine is not None:
+            self.models.remove(self.engine.model_name)
             self.engine.close()
             self.engine = None
+
+    def unload_all(self) -> None:
+        self.unload()
+        self.models.close()
+        self.models = ModelRegistry()
 
     # -- requests --------------------------------------------------------------------
     def sampling_params(self, **overrides) -> SamplingParams:
@@ -177,7 +213,8 @@ class Kernelext(Configurable):
         from .server import start_server  # written separately; only needed here
 
         limit = default_max_tokens or self.serve_max_tokens
-        self.server = start_server(self.ensure_engine(), host=host or self.host,
+        self.ensure_engine()
+        self.server = start_server(self.models, host=host or self.host,
                                    port=self.port if port is None else port,
                                    api_key=api_key or self.api_key,
                                    **({"default_max_tokens": limit} if limit else {}))
@@ -223,7 +260,7 @@ def load(shell) -> Kernelext:
         _instance.sessions = _saved.get("sessions", {})
         if shell is not None:
             _instance.attach()
-        atexit.register(_instance.unload)  # flush the engine's cache when the kernel exits
+        atexit.register(_instance.unload_all)  # flush the engine's cache when the kernel exits
     return _instance
 
 
@@ -233,11 +270,11 @@ def unload(shell) -> None:
         return
     ext, _instance = _instance, None
     _saved.update(config=ext.config, sessions=ext.sessions)
-    atexit.unregister(ext.unload)
+    atexit.unregister(ext.unload_all)
     from widgets import close_dashboards
 
     close_dashboards()  # they watch the engine closed below
-    ext.unload()
+    ext.unload_all()
     if ext.shell is not None:
         ext.detach()
 

@@ -52,7 +52,14 @@ def _llm_parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     load = commands.add_parser("load", help="load a model (default: Kernelext.model)")
     load.add_argument("model", nargs="?")
-    commands.add_parser("unload", help="close the engine and free its memory")
+    load.add_argument("--as", dest="name", metavar="NAME",
+                      help="load it beside the other models under NAME (embedding, reranking or "
+                           "another chat model), instead of replacing the default engine")
+    load.add_argument("--pin", action="store_true", help="with --as: never evict it")
+    load.add_argument("--task", choices=("generate", "embed", "rerank"),
+                      help="with --as: what the model is for (default: read from its files)")
+    unload = commands.add_parser("unload", help="close the engine (or model NAME) and free its memory")
+    unload.add_argument("name", nargs="?")
     commands.add_parser("status", help="model, settings and headline metrics")
     serve = commands.add_parser("serve", help="start the OpenAI/Anthropic-compatible server")
     serve.add_argument("--host")
@@ -174,6 +181,18 @@ def _cache_summary(info: dict) -> str:
     return " · ".join([f"{info['efficiency']:.0%} of prompt tokens cached", *tiers])
 
 
+def _models_table(rows: list[dict], models) -> str:
+    """The models loaded with --as: name, task, state, memory, idle time."""
+    lines = [f"{'models':>11}  {len(rows)} beside the default · {models.used_bytes() / 2**30:.2f} of "
+             f"{models.memory_budget / 2**30:.1f} GiB budget"]
+    for m in rows:
+        idle = f"idle {m['idle_s']:.0f} s" + (f" of {m['ttl_s']:.0f}" if m["ttl_s"] else "")
+        lines.append(f"{'':>11}  {m['name']}: {m['task'] or '?'} · {m['state']}"
+                     f"{' · pinned' if m['pinned'] else ''} · {m['bytes'] / 2**20:.0f} MiB · {idle}"
+                     + (f" · {m['error']}" if m["state"] == "failed" else ""))
+    return "\n".join(lines)
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -251,17 +270,31 @@ class LLMMagics(Magics):
 
     # -- %llm commands -----------------------------------------------------------------
     def _load(self, args):
-        self.ext.load(args.model)
+        if args.name is None:
+            if args.pin or args.task:
+                raise UsageError("%llm load: --pin and --task go with --as NAME")
+            self.ext.load(args.model)
+        elif args.model is None:
+            raise UsageError("%llm load --as NAME needs a MODEL")
+        else:
+            self.ext.load_as(args.model, args.name, pin=args.pin, task=args.task)
 
     def _unload(self, args):
+        if args.name is not None:
+            self.ext.unload_model(args.name)
+            print(f"kernelext: {args.name} unloaded")
+            return
         loaded = self.ext.engine is not None
         self.ext.unload()
         print("kernelext: engine closed" if loaded else "kernelext: no model loaded")
 
     def _status(self, args):
         ext, eng = self.ext, self.ext.engine
+        others = [m for m in ext.models.status() if eng is None or m["name"] != eng.model_name]
         if eng is None:
             print(f"kernelext: no model loaded (`%llm load` loads {ext.model})")
+            if others:
+                print(_models_table(others, ext.models))
             return
         m = eng.metrics()
         speculation = {k: getattr(eng.config, k) for k in ("drafter", "depth") if hasattr(eng.config, k)}
@@ -289,6 +322,8 @@ class LLMMagics(Magics):
         }
         for key, value in rows.items():
             print(f"{key:>11}  {value}")
+        if others:
+            print(_models_table(others, ext.models))
 
     def _serve(self, args):
         if self.ext.server is not None:

@@ -314,6 +314,28 @@ def test_http_requests_are_answered_while_a_cell_is_busy(kernel):
     kernel.ok("%llm stop")
 
 
+def test_several_models_by_name(kernel, model, tmp_path):
+    from tiny_embedders import write_tiny_bert
+    bert = write_tiny_bert(tmp_path / "bert")
+    out = kernel.ok(f"%llm load {bert} --as emb --pin")
+    assert out.startswith(f"kernelext: loaded {bert} as 'emb' (embed, pinned)")
+    status = kernel.ok("%llm status")
+    assert f"model  {model}" in status and "emb: embed · loaded · pinned" in status
+    assert kernel.ok("from kernelext import get_model\nprint(get_model('emb').embed(['a', 'b']).shape)") == "(2, 32)\n"
+    url = kernel.ok("%llm serve --port 0").splitlines()[0].rsplit(" ", 1)[1]
+    try:
+        import openai
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert {m.id for m in client.models.list().data} == {str(model), "emb"}
+        assert len(client.embeddings.create(model="emb", input="a").data[0].embedding) == 32
+    finally:
+        kernel.ok("%llm stop")
+    assert kernel.ok("%llm unload emb") == "kernelext: emb unloaded\n"
+    assert "emb:" not in kernel.ok("%llm status")
+    assert kernel.run("%llm load --as x").stderr.startswith("UsageError: %llm load --as NAME needs a MODEL")
+    assert kernel.run("%llm unload nope").stderr.startswith("UsageError: no model named 'nope'")
+
+
 def test_unload_and_reload_leave_one_instance(kernel):
     count = ("ip = get_ipython(); print(sum(type(c).__name__ in ('Kernelext', 'LLMMagics') "
              "for c in ip.configurables), 'llm' in ip.magics_manager.magics['line'], "

@@ -96,9 +96,11 @@ def test_shows_the_engines_numbers_after_generations(eng, monkeypatch):
     assert dash.decode_chart.value.endswith(" 179.0,1.0\" fill=\"none\" stroke=\"#1f77b4\" "
                                             "stroke-width=\"1.5\"/></svg>")  # now = the peak
     assert dash.batch.value == "0 running · 0 prefilling · 0 waiting · max 2"
-    assert dash.cache.value == (f"{m['cache_hit_blocks']} hit · {m['cache_miss_blocks']} missed blocks · "
-                                f"{m['cache_efficiency']:.0%} of prompt tokens cached "
-                                f"({m['cached_tokens']} tokens)")
+    looked = m["cache_hit_blocks"] + m["cache_miss_blocks"]
+    assert dash.cache.value == (f"{m['cache_hit_blocks']} of {looked} prompt blocks from the cache "
+                                f"({m['cache_hit_blocks'] / looked:.0%}) · "
+                                f"{m['cache_hit_tokens']} of {m['prompt_tokens']} prompt tokens")
+    assert m["cache_hit_tokens"] == m["cached_tokens"]  # one count, whatever shows it
     assert dash.hot.value == pytest.approx(m["cache_hot_bytes"] / m["cache_hot_budget_bytes"])
     assert dash.hot_usage.value == f"{m['cache_hot_bytes'] / 2**20:.1f} MiB of 1.00 GiB"
     assert dash.ssd_usage.value.endswith(" MiB of 8.00 GiB")
@@ -303,3 +305,26 @@ def test_sparkline_scales_to_its_peak():
     svg = sparkline([0, 5, 10], width=102, height=12)
     assert 'points="1.0,11.0 51.0,6.0 101.0,1.0"' in svg
     assert 'points="1.0,11.0 51.0,11.0"' in sparkline([0, 0], width=52, height=12)  # all idle: flat
+
+
+def test_lists_every_model_of_the_registry(eng, tmp_path):
+    from engine import ModelRegistry
+    from tiny_embedders import write_tiny_bert
+
+    models = ModelRegistry(config=EngineConfig(progress=False))
+    models.adopt("chat", eng)
+    models.add("emb", write_tiny_bert(tmp_path / "bert"))
+    models.add("later", write_tiny_bert(tmp_path / "bert2"), load=False)
+    dash = Dashboard(eng, publisher=None, clock=lambda: 1000.0, models=lambda: models)
+    try:
+        shown = dash.models.value
+        assert "<b>chat</b> generate · loaded · pinned" in shown and " tok/s" in shown
+        assert "<b>emb</b> embed · loaded" in shown and " texts/s" in shown
+        assert "<b>later</b> embed · unloaded" in shown and "budget" in shown
+        models.get("emb").embed(["a", "b"])
+        models.unload("emb")
+        dash.refresh()
+        assert "<b>emb</b> embed · unloaded" in dash.models.value
+    finally:
+        dash.close()
+        models.close()

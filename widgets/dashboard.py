@@ -49,16 +49,24 @@ def _kernel_server():
     return getattr(ext, "server", None)
 
 
+def _kernel_models():
+    """The kernel's ModelRegistry (every model `%llm load` loaded), if the extension is loaded."""
+    ext = getattr(sys.modules.get("kernelext.extension"), "_instance", None)
+    return getattr(ext, "models", None)
+
+
 class Dashboard(w.VBox):
     """Display `Dashboard(engine)` in a notebook; close() stops its updates."""
 
     bench_shape = dict(prompt_tokens=512, gen_tokens=128, batches=(1, 4, 8))  # as `%llm bench`
 
     def __init__(self, engine, *, publisher: Publisher | None = PUBLISHER, server=_kernel_server,
-                 clock=time.monotonic):
+                 models=_kernel_models, clock=time.monotonic):
         """publisher: the thread that refreshes it (None: call refresh() yourself);
-        server: returns the ServerHandle to show, or None; clock: seconds, for the sparklines."""
+        server: returns the ServerHandle to show, or None; models: returns the ModelRegistry
+        whose models to list, or None; clock: seconds, for the sparklines."""
         self.engine, self._publisher, self._find_server, self._clock = engine, publisher, server, clock
+        self._find_models = models
         self._history = {key: History(clock()) for key in ("decode_tps", "prefill_tps")}
         self._bench_table: str | None = None  # set by the bench thread, shown by refresh()
         self.bench_thread: threading.Thread | None = None
@@ -83,6 +91,8 @@ class Dashboard(w.VBox):
         self.ssd, self.ssd_usage = _bar(), _text("kx-ssd")
         self.acceptance, self.speculation = w.HTML(), _text("kx-speculation")
         self.server = _text("kx-server")
+        self.models = w.HTML()
+        self.models.add_class("kx-models")
         return w.VBox([
             _section("Throughput"), _row("decode", self.decode, self.decode_chart),
             _row("prefill", self.prefill, self.prefill_chart), _row("TTFT", self.ttft),
@@ -90,7 +100,7 @@ class Dashboard(w.VBox):
             _section("Cache"), _row("blocks", self.cache), _row("hot", self.hot, self.hot_usage),
             _row("SSD", self.ssd, self.ssd_usage), _row("evictions", self.evictions),
             _section("Speculation"), _row("acceptance", self.acceptance), _row("", self.speculation),
-            _section("Server"), _row("", self.server)])
+            _section("Server"), _row("", self.server), _section("Models"), self.models])
 
     def _controls_panel(self) -> w.Widget:
         eng, cfg, info = self.engine, self.engine.config, self.engine.cache_info()
@@ -170,6 +180,7 @@ class Dashboard(w.VBox):
         self._show_cache(m)
         self._show_speculation(m)
         self._show_server()
+        self._show_models()
         self._show_bench()
 
     def _show_throughput(self, m: dict) -> None:
@@ -191,9 +202,7 @@ class Dashboard(w.VBox):
         if "cache_hit_blocks" not in m:
             _show(self.cache, value="off")
             return
-        _show(self.cache, value=f"{m['cache_hit_blocks']} hit · {m['cache_miss_blocks']} missed blocks · "
-                                f"{m['cache_efficiency']:.0%} of prompt tokens cached "
-                                f"({m['cached_tokens']} tokens)")
+        _show(self.cache, value=cache_line(m))
         for tier, bar, usage in (("hot", self.hot, self.hot_usage), ("ssd", self.ssd, self.ssd_usage)):
             used, budget = m.get(f"cache_{tier}_bytes"), m.get(f"cache_{tier}_budget_bytes")
             _show(bar, value=min(used / budget, 1.0) if used and budget else 0.0)
@@ -223,6 +232,26 @@ class Dashboard(w.VBox):
                     f"active {s.get('active_requests', 0)} · errors {s['errors']}")
         _show(self.server, value=text)
 
+    def _show_models(self) -> None:
+        registry = self._find_models()
+        rows = registry.status() if registry is not None else []
+        if not rows:
+            _show(self.models, value=f"{html.escape(self.engine.model_name)} only "
+                                     "(`%llm load MODEL --as NAME` adds more)")
+            return
+        lines = []
+        for m in rows:
+            rate = ""
+            engine = registry.resident(m["name"])
+            if engine is not None:
+                now = engine.metrics()
+                rate = (f" · {now['texts_per_s']:.1f} texts/s" if "texts_per_s" in now
+                        else f" · {now['decode_tps']:.1f} tok/s")
+            lines.append(f"<b>{html.escape(m['name'])}</b> {m['task'] or '?'} · {m['state']}"
+                         f"{' · pinned' if m['pinned'] else ''} · {_size(m['bytes'])}{rate}")
+        budget = f"{_size(registry.used_bytes())} of {_size(registry.memory_budget)} budget"
+        _show(self.models, value="<br>".join(lines + [budget]))
+
     def _show_bench(self) -> None:
         table, self._bench_table = self._bench_table, None
         if table is not None:
@@ -237,6 +266,14 @@ class Dashboard(w.VBox):
         _open.discard(self)
         _close_all(self.children)
         super().close()
+
+
+def cache_line(m: dict) -> str:
+    """Blocks looked up and found, and the prompt tokens they hold: every number from the
+    prefix cache's own counts, taken together when each prompt finished prefilling."""
+    hit, looked = m["cache_hit_blocks"], m["cache_hit_blocks"] + m["cache_miss_blocks"]
+    return (f"{hit} of {looked} prompt blocks from the cache ({hit / looked if looked else 0:.0%}) · "
+            f"{m['cache_hit_tokens']} of {m['prompt_tokens']} prompt tokens")
 
 
 def _show(widget: w.Widget, **traits) -> None:

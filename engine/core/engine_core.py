@@ -45,6 +45,7 @@ from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .scheduler import Scheduler
 from .sequence import SeqStatus, Sequence
+from .worker import run_call
 
 
 class EngineCore:
@@ -147,11 +148,7 @@ class EngineCore:
             else:
                 self.scheduler.add(item[1])
         elif kind == "call":
-            _, fn, future = item
-            try:
-                future.set_result(fn())
-            except BaseException as e:
-                future.set_exception(e)
+            run_call(item)
         # "wake" only interrupts the worker's wait; cancellations are read at each step
 
     def shutdown(self) -> None:
@@ -240,7 +237,12 @@ class EngineCore:
             if seq.fill_only:  # its blocks are published: done
                 self.metrics.count("cache_fill_tokens", seq.num_computed - seq.cached_tokens)
                 seq.status, seq.cache = SeqStatus.FINISHED, None
-            elif pc is not None:
+                return
+            # Counted here, with the cache's block hits and misses, so the two never disagree
+            # (counted at the request's end, a running request showed hits but 0 cached tokens).
+            self.metrics.count("prompt_tokens", len(seq.prompt_ids))
+            self.metrics.count("cached_tokens", seq.cached_tokens)
+            if pc is not None:
                 hits = seq.cached_tokens // block
                 pc.record(hits, len(seq.block_keys) - hits)
 

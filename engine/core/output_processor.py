@@ -73,8 +73,6 @@ class OutputProcessor:
         delta.usage = usage
         name = {"cancelled": "requests_cancelled"}.get(reason, "requests_completed")
         self.metrics.count(name)
-        self.metrics.count("prompt_tokens", usage.prompt_tokens)
-        self.metrics.count("cached_tokens", usage.cached_tokens)
         completion = Completion(text=seq.text.text, token_ids=list(seq.output_ids),
                                 finish_reason=reason, usage=usage, logprobs=seq.logprobs,
                                 request_id=seq.request_id)

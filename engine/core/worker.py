@@ -30,11 +30,12 @@ class MLXWorker:
         self.thread = threading.Thread(target=self._loop, daemon=True, name="kernelext-mlx")
         self.thread.start()
 
-    def attach(self, **core_args) -> Future:
-        """Load a model into a new EngineCore on this thread; the future gets the core
-        (or the load error)."""
+    def attach(self, build) -> Future:
+        """Run `build()` on this thread (it loads a model into a new core: an EngineCore,
+        an EmbedCore) and step the core from then on; the future gets the core (or the
+        load error)."""
         ready: Future = Future()
-        self._inbox.put((None, ("attach", ready, core_args)))
+        self._inbox.put((None, ("attach", ready, build)))
         return ready
 
     def post(self, core, item: tuple) -> None:
@@ -57,7 +58,10 @@ class MLXWorker:
                     core, item = self._inbox.get_nowait()
             except queue.Empty:
                 pass
-            for core in list(self._cores):
+            working = [c for c in self._cores if c.has_work()]
+            for core in working:
+                # An embedding core holds its batches to one step's budget while others wait.
+                core.sharing_thread = len(working) > 1
                 if core.has_work():
                     try:
                         core.step()
@@ -67,11 +71,9 @@ class MLXWorker:
     def _dispatch(self, core, item: tuple) -> None:
         kind = item[0]
         if kind == "attach":
-            _, ready, core_args = item
+            _, ready, build = item
             try:
-                # Imported here, on this thread: the front never imports MLX.
-                from .engine_core import EngineCore
-                core = EngineCore(**core_args)
+                core = build()
             except BaseException as e:
                 ready.set_exception(e)
                 return
@@ -84,3 +86,12 @@ class MLXWorker:
             item[1].set_result(None)
         else:
             core.handle_command(item)
+
+
+def run_call(item: tuple) -> None:
+    """A core's ("call", fn, future) command: fn's result or exception into the future."""
+    _, fn, future = item
+    try:
+        future.set_result(fn())
+    except BaseException as e:
+        future.set_exception(e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,16 +46,50 @@ def _target_dtype(requested: str) -> mx.Dtype | None:
     return getattr(mx, requested)
 
 
-def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
+def load_mlx_lm(path: Path) -> tuple[nn.Module, dict]:
+    """mlx-lm's model (lazy weights) and config, its errors as the engine's."""
     try:
-        model, config = load_model(path, lazy=True,
-                                   get_model_classes=quantized_weights.model_classes(_get_classes))
+        return load_model(path, lazy=True, get_model_classes=quantized_weights.model_classes(_get_classes))
     except ValueError as e:
         if "not supported" in str(e):
             raise UnsupportedModelError(f"{path}: {e}") from e
         raise ModelLoadError(f"cannot load model from {path}: {e}") from e
     except (FileNotFoundError, KeyError, OSError) as e:
         raise ModelLoadError(f"cannot load model from {path}: {type(e).__name__}: {e}") from e
+
+
+def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
+    """The model in plain float weights of the engine's dtype (see _target_dtype), evaluated:
+    GGUF blocks and quantized layers dequantized (for forwards that do not go through
+    the native quantized kernels: embedding and reranking models, engine/embed)."""
+    if quantized_weights.gguf_tensors(config):
+        quantized_weights.dequantize_blocks(model, config)
+    target = _target_dtype(dtype)
+    if target is not None:
+        if "quantization" in config or "quantization_config" in config:
+            model = dequantize_model(model)
+        model.update(tree_map(
+            lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters()))
+    mx.eval(model.parameters())
+    return model
+
+
+# Generation models loaded in this process, by (directory, dtype), while their engine keeps
+# them: a reranker or embedder over the same checkpoint (engine/embed) runs on these
+# weights instead of loading a second copy. Weak: closing the engine frees the model.
+_resident: "weakref.WeakValueDictionary[tuple[str, str], nn.Module]" = weakref.WeakValueDictionary()
+
+
+def resident_model(path: Path, dtype: str) -> nn.Module | None:
+    """The mlx-lm model an engine in this process already loaded from `path`, if any (not
+    one whose weights stay quantized for the native kernels: those run decode only)."""
+    model = _resident.get((str(Path(path).resolve()), dtype))
+    return None if model is None or getattr(model, "_kernelext_quantized", False) else model
+
+
+def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
+    model, config = load_mlx_lm(path)
     gguf_blocks = bool(quantized_weights.gguf_tensors(config))
     quantized = gguf_blocks or "quantization" in config or "quantization_config" in config
     quant_bytes = 0
@@ -92,6 +127,7 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     dtypes = {str(p.dtype).removeprefix("mlx.core.") for _, p in tree_flatten(model.parameters())
               if mx.issubdtype(p.dtype, mx.floating)}
     text_config = config.get("text_config", config)
+    _resident[(str(Path(path).resolve()), dtype)] = model
     return LoadedModel(
         model=model, tokenizer=tokenizer, config=config, path=Path(path),
         dtype=",".join(sorted(dtypes)), quantized=quantized,

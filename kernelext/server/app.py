@@ -14,9 +14,9 @@ import json
 import logging
 import re
 
-from engine import EngineClosedError, InvalidRequestError, QueueFullError
+from engine import EngineClosedError, EngineError, InvalidRequestError, ModelRegistry, QueueFullError
 
-from . import anthropic_api, openai_api, responses_api
+from . import anthropic_api, openai_api, pooling_api, responses_api
 from .common import SSE, ApiError, Text, anthropic_error, openai_error
 from .generation import Generation
 from .response_store import ResponseStore
@@ -36,11 +36,12 @@ KEEPALIVE_S = 5.0
 
 
 async def _health(call, body: dict) -> dict:
-    return {"status": "ok", "model": call.engine.model_name}
+    return {"status": "ok", "model": call.app.default_model("generate"),
+            "models": {m["name"]: m["state"] for m in call.app.registry.status()}}
 
 
 async def _metrics(call, body: dict) -> Text:
-    return Text(prometheus(call.engine.metrics(), call.app.stats()),
+    return Text(prometheus(call.engine.metrics() if call.engine else {}, call.app.stats()),
                 "text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -54,15 +55,23 @@ ROUTES = {
     "/v1/responses": ("POST", responses_api.create, True),
     "/v1/messages": ("POST", anthropic_api.messages, True),
     "/v1/messages/count_tokens": ("POST", anthropic_api.count_tokens, True),
+    "/v1/embeddings": ("POST", pooling_api.embeddings, True),
+    "/v1/rerank": ("POST", pooling_api.rerank, True),
 }
+# The kind of model a path is served by; the body's `model` picks one of that kind
+# (absent, "default" or an unknown name: the first of that kind, and the handler
+# answers an unknown name with a 404). Paths not listed take no model.
+ROUTE_TASKS = {path: "generate" for path in ROUTES if path.startswith("/v1/")} | {
+    "/metrics": "generate", "/v1/models": None, "/v1/embeddings": "embed", "/v1/rerank": "rerank"}
 
 
 class Call:
     """One HTTP request's engine work, cancelled together on disconnect or server stop."""
 
     def __init__(self, app: "App"):
-        self.app, self.engine = app, app.engine
+        self.app, self.engine = app, None  # the engine is picked by the body's `model`
         self.generations: list[Generation] = []
+        self.leases: list = []  # the models this call uses, kept from eviction until it ends
 
     def submit(self, prompt_ids: list[int], params, *, tools, chat: bool) -> Generation:
         if self.app.closing:
@@ -93,9 +102,13 @@ class Call:
 
 
 class App:
-    def __init__(self, engine, api_key: str | None = None, on_started=None, *,
+    def __init__(self, models, api_key: str | None = None, on_started=None, *,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, keepalive_s: float = KEEPALIVE_S):
-        self.engine = engine
+        """models: a ModelRegistry, or one engine (served under its model name)."""
+        if not isinstance(models, ModelRegistry):
+            engine, models = models, ModelRegistry()
+            models.adopt(engine.model_name, engine)
+        self.registry = models
         self.default_max_tokens = default_max_tokens
         self.keepalive_s = keepalive_s
         self.responses = ResponseStore()
@@ -108,6 +121,37 @@ class App:
         # shows which parts of the APIs a client really uses.
         self._answered = {_answered_key(path): 0 for path in ROUTES}
         self.closing = False
+
+    def default_model(self, task: str) -> str | None:
+        return self.registry.default(task)
+
+    async def _route(self, call: Call, path: str, body: dict) -> None:
+        """Give the call the engine of the model it names (loading it if it is known but
+        not resident: off the loop, so other requests go on meanwhile)."""
+        task = ROUTE_TASKS.get(path)
+        if task is None:
+            return
+        requested = body.get("model")
+        if isinstance(requested, str) and requested in self.registry:
+            name = requested
+            kind = self.registry.task_of(name)
+            if kind is not None and kind != task:
+                raise ApiError(400, f"model '{name}' is a {kind} model; {path} needs a {task} model",
+                               param="model", code="model_not_supported")
+        else:
+            name = self.default_model(task)
+        if name is None:
+            if path == "/metrics":
+                return
+            raise ApiError(404, f"this server has no {task} model for {path} (it serves: "
+                           f"{', '.join(self.registry.names()) or 'none'})", param="model",
+                           code="model_not_found")
+        lease = self.registry.lease(name)
+        try:
+            call.engine = await asyncio.to_thread(lease.__enter__)
+        except EngineError as e:
+            raise ApiError(503, f"model '{name}' could not be loaded: {e}", param="model") from None
+        call.leases.append(lease)
 
     def stats(self) -> dict:
         return {**self._counts, "active_requests": len(self._calls), "active_streams": self._streams,
@@ -153,6 +197,7 @@ class App:
                 raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY' "
                                "or 'x-api-key: KEY')", code="invalid_api_key")
             body = await _read_json(receive) if method == "POST" else {}
+            await self._route(call, path, body)
             watcher = asyncio.create_task(self._watch(receive, call))
             await self._respond(send, await handler(call, body))
         except ApiError as e:
@@ -167,6 +212,8 @@ class App:
             if watcher:
                 watcher.cancel()
             call.cancel()  # nothing outlives its request, whatever ended it
+            for lease in call.leases:
+                lease.__exit__(None, None, None)
             self._calls.discard(call)
             status = max([status] + [g.error.status for g in call.generations if g.error])
             if any(g.cancelled for g in call.generations):

@@ -1,5 +1,7 @@
-"""`kernelext serve --model M [--host H] [--port P] [--api-key K] [--default-max-tokens N]`: the notebook's
-server app, outside a notebook. Stops cleanly on SIGINT/SIGTERM."""
+"""`kernelext serve --model M [--model [NAME=]M2 ...] [--host H] [--port P] [--api-key K]
+[--default-max-tokens N]`: the notebook's server app, outside a notebook. Several models
+(chat, embedding, reranking) are served side by side, routed by each request's `model`.
+Stops cleanly on SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import os
 import signal
 import threading
 
-from engine import DEFAULT_MODEL, Engine, EngineConfig, EngineError
+from engine import DEFAULT_MODEL, EngineConfig, EngineError, ModelRegistry
 
 from .app import DEFAULT_MAX_TOKENS
 from .runner import check_bind, start_server
@@ -18,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernelext")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a model over HTTP (OpenAI and Anthropic APIs)")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help="model directory, GGUF file or alias")
+    serve.add_argument("--model", action="append", metavar="[NAME=]MODEL",
+                       help="model directory, GGUF file or alias, served as NAME (default: as "
+                            f"written); repeat for several models (default: {DEFAULT_MODEL})")
+    serve.add_argument("--pin", action="append", default=[], metavar="NAME",
+                       help="never evict this model (repeatable)")
+    serve.add_argument("--memory-budget", type=float, metavar="GIB",
+                       help="weights of resident models (default: system RAM minus 8 GiB)")
+    serve.add_argument("--ttl", type=float, metavar="SECONDS",
+                       help="unload an unpinned model idle this long (default: never)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=os.environ.get("KERNELEXT_API_KEY"),
@@ -35,23 +45,29 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--default-max-tokens must be >= 1, got {args.default_max_tokens}")
     except ValueError as e:
         parser.exit(2, f"kernelext: {e}\n")
+    specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.model or [DEFAULT_MODEL]]
+    budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
+    models = ModelRegistry(budget, args.ttl, EngineConfig(max_batch=args.max_batch,
+                                                          max_context=args.max_context))
     try:
-        engine = Engine.load(args.model, EngineConfig(max_batch=args.max_batch,
-                                                      max_context=args.max_context))
+        for name, model in specs:
+            models.add(name, model, pin=name in args.pin)
     except EngineError as e:
+        models.close()
         parser.exit(1, f"kernelext: {e}\n")
     try:
-        srv = start_server(engine, args.host, args.port, args.api_key,
+        srv = start_server(models, args.host, args.port, args.api_key,
                            default_max_tokens=args.default_max_tokens)
     except OSError as e:  # the port is in use
-        engine.close()
+        models.close()
         parser.exit(1, f"kernelext: {e}\n")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"kernelext: serving {engine.model_name} at {srv.url} (Ctrl+C to stop)", flush=True)
+    served = ", ".join(f"{m['name']} ({m['task']})" for m in models.status())
+    print(f"kernelext: serving {served} at {srv.url} (Ctrl+C to stop)", flush=True)
     print(srv.snippets(), flush=True)
     stop.wait()
     srv.stop()
-    engine.close()
+    models.close()
     return 0

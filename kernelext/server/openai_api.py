@@ -16,8 +16,11 @@ _COMPLETION_FIELDS = frozenset({"model", "prompt", "echo", "logprobs", "max_toke
 
 
 async def models(call, body: dict) -> dict:
-    return {"object": "list", "data": [{"id": call.engine.model_name, "object": "model",
-                                        "created": _STARTED, "owned_by": "kernelext"}]}
+    """Every model the server knows, with its task and state (loaded, loading, unloaded)."""
+    return {"object": "list", "data": [
+        {"id": m["name"], "object": "model", "created": _STARTED, "owned_by": "kernelext",
+         "task": m["task"], "state": m["state"], "pinned": m["pinned"]}
+        for m in call.app.registry.status()]}
 
 
 async def chat_completions(call, body: dict):

@@ -35,16 +35,23 @@ def check_bind(host: str, api_key: str | None) -> None:
 class ServerHandle:
     """A running server; `stop()` ends it (idempotent)."""
 
-    def __init__(self, engine, host: str, port: int, api_key: str | None, **app_options):
-        self.engine, self.host, self.port, self.api_key = engine, host, port, api_key
+    def __init__(self, models, host: str, port: int, api_key: str | None, **app_options):
+        self.host, self.port, self.api_key = host, port, api_key
         self._started = threading.Event()
-        self._app = App(engine, api_key, on_started=self._started.set, **app_options)
+        self._app = App(models, api_key, on_started=self._started.set, **app_options)
+        self.registry = self._app.registry
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
         self._error: BaseException | None = None
         self._stopped = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def engine(self):
+        """The default chat model's engine: the first generation model served."""
+        name = self.registry.default("generate")
+        return self.registry.get(name) if name is not None else None
 
     @property
     def url(self) -> str:
@@ -100,6 +107,11 @@ class ServerHandle:
         """Copy-paste configuration for the OpenAI and Anthropic clients, Codex CLI and
         Claude Code (the test suite runs both CLIs with exactly this text)."""
         key = self.api_key or "none"
+        if self.engine is None:  # embedding and reranking models only
+            name = json.dumps(self.registry.names()[0])
+            return ("# OpenAI Python client\nfrom openai import OpenAI\n"
+                    f'client = OpenAI(base_url="{self.url}/v1", api_key="{key}")\n'
+                    f'client.embeddings.create(model={name}, input=["Hi"])\n')
         model = json.dumps(self.engine.model_name)
         hi = '[{"role": "user", "content": "Hi"}]'
         env_key = f'env_key = "KERNELEXT_API_KEY"  # export KERNELEXT_API_KEY={key}\n' if self.api_key else ""
@@ -137,9 +149,10 @@ CODEX_HEADER = "# Codex CLI: ~/.codex/config.toml"
 CLAUDE_HEADER = "# Claude Code: in the shell that runs `claude`"
 
 
-def start_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+def start_server(models, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
                  default_max_tokens: int = DEFAULT_MAX_TOKENS, keepalive_s: float = KEEPALIVE_S) -> ServerHandle:
-    """Serve `engine` over HTTP; returns once listening (port 0 = a free port).
+    """Serve `models` (a ModelRegistry, or one engine) over HTTP; returns once listening
+    (port 0 = a free port).
 
     `default_max_tokens`: the output limit of requests that set none; `keepalive_s`: how
     often a stream waiting on a long prefill sends an SSE comment."""
@@ -148,7 +161,7 @@ def start_server(engine, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise ValueError(f"the default output limit must be >= 1, got {default_max_tokens}")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.create_server((host, port), family=family, backlog=128)
-    handle = ServerHandle(engine, host, sock.getsockname()[1], api_key,
+    handle = ServerHandle(models, host, sock.getsockname()[1], api_key,
                           default_max_tokens=default_max_tokens, keepalive_s=keepalive_s)
     handle._start(sock)
     return handle
