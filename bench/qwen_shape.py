@@ -247,8 +247,9 @@ def report(cpp, work: Path, gen_tokens: int, cpp_threads: int = 2) -> None:
             print(f"llama.cpp on the Q4_K_M GGUF failed: {e}")
     else:
         print("llama.cpp: not available, so no Q4_K_M GGUF either (llama-quantize is part of the anchor)")
-    rows = [("kernelext, 4-bit mlx-lm directory", models["mlx_4bit"], "auto"),
-            ("kernelext, 4-bit mlx-lm (MLX kernels)", models["mlx_4bit"], "model")]
+    rows = [("kernelext, 4-bit mlx-lm directory", models["mlx_4bit"], "auto")]
+    if not quantized_loading():  # then dtype="model" runs MLX's own quantized kernels
+        rows.append(("kernelext, 4-bit mlx-lm (MLX kernels)", models["mlx_4bit"], "model"))
     if "gguf_q4_k_m" in models:
         rows.append(("kernelext, Q4_K_M GGUF", models["gguf_q4_k_m"], "auto"))
     for label, path, dtype in rows:
