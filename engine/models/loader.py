@@ -62,11 +62,12 @@ def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
     """The model in plain float weights of the engine's dtype (see _target_dtype), evaluated:
     GGUF blocks and quantized layers dequantized (for forwards that do not go through
     the native quantized kernels: embedding and reranking models, engine/embed)."""
-    if quantized_weights.gguf_tensors(config):
-        quantized_weights.dequantize_blocks(model, config)
+    gguf_blocks = bool(quantized_weights.gguf_tensors(config))
+    if gguf_blocks:
+        quantized_weights.unpack_blocks(model, config, mlx_quantized=not on_cpu())
     target = _target_dtype(dtype)
     if target is not None:
-        if "quantization" in config or "quantization_config" in config:
+        if gguf_blocks or "quantization" in config or "quantization_config" in config:
             model = dequantize_model(model)
         model.update(tree_map(
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
