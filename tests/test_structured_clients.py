@@ -15,7 +15,6 @@ import pytest
 from engine import Engine, EngineConfig
 from kernelext.server import start_server
 
-pytest.importorskip("kernelext.server.messages", reason="tool results need the message normalization")
 os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 QUESTION = "What is the weather in Paris?"
 
