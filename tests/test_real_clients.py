@@ -94,7 +94,7 @@ def server(request, kv_cache):
                 break
         out = "".join(lines)
         assert "kernelext: serving" in out, out
-        url = re.search(r"kernelext: serving \S+ at (\S+)", out)[1]
+        url = re.search(r"kernelext: serving .+? at (\S+)", out)[1]
         yield Served(request.param, url, out)
         proc.send_signal(signal.SIGINT)
         proc.wait(60)

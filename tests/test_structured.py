@@ -328,12 +328,25 @@ def test_map_ctrl_c_keeps_the_rows_already_done(eng):
     import threading
     first = eng.map(PROMPTS[:2], max_tokens=4, progress=False)  # rows done quickly
     prompts = PROMPTS[:2] + [f"{p} again" for p in PROMPTS] * 4
-    timer = threading.Timer(1.0, _thread.interrupt_main)
-    timer.start()
+    # Ctrl-C as soon as this map's first row is done: the batch holds 8 rows, so the
+    # rest are still running or waiting then (a fixed delay raced a fast machine).
+    done_before = eng.metrics()["requests_completed"]
+    stop = threading.Event()
+
+    def interrupt_after_first_row():
+        while not stop.is_set():
+            if eng.metrics()["requests_completed"] > done_before:
+                _thread.interrupt_main()
+                return
+            stop.wait(0.001)
+
+    watcher = threading.Thread(target=interrupt_after_first_row)
+    watcher.start()
     try:
         got = eng.map(prompts, max_tokens=400, progress=False)
     finally:
-        timer.cancel()
+        stop.set()
+        watcher.join()
     assert len(got) == len(prompts)
     cancelled = [c for c in got if c.finish_reason == "cancelled"]
     done = [c for c in got if c.finish_reason in ("stop", "length")]
