@@ -324,7 +324,7 @@ def test_map_keeps_order_parses_and_reports_failed_rows(eng):
 
 
 def test_map_ctrl_c_keeps_the_rows_already_done(eng):
-    import _thread
+    import signal
     import threading
     first = eng.map(PROMPTS[:2], max_tokens=4, progress=False)  # rows done quickly
     prompts = PROMPTS[:2] + [f"{p} again" for p in PROMPTS] * 4
@@ -336,7 +336,9 @@ def test_map_ctrl_c_keeps_the_rows_already_done(eng):
     def interrupt_after_first_row():
         while not stop.is_set():
             if eng.metrics()["requests_completed"] > done_before:
-                _thread.interrupt_main()
+                # A real SIGINT, as Ctrl-C sends: it also wakes a main thread blocked on
+                # a result (interrupt_main only sets a flag that a blocked wait never reads).
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
             stop.wait(0.001)
 
