@@ -342,6 +342,8 @@ def test_map_ctrl_c_keeps_the_rows_already_done(eng):
                 return
             stop.wait(0.001)
 
+    # Python's own Ctrl-C handler, whatever an earlier test in this process installed.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher = threading.Thread(target=interrupt_after_first_row)
     watcher.start()
     try:
@@ -349,6 +351,7 @@ def test_map_ctrl_c_keeps_the_rows_already_done(eng):
     finally:
         stop.set()
         watcher.join()
+        signal.signal(signal.SIGINT, handler)
     assert len(got) == len(prompts)
     cancelled = [c for c in got if c.finish_reason == "cancelled"]
     done = [c for c in got if c.finish_reason in ("stop", "length")]
