@@ -19,6 +19,7 @@ from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from engine import EngineClosedError, EngineError, SamplingParams, TokenLogprob, Usage
 
 from .common import ApiError, new_id
+from .structured import JSON_SPACE
 
 log = logging.getLogger("kernelext.server")
 
@@ -153,7 +154,8 @@ class Generation:
         output limit or not a call of an offered tool, the text as it is)."""
         held = (self._tool_text or "") + text
         # Under auto the first visible character decides: '{' starts a call, else text.
-        if held.strip() and self.json_calls == "auto" and not held.lstrip().startswith("{"):
+        visible = held.lstrip(JSON_SPACE)  # the grammar's whitespace before a call
+        if visible and self.json_calls == "auto" and not visible.startswith("{"):
             self._tool_text, self.json_calls = None, None  # text after all
             return self._split(held, final)
         self._tool_text = held

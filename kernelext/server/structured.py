@@ -140,8 +140,7 @@ def forced_call(engine, tools: list[dict] | None, names) -> ToolCalls:
             return ToolCalls({"grammar": tool_syntax.forced_grammar(tok, chosen)}, None)
         except tool_syntax.Unsupported as e:  # documented: the JSON convention instead
             log.info("forced call in the JSON convention: %s", e)
-    calls = [tool_syntax.json_call_schema(n, p) for n, p in chosen]
-    return ToolCalls({"json_schema": calls[0] if len(calls) == 1 else {"anyOf": calls}}, "forced")
+    return ToolCalls({"json_schema": tool_syntax.json_calls_schema(chosen)}, "forced")
 
 
 def auto_calls(engine, tools: list[dict] | None, strict: set[str]) -> ToolCalls | None:
@@ -186,13 +185,18 @@ _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
 
+JSON_SPACE = " \t\n\r"  # what may precede a call's '{' (Generation strips the same)
+
+
 def _json_convention_auto(specs: list[tuple[str, dict | None]]) -> str:
-    """Text whose first non-space character is not '{', or (after optional spaces) one
-    {"name", "arguments"} object of an offered tool, as the forced JSON convention."""
-    calls = [tool_syntax.json_call_schema(n, p) for n, p in specs]
-    call = lark_json(calls[0] if len(calls) == 1 else {"anyOf": calls})
-    return ("%llguidance {}\nstart: FREE | call\nFREE: /(\\s*[^\\s{](?s:.*))?/\n"
-            f"call: /\\s*/ {call}")
+    """Text that does not start with '{' after JSON whitespace, or (after such
+    whitespace) one {"name", "arguments"} object of an offered tool, as the forced
+    JSON convention. ANY is every byte string (the complement of none), so free text
+    may hold any tokens, even ones that are not whole UTF-8 characters."""
+    call = lark_json(tool_syntax.json_calls_schema(specs))
+    return ("%llguidance {}\nstart: FREE | call\n"
+            "FREE: ~(/[ \\t\\n\\r]*\\{/ ANY)\nANY: ~/[^\\s\\S]/\n"
+            f"call: /[ \\t\\n\\r]*/ {call}")
 
 
 def strict_names(raw_tools: list[dict]) -> set[str]:

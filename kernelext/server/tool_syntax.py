@@ -21,7 +21,7 @@ Where a parser keeps a value as raw text (by the schema's type), the grammar wri
 raw text the parser keeps unchanged (no closing tag inside, no surrounding spaces
 where the parser strips them, ...); every other value is JSON (`%json`, with the
 json_schema constraint's narrowing and separators), which the parser decodes.
-A marker that is one special token of the tokenizer is written as that token.
+A marker that is one added token of the tokenizer is written as that token.
 
 `Unsupported` is raised for the other parsers (minimax_m2, minicpm5, kimi_k3) and
 for schemas a syntax cannot carry (function_gemma and gemma4 values are scalars,
@@ -73,10 +73,12 @@ class Lark:
 
 
 def _special_token(tok, text: str) -> int | None:
+    """The id of `text` if it is one added token. llguidance treats every added token
+    as special (not as its text), as do the models: Qwen's <tool_call> is one token."""
     hf = getattr(tok, "_tokenizer", tok)
     added = getattr(hf, "added_tokens_decoder", {})
     ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) == 1 and ids[0] in added and added[ids[0]].special and added[ids[0]].content == text:
+    if len(ids) == 1 and ids[0] in added and added[ids[0]].content == text:
         return ids[0]
     return None
 
@@ -188,8 +190,37 @@ def json_call_schema(name: str, schema: dict | None) -> dict:
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
+def json_calls_schema(tools: list[tuple[str, dict | None]]) -> dict:
+    """One call of any of `tools`. Each tool's $defs move to the root (a "$ref" points
+    from the document's root), renamed per tool so that two tools' names cannot clash."""
+    calls, defs = [], {}
+    for i, (name, schema) in enumerate(tools):
+        if isinstance(schema, dict):
+            renames = {}
+            for key in ("$defs", "definitions"):
+                for d, body in (schema.get(key) or {}).items():
+                    renames[f"#/{key}/{d}"] = f"#/$defs/t{i}.{d}"
+            schema = _rename_refs({k: v for k, v in schema.items() if k not in ("$defs", "definitions")},
+                                  renames)
+            for ref, new in renames.items():
+                key, d = ref[2:].split("/", 1)
+                defs[new.rsplit("/", 1)[1]] = _rename_refs(tools[i][1][key][d], renames)
+        calls.append(json_call_schema(name, schema))
+    out = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    return {**out, "$defs": defs} if defs else out
+
+
+def _rename_refs(schema, renames: dict):
+    if isinstance(schema, dict):
+        return {k: (renames.get(v, v) if k == "$ref" and isinstance(v, str) else _rename_refs(v, renames))
+                for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_rename_refs(v, renames) for v in schema]
+    return schema
+
+
 def _json_call(lk: Lark, name: str, schema: dict | None) -> str:
-    return lark_json(json_call_schema(name, schema))
+    return lark_json(json_calls_schema([(name, schema)]))
 
 
 _QWEN_STRINGS = {"string", "str", "text", "varchar", "char", "enum"}
@@ -336,8 +367,7 @@ def syntax_of(tok) -> Syntax:
 def _calls(lk: Lark, syntax: Syntax, tools: list[tuple[str, dict | None]]) -> str:
     """One call of any of `tools` ((name, parameter schema or None)), between markers."""
     if syntax.call is _json_call:  # the name is inside the JSON: one schema for all
-        schemas = [json_call_schema(n, s) for n, s in tools]
-        return lark_json(schemas[0] if len(schemas) == 1 else {"anyOf": schemas})
+        return lark_json(json_calls_schema(tools))
     return lk.rule(" | ".join(syntax.call(lk, n, s) for n, s in tools))
 
 
@@ -356,11 +386,16 @@ def auto_grammar(tok, tools: list[tuple[str, dict | None]]) -> str:
     A syntax without an end marker (mistral) ends the output with its call."""
     syntax, lk = syntax_of(tok), Lark(tok)
     body = _calls(lk, syntax, tools)
-    start = lk.lit(syntax.start)
-    if start.startswith("<["):  # a special token: text cannot contain it
-        call = lk.rule(f"TEXT {start} {body} {lk.lit(syntax.end)}")
-    else:  # a text marker: text up to its first occurrence, lazily
-        trigger = lk.rule(f"TEXT {start}", "[lazy]")
-        call = lk.rule(f"{trigger} {body} {lk.lit(syntax.end)}")
-    top = f"start: {call}* TEXT" if syntax.end else f"start: TEXT | {call}"
-    return "%llguidance {}\n" + top + "\nTEXT: /(?s:.*)/\n" + lk.text()
+    start, end = lk.lit(syntax.start), lk.lit(syntax.end)
+    marker = _special_token(tok, syntax.start)
+    if marker is not None:  # an added token: text is any tokens but it (and EOS, which ends)
+        text = lk.rule(f"<[^{','.join(map(str, sorted({marker, *tok.eos_token_ids})))}]>*")
+        call = lk.rule(f"{start} {body} {end}")
+        top = f"start: {text} ({call} {text})*" if syntax.end else f"start: {text} {call}?"
+    else:  # a text marker: text up to its first occurrence, lazily; text holds no added tokens
+        trigger = lk.rule("TEXT " + start, "[lazy]")
+        call = lk.rule(f"{trigger} {body} {end}")
+        top = f"start: {call}* TEXT" if syntax.end else f"start: TEXT | {call}"
+    # TEXT: every byte string (the complement of none): tokens that are not whole UTF-8
+    # characters stay free too.
+    return "%llguidance {}\n" + top + "\nTEXT: ~/[^\\s\\S]/\n" + lk.text()
