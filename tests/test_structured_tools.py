@@ -11,6 +11,7 @@ is drawn exactly as without a grammar, and speculation changes nothing.
 
 import importlib
 import json
+from types import SimpleNamespace
 
 import anthropic
 import jsonschema
@@ -91,11 +92,20 @@ def test_forced_call_in_each_syntax_parses_back_with_mlx_lms_parser(eng, parser)
     assert names  # (the named tool and its schema were checked above)
 
 
-def test_syntaxes_without_a_grammar_are_a_clear_error():
+def test_syntaxes_without_a_grammar_are_a_clear_error(caplog):
     with pytest.raises(tool_syntax.Unsupported, match="minimax_m2"):
         tool_syntax.forced_grammar(_tokenizer("minimax_m2"), [("get_time", TZ_PARAMS)])
     with pytest.raises(tool_syntax.Unsupported, match="'tags'.*scalar"):
         tool_syntax.forced_grammar(_tokenizer("function_gemma"), [("add_event", EVENT_PARAMS)])
+    # Under auto such strict tools are left unconstrained, with a warning (structured.py
+    # reads nothing but the engine's tokenizer).
+    with caplog.at_level("WARNING", logger="kernelext.server"):
+        gemma = SimpleNamespace(tokenizer=_tokenizer("function_gemma"))
+        grammar = structured.auto_calls(gemma, [EVENT, WEATHER], {"add_event", "get_weather"}).constraint["grammar"]
+        assert "call:get_weather{" in grammar and "call:add_event{" in grammar
+        assert structured.auto_calls(SimpleNamespace(tokenizer=_tokenizer("minimax_m2")), [WEATHER],
+                                     {"get_weather"}) is None
+    assert "'add_event' is not enforced" in caplog.text and "minimax_m2" in caplog.text
 
 
 def _serve(path, **config):
