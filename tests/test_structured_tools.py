@@ -163,9 +163,19 @@ def _prefix(ids, stop_at):
     return ids
 
 
-@pytest.mark.parametrize("parser", ["json_tools", "qwen3_coder", "function_gemma", "json_convention"])
+def _text_marker_model(path):
+    """json_tools with <tool_call> as plain text (not one token): the lazy-trigger grammar."""
+    path = write_tiny_model("llama", path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "tool_parser_type": "json_tools"}))
+    return path
+
+
+@pytest.mark.parametrize("parser", ["json_tools", "qwen3_coder", "function_gemma", "json_convention",
+                                    "text_marker"])
 def test_auto_grammar_leaves_text_exact_and_speculation_changes_nothing(tmp_path, parser):
-    path = json_model(tmp_path / "m") if parser == "json_convention" else marker_model(tmp_path / "m", parser)
+    path = (json_model(tmp_path / "m") if parser == "json_convention" else
+            _text_marker_model(tmp_path / "m") if parser == "text_marker" else marker_model(tmp_path / "m", parser))
     with Engine.load(path, EngineConfig(progress=False, max_batch=8, block_size=16, drafter="none")) as e:
         grammar = _auto_grammar(e, [WEATHER, TIME], {"get_weather"})
         prompt = e.tokenizer.apply_chat_template(ASK, add_generation_prompt=True)
@@ -194,8 +204,31 @@ def test_auto_grammar_leaves_text_exact_and_speculation_changes_nothing(tmp_path
                 assert spec.token_ids == held[i].token_ids
                 assert e.metrics()["spec_accepted_tokens"] > before or len(held[i].token_ids) < 3
             use_drafter(e, type("Off", (), {"name": "none", "propose": None})())
-        if parser != "json_convention":
+        if parser not in ("json_convention", "text_marker"):
             assert any(START_ID in h.token_ids for h in held)  # calls were started
+
+
+@pytest.mark.parametrize("marker", ["added_token", "text"])
+def test_auto_grammar_holds_strict_calls_and_frees_the_rest(tmp_path, marker):
+    import llguidance
+
+    from engine.structured.matcher import GrammarTokenizer
+    path = marker_model(tmp_path / "m", "json_tools") if marker == "added_token" else _text_marker_model(tmp_path / "m")
+    with Engine.load(path, EngineConfig(progress=False, drafter="none")) as e:
+        grammar = _auto_grammar(e, [WEATHER, TIME], {"get_weather"})
+        ll = GrammarTokenizer(e.tokenizer, e._loaded.vocab_size).ll
+
+        def accepts(text):
+            m = llguidance.LLMatcher(ll, grammar, log_level=0)
+            ids = e.tokenizer.encode(text, add_special_tokens=False)
+            return m.validate_tokens(ids) == len(ids) and m.consume_tokens(ids) and m.is_accepting()
+        call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C", "days": 2}}</tool_call>'
+        assert accepts("Let me check. " + call + " Done { } <b>")
+        assert accepts('<tool_call>{"name": "get_time", "arguments": {"anything": [1]}}</tool_call>')  # not strict
+        assert not accepts(call.replace('"C"', '"K"'))  # outside the enum
+        assert not accepts(call.replace('"days": 2', '"days": 9'))  # above the maximum
+        assert not accepts('<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>')  # not offered
+        assert not accepts("Let me check. <tool_call>just text</tool_call>")
 
 
 def _chat_calls(client, tools, seeds, **kw):
@@ -257,7 +290,7 @@ def test_strict_tools_under_auto_in_the_json_convention(tmp_path):
         for c in calls:
             _valid(c.function.name, json.loads(c.function.arguments), tools)
         for t in texts:  # text never starts with '{', unless cut off inside a call
-            assert not (t or "").lstrip().startswith("{") or \
+            assert not (t or "").lstrip(JSON_SPACE).startswith("{") or \
                 any(ch.finish_reason == "length" for ch in choices if ch.message.content == t)
         # Streamed: the held-back call comes out as one tool call.
         seed = next(i for i, ch in enumerate(choices) if ch.message.tool_calls)

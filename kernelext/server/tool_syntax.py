@@ -103,8 +103,8 @@ def raw_text(lk: Lark, schema: dict, forbid: tuple[str, ...], strip: bool = Fals
     lo, hi = int(schema.get("minLength", 0)), schema.get("maxLength")
     parts = [f"/(?s:.{{{lo},{'' if hi is None else int(hi)}}})/"]
     parts += [f"~/(?s:.*){_regex_literal(f)}(?s:.*)/" for f in forbid]
-    if strip:
-        parts.append(r"/(\S((?s:.*)\S)?)?/")
+    if strip:  # no space at either end: Python's str.strip() also strips \x1c-\x1f
+        parts.append(r"/([^\s\x1c-\x1f]((?s:.*)[^\s\x1c-\x1f])?)?/")
     if not_null:
         parts.append("~/(?i:null)/")
     return lk.terminal(" & ".join(parts))
