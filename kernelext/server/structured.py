@@ -213,25 +213,23 @@ def strict_names(raw_tools: list[dict]) -> set[str]:
     return out
 
 
-def with_tool_note(engine, messages: list[dict], tools: list[dict], forced: bool) -> list[dict]:
+def with_tool_note(engine, messages: list[dict], tools: list[dict]) -> list[dict]:
     """For a template that does not show tools (its text is the same with and without
     them), the JSON convention and the tools go into a system note."""
     from .common import chat_prompt
 
     if chat_prompt(engine, messages, tools) != chat_prompt(engine, messages, None):
         return messages
-    return [{"role": "system", "content": _tool_note(tools, forced)}, *messages]
+    return [{"role": "system", "content": _tool_note(tools)}, *messages]
 
 
-def _tool_note(tools: list[dict], forced: bool) -> str:
+def _tool_note(tools: list[dict]) -> str:
     lines = ["You can call these functions:"]
     for t in tools:
         f = t["function"]
         lines.append(f"- {f['name']}: {f.get('description') or ''} parameters: "
                      f"{json.dumps(_parameters(f), ensure_ascii=False)}")
-    call = 'exactly one JSON object {"name": <function name>, "arguments": {...}}'
-    lines.append(f"Reply with {call}." if forced else
-                 f"To call one, reply with {call} and nothing else; otherwise answer in text.")
+    lines.append('Reply with exactly one JSON object {"name": <function name>, "arguments": {...}}.')
     return "\n".join(lines)
 
 
@@ -250,8 +248,12 @@ def prepare(engine, body: dict, messages: list[dict], tools: list[dict] | None, 
         merge(constraint, calls.constraint)  # one output constraint per request
     if calls is None:
         return messages, constraint, None
-    if calls.json_calls:
-        messages = with_tool_note(engine, messages, tools, forced=calls.json_calls == "forced")
+    if calls.json_calls == "forced":
+        # Only a forced call adds the note. Under auto a model told the convention would
+        # be invited to call (a base model then calls again after every tool result);
+        # one that writes it of its own accord (a template or system prompt that shows
+        # tools) is held to the strict schemas all the same.
+        messages = with_tool_note(engine, messages, tools)
     return messages, {**constraint, **calls.constraint}, calls.json_calls
 
 
