@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from dataclasses import dataclass
 
 from engine.structured.constraint import lark_json
 
 from . import tool_syntax
-from .common import ApiError
+from .common import ApiError, log_once
 
 log = logging.getLogger("kernelext.server")
 
@@ -158,7 +157,7 @@ def auto_calls(engine, tools: list[dict] | None, strict: set[str]) -> ToolCalls 
     try:
         tool_syntax.syntax_of(tok)
     except tool_syntax.Unsupported as e:
-        _unconstrained(f"strict tools are not enforced under tool_choice auto: {e}")
+        log_once(logging.WARNING, f"strict tools are not enforced under tool_choice auto: {e}")
         return None
     specs = [(n, _expressible(tok, n, p) if n in strict else None) for n, p in by_name.items()]
     return ToolCalls({"grammar": tool_syntax.auto_grammar(tok, specs)}, None)
@@ -169,20 +168,8 @@ def _expressible(tok, name: str, schema: dict) -> dict | None:
         tool_syntax.auto_grammar(tok, [(name, schema)])
         return schema
     except tool_syntax.Unsupported as e:
-        _unconstrained(f"strict tool '{name}' is not enforced under tool_choice auto: {e}")
+        log_once(logging.WARNING, f"strict tool '{name}' is not enforced under tool_choice auto: {e}")
         return None
-
-
-def _unconstrained(why: str) -> None:
-    with _warned_lock:
-        if why in _warned:
-            return
-        _warned.add(why)
-    log.warning(why)
-
-
-_warned: set[str] = set()
-_warned_lock = threading.Lock()
 
 
 JSON_SPACE = " \t\n\r"  # what may precede a call's '{' (Generation strips the same)
