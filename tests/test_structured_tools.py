@@ -81,15 +81,12 @@ def test_forced_call_in_each_syntax_parses_back_with_mlx_lms_parser(eng, parser)
     tools = [WEATHER, TIME] if parser in SCALAR_ONLY else [WEATHER, EVENT, TIME]
     grammar = tool_syntax.forced_grammar(tok, [(t["function"]["name"], t["function"]["parameters"])
                                                for t in tools])
-    names = set()
     for seed in range(4):
         c = eng.generate(eng.encode("Call:"), SamplingParams(grammar=grammar, max_tokens=300,
                                                              temperature=0.8, seed=seed))
         assert c.finish_reason == "stop", c.text
         (call,) = _parse(parser, c.text, tools)
         _valid(call["name"], call["arguments"], tools)
-        names.add(call["name"])
-    assert names  # (the named tool and its schema were checked above)
 
 
 def test_syntaxes_without_a_grammar_are_a_clear_error(caplog):
