@@ -192,6 +192,9 @@ def test_auto_grammar_leaves_text_exact_and_speculation_changes_nothing(tmp_path
                 else:  # the same tokens up to the first call's start marker
                     cut = _prefix(f.token_ids, {START_ID})
                     assert h.token_ids[:len(cut)] == cut
+            # One batch: the same tokens as alone.
+            batch = [e.submit(prompt, SamplingParams(seed=s, grammar=grammar, **kw)) for s in seeds]
+            assert [h.result().token_ids for h in batch] == [c.token_ids for c in held]
             # Speculation: drafts right for 2 tokens, then wrong; the same tokens come out.
             refs = {tuple(prompt): [c.token_ids + [0] * 60 for c in held]}
             for i, s in enumerate(seeds):
