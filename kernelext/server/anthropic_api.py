@@ -20,14 +20,15 @@ async def messages(call, body: dict):
     get(body, "max_tokens", int, required=True)  # required by this API, unlike OpenAI's
     chat, tools = _chat(body)
     fmt = structured.response_format(get(body, "output_format", dict), "output_format", None)
-    chat, constraint, json_call = structured.prepare(engine, {}, chat, tools,
-                                                     get(body, "tool_choice", dict), fmt)
+    chat, constraint, json_calls = structured.prepare(engine, {}, chat, tools,
+                                                     get(body, "tool_choice", dict), fmt,
+                                                      structured.strict_names(common.items(body, "tools")))
     prompt = common.chat_prompt(engine, chat, tools)
     params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_tokens",),
                                     stop="stop_sequences", constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
-    gen.forced_json_call = json_call
+    gen.json_calls = json_calls
     head = {"id": common.new_id("msg_"), "type": "message", "role": "assistant", "model": model}
     if stream:
         # Anthropic's streams carry `ping` events, which its clients expect and skip.

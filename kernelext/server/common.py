@@ -109,11 +109,16 @@ def ignored(what: str) -> None:
     """Log once per process, at debug level, something a client sent that this server
     accepts but does not act on (prompt-cache hints, thinking budgets, built-in tools...).
     Real agents send many such fields; refusing them would refuse the agent."""
+    log_once(logging.DEBUG, f"ignored: {what}")
+
+
+def log_once(level: int, message: str) -> None:
+    """Log a message once per process (requests repeat; the log should not)."""
     with _noted_lock:
-        if what in _noted:
+        if message in _noted:
             return
-        _noted.add(what)
-    log.debug("ignored: %s", what)
+        _noted.add(message)
+    log.log(level, message)
 
 
 def ignore_unused(body: dict, used: frozenset[str], endpoint: str) -> None:

@@ -19,6 +19,7 @@ from mlx_lm.generate import TextStateMachine, make_text_state_machine
 from engine import EngineClosedError, EngineError, SamplingParams, TokenLogprob, Usage
 
 from .common import ApiError, new_id
+from .structured import JSON_SPACE
 
 log = logging.getLogger("kernelext.server")
 
@@ -54,9 +55,11 @@ class Generation:
         self._tok, self._tools = tok, tools
         self._sm = make_text_state_machine(tok).make_state(_initial_state(tok, prompt_ids)) if chat else None
         self._tool_text: str | None = None  # inside a tool call: its text so far
-        # A call forced on a model without tool-call markers: the whole output is one
-        # {"name", "arguments"} object (server/structured.py), turned into the call at the end.
-        self.forced_json_call = False
+        # Calls in the JSON convention of models without tool-call markers
+        # (server/structured.py): "forced", the whole output is one {"name", "arguments"}
+        # object; "auto", an output whose first non-space character is '{' is one. Held
+        # back and turned into the call at the end.
+        self.json_calls: str | None = None
 
     def joined(self, kind: str = "text") -> str:
         return "".join(b.text for b in self.blocks if b.kind == kind)
@@ -72,8 +75,7 @@ class Generation:
         try:
             async for delta in self.handle:
                 pending.extend(delta.logprobs or ())
-                split = self._forced_call if self.forced_json_call else self._split
-                for kind, text, name, call_id in split(delta.text, delta.finish_reason is not None):
+                for kind, text, name, call_id in self._parts(delta.text, delta.finish_reason is not None):
                     yield self._add(kind, text, name, call_id, pending if kind == "text" else [])
                     pending = []
         except EngineClosedError as e:
@@ -119,6 +121,11 @@ class Generation:
         last.logprobs.extend(logprobs)
         return Piece(last, text, list(logprobs), new)
 
+    def _parts(self, text: str, final: bool) -> list[tuple[str, str, str, str]]:
+        if self.json_calls:
+            return self._json_call(text, final)
+        return self._split(text, final)
+
     def _split(self, text: str, final: bool) -> list[tuple[str, str, str, str]]:
         """(kind, text, tool name, call id) parts of newly generated text."""
         if self._sm is None:
@@ -142,19 +149,27 @@ class Generation:
             self._tool_text = None
         return out
 
-    def _forced_call(self, text: str, final: bool) -> list[tuple[str, str, str, str]]:
-        """The JSON convention's output, held back whole, then one call (or, cut off at
-        the output limit, the text as it is)."""
-        self._tool_text = (self._tool_text or "") + text
+    def _json_call(self, text: str, final: bool) -> list[tuple[str, str, str, str]]:
+        """The JSON convention's call, held back whole, then one call (or, cut off at the
+        output limit or not a call of an offered tool, the text as it is)."""
+        held = (self._tool_text or "") + text
+        # Under auto the first visible character decides: '{' starts a call, else text.
+        visible = held.lstrip(JSON_SPACE)  # the grammar's whitespace before a call
+        if visible and self.json_calls == "auto" and not visible.startswith("{"):
+            self._tool_text, self.json_calls = None, None  # text after all
+            return self._split(held, final)
+        self._tool_text = held
         if not final:
             return []
-        text, self._tool_text = self._tool_text, None
+        self._tool_text = None
         try:
-            call = json.loads(text)
+            call = json.loads(held)
+            if not any(t["function"]["name"] == call["name"] for t in self._tools or []):
+                raise KeyError(call["name"])
             return [("tool_call", json.dumps(call["arguments"], ensure_ascii=False), call["name"],
                      new_id("call_"))]
         except (ValueError, KeyError, TypeError):
-            return [("text", text, "", "")] if text else []
+            return [("text", held, "", "")] if held else []
 
     def _calls(self, text: str) -> list[tuple[str, str, str, str]]:
         """Tool calls parsed by the model's mlx-lm tool parser; unparseable text is

@@ -36,7 +36,8 @@ async def chat_completions(call, body: dict):
     if choice != "none":
         tools = [_function_tool(t, i) for i, t in enumerate(common.items(body, "tools")) if _is_function(t)]
     fmt = structured.response_format(get(body, "response_format", dict), "response_format", "json_schema")
-    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
+    messages, constraint, json_calls = structured.prepare(engine, body, messages, tools, choice, fmt,
+                                                                structured.strict_names(common.items(body, "tools")))
     prompt = common.chat_prompt(engine, messages, tools)
     logprobs = None
     if get(body, "logprobs", bool, False):
@@ -48,7 +49,7 @@ async def chat_completions(call, body: dict):
                                     stop="stop", logprobs=logprobs, constraint=constraint)
     stream, include_usage = _stream_options(body)
     gen = call.submit(prompt, params, tools=tools, chat=True)
-    gen.forced_json_call = json_call
+    gen.json_calls = json_calls
     head = {"id": common.new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
             "model": model}
     if stream:

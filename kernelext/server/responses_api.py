@@ -48,13 +48,14 @@ async def create(call, body: dict):
         tools, namespaces = _tools(body)
     text_format = get(get(body, "text", dict, {}), "format", dict)
     fmt = structured.response_format(text_format, "text.format", None)
-    messages, constraint, json_call = structured.prepare(engine, body, messages, tools, choice, fmt)
+    messages, constraint, json_calls = structured.prepare(engine, body, messages, tools, choice, fmt,
+                                                                structured.strict_names(common.items(body, "tools")))
     prompt = common.chat_prompt(engine, messages, tools)
     params = common.sampling_params(body, call.app.default_max_tokens, max_tokens=("max_output_tokens",),
                                     stop="stop", logprobs=get(body, "top_logprobs", int), constraint=constraint)
     stream = get(body, "stream", bool, False)
     gen = call.submit(prompt, params, tools=tools, chat=True)
-    gen.forced_json_call = json_call
+    gen.json_calls = json_calls
     rid = common.new_id("resp_")
     head = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
             "instructions": instructions, "tools": body.get("tools") or [],
