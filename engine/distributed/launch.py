@@ -1,0 +1,54 @@
+"""What EngineCore calls when the config names a hostfile: start the group before the
+model loads (the load shards it across the group), then put the plan wrappers
+around the model runner and the prefix cache once they exist."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..errors import InvalidRequestError
+from .group import DistributedGroup
+from .hostfile import read_hostfile
+from .plan import PlanPrefixCache, PlanRunner, SharedObjects
+from .sharding import family, shard_support
+
+
+def start(model_path, config) -> DistributedGroup:
+    """Check that the model can be split, then spawn the followers and form the ring."""
+    from ..models.loader import load_mlx_lm
+
+    if config.drafter == "mtp":
+        raise InvalidRequestError("drafter='mtp' is not available with a hostfile (the draft "
+                                  "head is not sharded); use 'ngram' or 'none'")
+    model, model_config = load_mlx_lm(Path(model_path))  # lazy: nothing is read yet
+    shard_support(model, model_config)  # a family that cannot be split fails before any spawn
+    del model
+    setup = dict(model=str(Path(model_path).resolve()), dtype=config.dtype,
+                 size=len(read_hostfile(config.hostfile)), family=family(model_config))
+    return DistributedGroup.start(config.hostfile, setup, timeout=config.distributed_timeout)
+
+
+def layout(group: DistributedGroup) -> str:
+    """Part of the prefix cache's identity: a shard's KV is not the whole model's."""
+    return f"tensor-parallel/{group.size}"
+
+
+def attach(group: DistributedGroup, runner, prefix_cache, config):
+    """The runner and prefix cache the step loop drives: broadcasting wrappers. The
+    followers build their prefix caches with the same fingerprint and block size, each
+    over its own SSD directory (<kv dir>/ranks/rank-N)."""
+    objects = SharedObjects(group)
+    if prefix_cache is not None:
+        pc = prefix_cache
+        ssd = None if pc.ssd is None else (config.cache_dir or "")
+        objects.send("prefix_cache", pc.fingerprint, pc.block_size, pc.hot.budget_bytes, ssd,
+                     config.ssd_cache_bytes)
+        prefix_cache = PlanPrefixCache(pc, group, objects)
+    return PlanRunner(runner, group, objects), prefix_cache
+
+
+def cache_identity(fingerprint: str, group: DistributedGroup | None) -> str:
+    if group is None:
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}|{layout(group)}".encode()).hexdigest()
