@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if op == "setup":
                 follower = Follower(args.rank, *call_args)
+                channel.send({"ready": True})
             elif op == "close":
                 if follower is not None:
                     follower.close()

@@ -44,6 +44,8 @@ class DistributedGroup:
         self.logs: dict[int, Path] = {}
         self.channels: dict[int, Channel] = {}
         self.last_seen: dict[int, float] = {}
+        self.ready: set[int] = set()  # followers that loaded their shard (heartbeats count from then)
+        self._ready_event = threading.Event()
         self.step_since: float | None = None  # when the running call of the plan began
         self.closing = False
         self._lock = threading.Lock()
@@ -103,6 +105,16 @@ class DistributedGroup:
             self.channels[int(hello["hello"])] = channel
             self.last_seen[int(hello["hello"])] = time.monotonic()
 
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Wait until every follower has loaded its shard (rank 0 loads its own meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while not self._ready_event.wait(0.1):
+            self.check()
+            if time.monotonic() > deadline:
+                self.fail(f"ranks {sorted(set(self.channels) - self.ready)} did not load the model "
+                          f"within {timeout:.0f} s")
+        self.check()
+
     # -- the plan -------------------------------------------------------------------
     def send(self, op: str, *args) -> None:
         """Tell every follower to run `op(*args)` next (raises once the group is down)."""
@@ -155,11 +167,16 @@ class DistributedGroup:
                 message = channel.recv()
             except (EOFError, OSError, ValueError):
                 if not self.closing:
-                    proc = self.processes.get(rank)
-                    code = proc.wait(timeout=2) if proc is not None else None
+                    code = None
+                    with contextlib.suppress(Exception):
+                        code = self.processes[rank].wait(timeout=2)
                     self.fail(f"rank {rank} ({host.ssh}) exited (code {code}):\n{self.log_tail(rank)}")
                 return
             self.last_seen[rank] = time.monotonic()
+            if "ready" in message:
+                self.ready.add(rank)
+                if len(self.ready) == self.size - 1:
+                    self._ready_event.set()
             if "error" in message:
                 self.fail(f"rank {rank} ({host.ssh}) failed: {message['error']}")
 
@@ -168,7 +185,9 @@ class DistributedGroup:
             time.sleep(min(0.25, self.timeout / 4))
             now = time.monotonic()
             for rank, seen in list(self.last_seen.items()):
-                if now - seen > self.timeout:
+                # Before `ready` a follower is loading: a dead one is noticed by its
+                # connection closing, a stuck one by wait_ready()'s deadline.
+                if rank in self.ready and now - seen > self.timeout:
                     self.fail(f"rank {rank} ({self.hosts[rank].ssh}) sent no heartbeat for "
                               f"{now - seen:.1f} s (timeout {self.timeout:g} s)")
             since = self.step_since

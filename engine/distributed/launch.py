@@ -38,6 +38,7 @@ def attach(group: DistributedGroup, runner, prefix_cache, config):
     """The runner and prefix cache the step loop drives: broadcasting wrappers. The
     followers build their prefix caches with the same fingerprint and block size, each
     over its own SSD directory (<kv dir>/ranks/rank-N)."""
+    group.wait_ready()
     objects = SharedObjects(group)
     if prefix_cache is not None:
         pc = prefix_cache
