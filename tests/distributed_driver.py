@@ -67,6 +67,7 @@ def compare(model, hostfile, cache_dir) -> dict:
             reqs = [(p, SamplingParams(**{**params.__dict__, "drafter": "ngram", "depth": 4}))
                     for p, params in requests()]
             result["dist-ngram"] = run_batch(engine, reqs)
+            result["dist_verify_calls"] = engine.metrics()["spec_verify_calls"]
             engine.close()
     return result
 
