@@ -12,7 +12,9 @@ within 1e-3 (measured: < 5e-5 on both families).
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +113,72 @@ def test_bad_hostfiles_are_clear_errors(tmp_path, setup):
         Engine.load(models["llama"], EngineConfig(progress=False, hostfile=str(one)))
     with pytest.raises(Exception, match="does not exist"):
         EngineConfig(hostfile=str(tmp_path / "missing.json"))
+
+
+PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 12  # > one 128-token block
+
+
+def single_process_text(model, cache_dir, max_tokens=12) -> str:
+    with Engine.load(model, EngineConfig(progress=False, cache_dir=str(cache_dir))) as eng:
+        return eng.generate(PROMPT, max_tokens=max_tokens, temperature=0).text
+
+
+def test_kernelext_serve_with_a_hostfile(setup):
+    """`kernelext serve --hostfile`: the official OpenAI client gets the one-process text."""
+    import openai
+
+    d, hostfile, models = setup
+    want = single_process_text(models["qwen3"], d / "kv-serve-single")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KERNELEXT_KV_CACHE=str(d / "kv-serve"))
+    proc = subprocess.Popen([sys.executable, "-m", "kernelext", "serve", "--model", str(models["qwen3"]),
+                             "--hostfile", str(hostfile), "--port", "0"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        for line in proc.stdout:
+            if m := re.search(r"at (http://127\.0\.0\.1:\d+)", line):
+                url = m[1]
+                break
+        assert url, proc.stderr.read()
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        got = client.completions.create(model=str(models["qwen3"]), prompt=PROMPT, max_tokens=12,
+                                        temperature=0)
+        assert got.choices[0].text == want
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+    # Rank 1 flushed its SSD tier on the way out: the same blocks as rank 0's.
+    blocks = [sorted(p.name for p in (d / "kv-serve" / "ranks" / f"rank-{r}").iterdir()) for r in (0, 1)]
+    assert blocks[0] and blocks[0] == blocks[1]
+
+
+def test_llm_load_with_a_hostfile_in_a_kernel(setup):
+    """`%llm load MODEL --hostfile FILE` in a real Jupyter kernel (rank 0 is the kernel)."""
+    from jupyter_client.manager import start_new_kernel
+
+    d, hostfile, models = setup
+    want = single_process_text(models["llama"], d / "kv-kernel-single")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
+               KERNELEXT_KV_CACHE=str(d / "kv-kernel"))
+    km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=120)
+    outputs = []
+
+    def run(code):
+        reply = kc.execute_interactive(code, timeout=180, output_hook=lambda m: outputs.append(m))
+        assert reply["content"]["status"] == "ok", (code, [m["content"] for m in outputs])
+
+    try:
+        run("%load_ext kernelext")
+        run(f"%llm load {models['llama']} --hostfile {hostfile}")
+        run("from kernelext import get_engine\n"
+            f"c = get_engine().generate({PROMPT!r}, max_tokens=12, temperature=0)\n"
+            "print('TEXT', repr(c.text), get_engine().metrics()['ranks'])")
+        text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert f"TEXT {want!r} 2" in text
+        assert "2 ranks" in text  # the load line says so
+        run("%llm unload")
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)

@@ -149,6 +149,8 @@ class EngineCore:
                    quantized_weight_bytes=self.loaded.quantized_weight_bytes,
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
+        if self.group is not None:
+            out.update(ranks=self.group.size, group_error=str(self.group.error or ""))
         if self.prefix_cache is not None:
             out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
                         if isinstance(v, (int, float))})
