@@ -4,7 +4,7 @@ MLX keeps one ring group per process, so every group a test forms needs a fresh
 rank-0 process; this script is that process. It prints one JSON line (after
 "RESULT ") with what the test checks.
 
-    python tests/distributed_driver.py ACTION MODEL_DIR HOSTFILE CACHE_DIR
+    python tests/distributed_driver.py ACTION MODEL_DIR HOSTFILE CACHE_DIR [LAYOUT]
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ PROMPTS = [
 LONG_PROMPT = "class Stack:\n    def push(self, item):\n        self.items.append(item)\n" * 8
 
 
+LAYOUT = "auto"
+
+
 def config(hostfile=None, cache_dir=None, **kw) -> EngineConfig:
     kw.setdefault("drafter", "none")
+    kw.setdefault("distributed_layout", LAYOUT)
     return EngineConfig(progress=False, hostfile=hostfile, cache_dir=cache_dir, block_size=32,
                         step_token_budget=64, max_batch=8, distributed_timeout=3.0, **kw)
 
@@ -51,24 +55,18 @@ def requests() -> list:
 
 
 def compare(model, hostfile, cache_dir) -> dict:
+    """The same requests in one process, then across the group: plainly, and with
+    n-gram speculation (verify, commit and rollback on every rank)."""
     result = {}
-    for name, kw in (("single", {}), ("dist", {"hostfile": hostfile})):
-        for drafter in ("none", "ngram"):
-            engine = Engine.load(model, config(cache_dir=f"{cache_dir}/{name}", drafter=drafter, **kw))
-            try:
-                result[f"{name}-{drafter}"] = run_batch(engine, requests())
-            finally:
-                if name == "single":
-                    engine.close()
-            if name == "dist":
-                break  # one group per process: ngram is checked below on the same engine
-        if name == "dist":
-            # The same group again, with n-gram speculation per request (verify/commit/abort).
-            reqs = [(p, SamplingParams(**{**params.__dict__, "drafter": "ngram", "depth": 4}))
-                    for p, params in requests()]
-            result["dist-ngram"] = run_batch(engine, reqs)
-            result["dist_verify_calls"] = engine.metrics()["spec_verify_calls"]
-            engine.close()
+    with Engine.load(model, config(cache_dir=f"{cache_dir}/single")) as engine:
+        result["single"] = run_batch(engine, requests())
+    with Engine.load(model, config(hostfile=hostfile, cache_dir=f"{cache_dir}/dist")) as engine:
+        result["dist-none"] = run_batch(engine, requests())
+        reqs = [(p, SamplingParams(**{**params.__dict__, "drafter": "ngram", "depth": 4}))
+                for p, params in requests()]
+        result["dist-ngram"] = run_batch(engine, reqs)
+        m = engine.metrics()
+        result.update(dist_verify_calls=m["spec_verify_calls"], layout=m["layout"], ranks=m["ranks"])
     return result
 
 
@@ -85,9 +83,6 @@ def prefix(model, hostfile, cache_dir) -> dict:
 
 
 def fault(model, hostfile, cache_dir, sig) -> dict:
-    single = Engine.load(model, config(cache_dir=f"{cache_dir}/single"))
-    expected = single.generate(PROMPTS[0], max_tokens=200).token_ids
-    single.close()
     engine = Engine.load(model, config(hostfile=hostfile, cache_dir=cache_dir))
     follower = engine.core.group.processes[1]
     handle = engine.submit(PROMPTS[0], max_tokens=200)
@@ -106,12 +101,14 @@ def fault(model, hostfile, cache_dir, sig) -> dict:
     except DistributedGroupError as e:
         refused = str(e)
     engine.close()
-    return dict(expected_len=len(expected), error=error, elapsed=elapsed, refused=refused,
+    return dict(error=error, elapsed=elapsed, refused=refused,
                 follower_exit=follower.poll())
 
 
 def main() -> None:
+    global LAYOUT
     action, model, hostfile, cache_dir = sys.argv[1:5]
+    LAYOUT = sys.argv[5] if len(sys.argv) > 5 else "auto"
     if action == "compare":
         out = compare(model, hostfile, cache_dir)
     elif action == "prefix":

@@ -2,12 +2,13 @@
 
 Each group is formed by a fresh rank-0 process (tests/distributed_driver.py), since
 MLX keeps one ring group per process; rank 0 starts rank 1 itself from the hostfile.
-Tiny random models of two families with mlx-lm tensor parallelism (llama, qwen3).
+Tiny random models: llama and qwen3 split by mlx-lm's tensor parallelism, qwen3_5
+(GatedDeltaNet + attention hybrid) by its pipeline parallelism.
 
 Tolerance: tensor parallelism sums each layer's two halves with the ring's all_sum,
 so logits differ from one process in the last bits. Tokens are compared exactly
 (greedy and seeded sampling, plain and speculative); the chosen tokens' logprobs
-within 1e-3 (measured: < 5e-5 on both families).
+within 1e-3 (measured: < 6e-5; pipeline runs are bit-identical without speculation).
 """
 
 import json
@@ -35,29 +36,29 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("distributed")
     hostfile = d / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    models = {f: write_tiny_model(f, d / f, seed=1) for f in ("llama", "qwen3", "gemma3_text")}
+    models = {f: write_tiny_model(f, d / f, seed=1) for f in ("llama", "qwen3", "qwen3_5", "gemma3_text")}
     return d, hostfile, models
 
 
-def drive(action, model, hostfile, cache_dir, timeout=240) -> dict:
+def drive(action, model, hostfile, cache_dir, layout="auto", timeout=240) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(DRIVER), action, str(model), str(hostfile), str(cache_dir)],
+    proc = subprocess.run([sys.executable, str(DRIVER), action, str(model), str(hostfile), str(cache_dir), layout],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"driver failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_two_ranks_match_one_process(setup, family):
+@pytest.mark.parametrize("family,layout", [("llama", "tensor"), ("qwen3", "tensor"), ("qwen3_5", "pipeline")])
+def test_two_ranks_match_one_process(setup, family, layout):
     d, hostfile, models = setup
-    r = drive("compare", models[family], hostfile, d / f"kv-{family}")
-    reference = r["single-none"]
+    r = drive("compare", models[family], hostfile, d / f"kv-{family}", layout=layout)
+    assert (r["layout"], r["ranks"]) == (layout, 2)
     for run in ("dist-none", "dist-ngram"):
-        for i, (want, got) in enumerate(zip(reference, r[run])):
+        for i, (want, got) in enumerate(zip(r["single"], r[run], strict=True)):
             kind = "greedy" if i % 2 == 0 else "seeded sample"
             assert got["tokens"] == want["tokens"], f"{run} request {i} ({kind}) differs"
-            worst = max(abs(a - b) for a, b in zip(want["logprobs"], got["logprobs"]))
+            worst = max(abs(a - b) for a, b in zip(want["logprobs"], got["logprobs"], strict=True))
             assert worst < LOGPROB_TOLERANCE, f"{run} request {i}: logprob off by {worst}"
     assert r["dist_verify_calls"] > 0  # speculation ran verify/commit across the ranks
 
@@ -89,10 +90,9 @@ def test_lost_rank_fails_in_flight_requests_and_refuses_new(setup, fault):
     the watchdog fails the group after distributed_timeout (3 s in the driver)."""
     d, hostfile, models = setup
     r = drive(fault, models["llama"], hostfile, d / f"kv-{fault}")
-    assert r["expected_len"] == 200  # the request could not have finished by itself
     assert r["error"] is not None and r["error"].startswith("DistributedGroupError")
     assert "rank 1 (127.0.0.1)" in r["error"]
-    assert ("exited" if fault == "kill" else "no heartbeat") in r["error"]
+    assert ("killed by signal 9" if fault == "kill" else "no heartbeat") in r["error"]
     assert r["elapsed"] < 3.0 + 7.0  # bounded: the timeout plus slack for a loaded machine
     assert r["refused"] is not None and "group is down" in r["refused"]
     assert r["follower_exit"] is not None  # rank 0 left no process behind

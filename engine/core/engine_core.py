@@ -71,7 +71,8 @@ class EngineCore:
 
     def _load(self, model_path, config: EngineConfig, name: str, progress) -> None:
         self.loaded = loader.load(model_path, config.dtype, progress,
-                                  group=None if self.group is None else self.group.mx_group)
+                                  group=None if self.group is None else self.group.mx_group,
+                                  layout=None if self.group is None else self.group.layout)
         self.backend = "cpu" if loader.on_cpu() else "gpu"
         self.fingerprint = model_fingerprint(self.loaded.path, self.loaded.dtype,
                                              memo_file=self.kv_dir() / "weight-digests.json")
@@ -150,7 +151,8 @@ class EngineCore:
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
         if self.group is not None:
-            out.update(ranks=self.group.size, group_error=str(self.group.error or ""))
+            out.update(ranks=self.group.size, layout=self.group.layout,
+                       group_error=str(self.group.error or ""))
         if self.prefix_cache is not None:
             out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
                         if isinstance(v, (int, float))})

@@ -43,10 +43,14 @@ class Follower:
 
         self.mx, self.rank = mx, rank
         self.group = mx.distributed.init(backend="ring", strict=True)
+        ring_file = Path(os.environ.get("MLX_HOSTFILE", ""))
+        if ring_file.name.startswith("kernelext-ring-"):  # written for us by rank 0 (hostfile.py)
+            ring_file.unlink(missing_ok=True)
         if self.group.rank() != rank or self.group.size() != setup["size"]:
             raise RuntimeError(f"ring says rank {self.group.rank()}/{self.group.size()}, "
                                f"rank 0 says {rank}/{setup['size']}")
-        loaded = loader.load(Path(setup["model"]), setup["dtype"], group=self.group)
+        loaded = loader.load(Path(setup["model"]), setup["dtype"], group=self.group,
+                             layout=setup["layout"])
         self.runner = ModelRunner(loaded.model)
         self.cache = None
         self.objects: dict[int, object] = {}  # rank 0's ids -> this rank's caches and block payloads

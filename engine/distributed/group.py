@@ -38,6 +38,7 @@ class DistributedGroup:
     def __init__(self, hosts: list[Host], timeout: float):
         self.hosts, self.timeout = hosts, timeout
         self.size = len(hosts)
+        self.layout = "tensor"  # set by launch.start: "tensor" or "pipeline" (sharding.py)
         self.error: DistributedGroupError | None = None
         self.mx_group = None
         self.processes: dict[int, object] = {}
@@ -140,6 +141,11 @@ class DistributedGroup:
         except RuntimeError as e:
             if self.error is None and "[ring]" not in str(e):
                 raise
+            # MLX says only that a peer is gone; the plan connections say which one
+            # (a reader thread fails the group with the rank and its exit code).
+            deadline = time.monotonic() + 2.0
+            while self.error is None and time.monotonic() < deadline:
+                time.sleep(0.02)
             self.fail(f"the ring lost a peer ({e})")
             raise self.error from e
         finally:
@@ -170,7 +176,8 @@ class DistributedGroup:
                     code = None
                     with contextlib.suppress(Exception):
                         code = self.processes[rank].wait(timeout=2)
-                    self.fail(f"rank {rank} ({host.ssh}) exited (code {code}):\n{self.log_tail(rank)}")
+                    how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited (code {code})"
+                    self.fail(f"rank {rank} ({host.ssh}) {how}:\n{self.log_tail(rank)}")
                 return
             self.last_seen[rank] = time.monotonic()
             if "ready" in message:
@@ -215,7 +222,8 @@ class DistributedGroup:
             text = self.logs[rank].read_text(errors="replace").strip().splitlines()
         except (KeyError, OSError):
             return "(no log)"
-        return "\n".join(f"  | {line}" for line in text[-lines:]) + f"\n  (log: {self.logs[rank]})"
+        shown = "".join(f"  | {line}\n" for line in text[-lines:] if not line.startswith("[ring]"))
+        return f"{shown}  (its output: {self.logs[rank]})"
 
     def close(self, graceful: bool = True) -> None:
         """Stop the followers: ask them to flush and exit, then kill what is left."""
@@ -234,6 +242,9 @@ class DistributedGroup:
                 proc.wait(timeout=5)
         for channel in self.channels.values():
             channel.close()
+        if self.error is None:  # a failed group keeps its followers' output for diagnosis
+            for log in self.logs.values():
+                log.unlink(missing_ok=True)
 
 
 def _init_ring(ring: str):
@@ -250,6 +261,7 @@ def _init_ring(ring: str):
     except RuntimeError as e:
         raise ModelLoadError(f"could not form the ring group: {e}") from e
     finally:
+        path.unlink(missing_ok=True)  # read by init
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -11,7 +11,7 @@ from ..errors import InvalidRequestError
 from .group import DistributedGroup
 from .hostfile import read_hostfile
 from .plan import PlanPrefixCache, PlanRunner, SharedObjects
-from .sharding import family, shard_support
+from .sharding import choose_layout, family
 
 
 def start(model_path, config) -> DistributedGroup:
@@ -22,16 +22,14 @@ def start(model_path, config) -> DistributedGroup:
         raise InvalidRequestError("drafter='mtp' is not available with a hostfile (the draft "
                                   "head is not sharded); use 'ngram' or 'none'")
     model, model_config = load_mlx_lm(Path(model_path))  # lazy: nothing is read yet
-    shard_support(model, model_config)  # a family that cannot be split fails before any spawn
+    # A family that cannot be split fails here, before anything is spawned.
+    layout = choose_layout(model, model_config, config.distributed_layout)
     del model
-    setup = dict(model=str(Path(model_path).resolve()), dtype=config.dtype,
+    setup = dict(model=str(Path(model_path).resolve()), dtype=config.dtype, layout=layout,
                  size=len(read_hostfile(config.hostfile)), family=family(model_config))
-    return DistributedGroup.start(config.hostfile, setup, timeout=config.distributed_timeout)
-
-
-def layout(group: DistributedGroup) -> str:
-    """Part of the prefix cache's identity: a shard's KV is not the whole model's."""
-    return f"tensor-parallel/{group.size}"
+    group = DistributedGroup.start(config.hostfile, setup, timeout=config.distributed_timeout)
+    group.layout = layout
+    return group
 
 
 def attach(group: DistributedGroup, runner, prefix_cache, config):
@@ -52,4 +50,5 @@ def attach(group: DistributedGroup, runner, prefix_cache, config):
 def cache_identity(fingerprint: str, group: DistributedGroup | None) -> str:
     if group is None:
         return fingerprint
-    return hashlib.sha256(f"{fingerprint}|{layout(group)}".encode()).hexdigest()
+    # A rank's blocks hold its part of the KV, not the whole model's.
+    return hashlib.sha256(f"{fingerprint}|{group.layout}/{group.size}".encode()).hexdigest()

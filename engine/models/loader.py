@@ -89,8 +89,9 @@ def resident_model(path: Path, dtype: str) -> nn.Module | None:
     return None if model is None or getattr(model, "_kernelext_quantized", False) else model
 
 
-def load(path: Path, dtype: str = "auto", progress=None, group=None) -> LoadedModel:
-    """`group`: an mx.distributed group to shard the weights across (distributed/sharding.py)."""
+def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str = "tensor") -> LoadedModel:
+    """`group`: an mx.distributed group to shard the weights across, in `layout`
+    ("tensor" or "pipeline", distributed/sharding.py)."""
     model, config = load_mlx_lm(path)
     gguf_blocks = bool(quantized_weights.gguf_tensors(config))
     quantized = gguf_blocks or "quantization" in config or "quantization_config" in config
@@ -114,7 +115,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None) -> LoadedMo
             model.parameters()))
     if group is not None:  # before eval: each rank materializes only its own slices
         from ..distributed.sharding import shard
-        shard(model, config, group)
+        shard(model, config, group, layout)
     mx.eval(model.parameters())
     row_bytes = 0
     if on_cpu():
