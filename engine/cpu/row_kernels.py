@@ -81,12 +81,14 @@ def active() -> bool:
     return _active[0] > 0
 
 
+def _row_product(module, x: mx.array) -> mx.array:
+    y = module._rows.matmul(x)
+    return y + module["bias"] if "bias" in module else y
+
+
 class _RowLinear(nn.Linear):
     def __call__(self, x):
-        if not _active[0]:
-            return super().__call__(x)
-        y = self._rows.matmul(x)
-        return y + self["bias"] if "bias" in self else y
+        return _row_product(self, x) if _active[0] else super().__call__(x)
 
 
 class _RowAllToSharded(AllToShardedLinear):
@@ -94,10 +96,7 @@ class _RowAllToSharded(AllToShardedLinear):
     this rank's rows of W (the forward of sum_gradients is the identity)."""
 
     def __call__(self, x):
-        if not _active[0]:
-            return super().__call__(x)
-        y = self._rows.matmul(x)
-        return y + self["bias"] if "bias" in self else y
+        return _row_product(self, x) if _active[0] else super().__call__(x)
 
 
 class _RowShardedToAll(ShardedToAllLinear):

@@ -8,6 +8,8 @@
     follower.py  ranks 1..N-1: replay the plan on their own shard and caches
     sharding.py  mlx-lm's tensor-parallel shard(), or a clear error naming the family
 
-Rank 0 (the kernel, or `kernelext serve`) runs the ordinary engine; nothing here is
-imported unless EngineConfig.hostfile is set.
+Rank 0 (the kernel, or `kernelext serve`) runs the ordinary engine; the step loop is
+the same with or without a group. EngineCore calls launch.start/attach only when
+EngineConfig.hostfile is set, and then drives plan.py's wrappers instead of the
+ModelRunner and PrefixCache.
 """
