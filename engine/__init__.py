@@ -18,6 +18,9 @@ The data path, in the order a request flows:
       sampling/sampler       keyed host sampling (after the mask); spec/verify checks
                              drafts exactly
       core/output_processor  text deltas, stops, usage -> the caller's RequestHandle
+      distributed/           with a hostfile: the runner's and the prefix cache's calls
+                             are also sent to the other ranks, which replay them on
+                             their part of the model (mx.distributed ring)
 
 `backend.configure()` must run before anything imports mlx.core: on Linux it
 loads an optimized BLAS that MLX then binds to (cpu/backend.py). Importing this

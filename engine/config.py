@@ -56,6 +56,14 @@ class EngineConfig:
     # step holds to step_token_budget).
     embed_batch: int = 32
     embed_batch_tokens: int = 8192
+    # One model across several processes or Macs (engine/distributed): an mlx.launch
+    # hostfile; this process is rank 0 and starts the others. A rank that sends no
+    # heartbeat, or a step that runs, for `distributed_timeout` seconds fails the group.
+    hostfile: str | None = None
+    distributed_timeout: float = 30.0
+    # How the model is split: "tensor" (mlx-lm's shard), "pipeline" (layers per rank)
+    # or "auto" (tensor where the family has it, else pipeline).
+    distributed_layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -75,6 +83,13 @@ class EngineConfig:
         for name in ("hot_cache_bytes", "ssd_cache_bytes"):
             if getattr(self, name) < 0:
                 raise InvalidRequestError(f"{name} must be >= 0")
+        if self.distributed_layout not in ("auto", "tensor", "pipeline"):
+            raise InvalidRequestError(
+                f"distributed_layout must be auto, tensor or pipeline; got {self.distributed_layout!r}")
+        if self.distributed_timeout <= 0:
+            raise InvalidRequestError("distributed_timeout must be > 0")
+        if self.hostfile is not None and not Path(self.hostfile).is_file():
+            raise InvalidRequestError(f"hostfile {self.hostfile} does not exist")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):
             raise InvalidRequestError(
                 f"dtype must be one of auto, float32, float16, bfloat16, model; got {self.dtype!r}"

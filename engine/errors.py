@@ -27,3 +27,7 @@ class EngineClosedError(EngineError):
 
 class NoDraftHeadError(EngineError):
     """The model has no MTP draft head (native or trained) for drafter='mtp'."""
+
+
+class DistributedGroupError(EngineError):
+    """A rank of a distributed group died, hung or lost its connection; the group is down."""

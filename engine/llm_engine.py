@@ -106,6 +106,8 @@ class Engine(CoreFront):
                source: str = "python", **kwargs) -> RequestHandle:
         """Queue a request; returns at once with a handle to stream, wait on or cancel."""
         self._check_open()
+        if self.core.group is not None:
+            self.core.group.check()  # a group that lost a rank refuses new requests
         if params is not None and kwargs:
             raise InvalidRequestError("pass either a SamplingParams or keyword arguments, not both")
         if "schema" in kwargs:  # generate(prompt, schema=MyModel)

@@ -121,10 +121,11 @@ class Kernelext(Configurable):
             print(f"kernelext: this engine has no {', '.join(unknown)} setting yet; ignored")
         return EngineConfig(progress=True, **{k: v for k, v in wanted.items() if k in known})
 
-    def load(self, model: str | None = None) -> Engine:
-        """Replace the engine (closing the old one first: two models may not fit in memory)."""
+    def load(self, model: str | None = None, hostfile: str | None = None) -> Engine:
+        """Replace the engine (closing the old one first: two models may not fit in memory).
+        `hostfile`: split the model across the processes or Macs it lists (engine/distributed)."""
         model = model or self.model
-        config = self.engine_config()
+        config = dataclasses.replace(self.engine_config(), hostfile=hostfile)
         t0 = time.perf_counter()
         # Conversion has its own bars; this one covers the silent part, loading the weights.
         with tqdm(total=2, desc=f"Loading {model}", leave=False) as bar:
@@ -138,7 +139,8 @@ class Kernelext(Configurable):
             self.models.adopt(self.engine.model_name, self.engine, pin=True)
             bar.update()
         m = self.engine.metrics()
-        print(f"kernelext: loaded {model} · {m['backend']} ({m['blas']}) · {m['dtype']} · "
+        ranks = f" · {m['ranks']} ranks" if m.get("ranks") else ""
+        print(f"kernelext: loaded {model} · {m['backend']} ({m['blas']}) · {m['dtype']}{ranks} · "
               f"{time.perf_counter() - t0:.1f} s")
         return self.engine
 
@@ -149,13 +151,16 @@ class Kernelext(Configurable):
             self.load()
         return self.engine
 
-    def load_as(self, model: str, name: str, *, pin: bool = False, task: str | None = None):
+    def load_as(self, model: str, name: str, *, pin: bool = False, task: str | None = None,
+                hostfile: str | None = None):
         """Load `model` beside the others as `name` (an embedding, reranking or second
         chat model); it is evicted when memory runs short unless pinned."""
         if self.engine is not None and name == self.engine.model_name:
             raise engine.InvalidRequestError(f"{name!r} is the default model's name; pick another")
         t0 = time.perf_counter()
-        eng = self.models.add(name, model, pin=pin, task=task, config=self.engine_config())
+        config = dataclasses.replace(self.engine_config(), hostfile=hostfile)
+        # A split model is pinned: this process cannot form a second group to reload it.
+        eng = self.models.add(name, model, pin=pin or hostfile is not None, task=task, config=config)
         task = getattr(eng, "task", "generate")
         print(f"kernelext: loaded {model} as {name!r} ({task}{', pinned' if pin else ''}) · "
               f"{time.perf_counter() - t0:.1f} s")

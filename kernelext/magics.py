@@ -56,6 +56,9 @@ def _llm_parser() -> _Parser:
                       help="load it beside the other models under NAME (embedding, reranking or "
                            "another chat model), instead of replacing the default engine")
     load.add_argument("--pin", action="store_true", help="with --as: never evict it")
+    load.add_argument("--hostfile", metavar="FILE",
+                      help="split the model across the processes/Macs of this mlx.launch hostfile "
+                           "(this kernel is rank 0 and starts the others)")
     load.add_argument("--task", choices=("generate", "embed", "rerank"),
                       help="with --as: what the model is for (default: read from its files)")
     unload = commands.add_parser("unload", help="close the engine (or model NAME) and free its memory")
@@ -273,11 +276,11 @@ class LLMMagics(Magics):
         if args.name is None:
             if args.pin or args.task:
                 raise UsageError("%llm load: --pin and --task go with --as NAME")
-            self.ext.load(args.model)
+            self.ext.load(args.model, hostfile=args.hostfile)
         elif args.model is None:
             raise UsageError("%llm load --as NAME needs a MODEL")
         else:
-            self.ext.load_as(args.model, args.name, pin=args.pin, task=args.task)
+            self.ext.load_as(args.model, args.name, pin=args.pin, task=args.task, hostfile=args.hostfile)
 
     def _unload(self, args):
         if args.name is not None:

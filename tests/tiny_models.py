@@ -653,11 +653,13 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str = "float32",
-                     vocab: str = "small") -> Path:
+                     vocab: str = "small", shape: dict | None = None) -> Path:
     """Write a tiny random checkpoint of `family` into directory `path`.
 
     vocab "small" is the 768-token BPE above; "qwen150k" a Qwen-sized byte-level BPE
-    (151,643 tokens, config vocab 151,936; see _qwen_style_tokenizer)."""
+    (151,643 tokens, config vocab 151,936; see _qwen_style_tokenizer). `shape` overrides
+    config entries (hidden_size, num_hidden_layers, ...) for a larger random model of
+    the same family, e.g. for a benchmark."""
     if vocab not in ("small", "qwen150k"):
         raise ValueError(f"vocab must be 'small' or 'qwen150k', not {vocab!r}")
     if family not in FAMILIES:
@@ -665,6 +667,7 @@ def write_tiny_model(family: str, path: str | Path, *, seed: int = 0, dtype: str
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, not {dtype!r}")
     config = _config(family)
+    config.get("text_config", config).update(shape or {})
     if vocab == "qwen150k":
         config.get("text_config", config)["vocab_size"] = QWEN_STYLE_VOCAB
     path = Path(path)

@@ -26,6 +26,7 @@ from ..cache.block_keys import model_fingerprint
 from ..cache.prefix_cache import PrefixCache
 from ..cache.reply_fill import fill_job
 from ..config import EngineConfig, default_kv_cache_dir
+from ..distributed import launch as distributed
 from ..cpu import backend
 from ..errors import EngineClosedError, NoDraftHeadError, UnsupportedModelError
 from ..metrics import EngineMetrics
@@ -57,13 +58,27 @@ class EngineCore:
         self.metrics, self.admission = metrics, admission
         self.scheduler = Scheduler(config)
         progress = progress or (lambda stage: None)
-        self.loaded = loader.load(model_path, config.dtype, progress)
+        # With a hostfile the model is split across a group of processes
+        # (engine/distributed): this one is rank 0 and the step loop stays as it is.
+        self.group = distributed.start(model_path, config) if config.hostfile else None
+        try:
+            self._load(model_path, config, name, progress)
+        except BaseException:
+            if self.group is not None:
+                self.group.close(graceful=False)
+            raise
+        progress("ready")
+
+    def _load(self, model_path, config: EngineConfig, name: str, progress) -> None:
+        self.loaded = loader.load(model_path, config.dtype, progress,
+                                  group=None if self.group is None else self.group.mx_group,
+                                  layout=None if self.group is None else self.group.layout)
         self.backend = "cpu" if loader.on_cpu() else "gpu"
         self.fingerprint = model_fingerprint(self.loaded.path, self.loaded.dtype,
                                              memo_file=self.kv_dir() / "weight-digests.json")
         progress("fingerprint")
         head, head_id = None, ""
-        if config.drafter in ("mtp", "auto"):
+        if config.drafter in ("mtp", "auto") and self.group is None:
             try:
                 # "auto" takes native heads only: the trained head shipped for the
                 # default model drafts slower than n-gram there (bench/bench_mtp.py),
@@ -77,15 +92,17 @@ class EngineCore:
         self.runner = ModelRunner(self.loaded.model, head)
         self.drafters = DrafterPool(self.runner, name)
         self.prefix_cache = self._make_prefix_cache(head_id)
+        if self.group is not None:
+            self.runner, self.prefix_cache = distributed.attach(self.group, self.runner,
+                                                                self.prefix_cache, config)
         self.drafter = self.drafters.get(config.drafter)
         self.speculation = SpeculationController(config, self.drafter.name)
         self.speculation.tuned_depth = tuning.load_tuned_depth(self.tune_key())
-        self.output = OutputProcessor(self.loaded.tokenizer, metrics)
+        self.output = OutputProcessor(self.loaded.tokenizer, self.metrics)
         self.grammar_tokenizer = GrammarTokenizer(self.loaded.tokenizer, self.loaded.vocab_size,
                                                   key=self.fingerprint)
         self.masks = MaskComputer(self.loaded.vocab_size)
         self.closed = False
-        progress("ready")
 
     def kv_dir(self) -> Path:
         return Path(self.config.cache_dir) if self.config.cache_dir else default_kv_cache_dir()
@@ -97,9 +114,12 @@ class EngineCore:
         kv_dir = self.kv_dir()
         # With a draft head its KV is cached too, so the head is part of the identity.
         fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}".encode()).hexdigest()
+        # A rank's blocks hold its shard of the KV: their own identity and directory.
+        fingerprint = distributed.cache_identity(fingerprint, self.group)
+        blocks = kv_dir / "blocks" if self.group is None else kv_dir / "ranks" / "rank-0"
         try:
             return PrefixCache(self.runner.new_cache(), fingerprint, cfg.block_size,
-                               cfg.hot_cache_bytes, kv_dir / "blocks" if cfg.ssd_cache else None,
+                               cfg.hot_cache_bytes, blocks if cfg.ssd_cache else None,
                                cfg.ssd_cache_bytes)
         except UnsupportedModelError as e:
             warnings.warn(f"kernelext: prefix cache off for this model: {e}", stacklevel=2)
@@ -130,6 +150,9 @@ class EngineCore:
                    quantized_weight_bytes=self.loaded.quantized_weight_bytes,
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
+        if self.group is not None:
+            out.update(ranks=self.group.size, layout=self.group.layout,
+                       group_error=str(self.group.error or ""))
         if self.prefix_cache is not None:
             out.update({f"cache_{k}": v for k, v in self.prefix_cache.info().items()
                         if isinstance(v, (int, float))})
@@ -157,6 +180,8 @@ class EngineCore:
         self.masks.close()
         if self.prefix_cache is not None:
             self.prefix_cache.close()  # flushes queued SSD writes
+        if self.group is not None:
+            self.group.close()  # the followers flush theirs and exit
         self.loaded.model = None
 
     def recover(self, error: Exception) -> None:

@@ -29,6 +29,7 @@ import warnings
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear, ShardedToAllLinear
 
 BLOCK = 64  # weight columns per block (native/row_matmul.cpp)
 
@@ -80,23 +81,49 @@ def active() -> bool:
     return _active[0] > 0
 
 
+def _row_product(module, x: mx.array) -> mx.array:
+    y = module._rows.matmul(x)
+    return y + module["bias"] if "bias" in module else y
+
+
 class _RowLinear(nn.Linear):
+    def __call__(self, x):
+        return _row_product(self, x) if _active[0] else super().__call__(x)
+
+
+class _RowAllToSharded(AllToShardedLinear):
+    """A tensor-parallel shard of a Linear (engine/distributed): the same product on
+    this rank's rows of W (the forward of sum_gradients is the identity)."""
+
+    def __call__(self, x):
+        return _row_product(self, x) if _active[0] else super().__call__(x)
+
+
+class _RowShardedToAll(ShardedToAllLinear):
+    """The shard that ends a block: this rank's partial product, summed over the ranks."""
+
     def __call__(self, x):
         if not _active[0]:
             return super().__call__(x)
-        y = self._rows.matmul(x)
+        y = mx.distributed.all_sum(self._rows.matmul(x), group=self.group)
         return y + self["bias"] if "bias" in self else y
 
 
+_ROW_CLASSES = {nn.Linear: _RowLinear, AllToShardedLinear: _RowAllToSharded,
+                ShardedToAllLinear: _RowShardedToAll}
+
+
 def install(model: nn.Module) -> int:
-    """Give every float32 Linear of `model` a blocked copy; returns the bytes it holds."""
+    """Give every float32 Linear of `model` (and every shard of one, when the model is
+    split across ranks) a blocked copy; returns the bytes it holds."""
     if not available():
         return 0
     held = 0
     for _, module in model.named_modules():
-        if type(module) is nn.Linear and module.weight.dtype == mx.float32:
+        row_class = _ROW_CLASSES.get(type(module))
+        if row_class is not None and module.weight.dtype == mx.float32:
             module._rows = BlockedWeight(module.weight)
-            module.__class__ = _RowLinear
+            module.__class__ = row_class
             held += module._rows.array.nbytes
     return held
 

@@ -89,12 +89,16 @@ def resident_model(path: Path, dtype: str) -> nn.Module | None:
     return None if model is None or getattr(model, "_kernelext_quantized", False) else model
 
 
-def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
+def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str = "tensor") -> LoadedModel:
+    """`group`: an mx.distributed group to shard the weights across, in `layout`
+    ("tensor" or "pipeline", distributed/sharding.py)."""
     model, config = load_mlx_lm(path)
     gguf_blocks = bool(quantized_weights.gguf_tensors(config))
     quantized = gguf_blocks or "quantization" in config or "quantization_config" in config
     quant_bytes = 0
-    if quantized and quant_linear.available():
+    # mlx-lm's shard() splits nn.Linear and QuantizedLinear layers, not the native
+    # kernels' repacked ones, so a sharded model leaves the quantized kernels out.
+    if quantized and quant_linear.available() and group is None:
         # Quantized weights stay quantized, in the native kernels' layout (no float copy).
         quant_bytes = quantized_weights.repack_model(model, config, Path(path))
         model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
@@ -109,6 +113,9 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
         model.update(tree_map(
             lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
             model.parameters()))
+    if group is not None:  # before eval: each rank materializes only its own slices
+        from ..distributed.sharding import shard
+        shard(model, config, group, layout)
     mx.eval(model.parameters())
     row_bytes = 0
     if on_cpu():
@@ -128,7 +135,8 @@ def load(path: Path, dtype: str = "auto", progress=None) -> LoadedModel:
     dtypes = {str(p.dtype).removeprefix("mlx.core.") for _, p in tree_flatten(model.parameters())
               if mx.issubdtype(p.dtype, mx.floating)}
     text_config = config.get("text_config", config)
-    _resident[(str(Path(path).resolve()), dtype)] = model
+    if group is None:  # a shard is no use to an embedder over the same checkpoint
+        _resident[(str(Path(path).resolve()), dtype)] = model
     return LoadedModel(
         model=model, tokenizer=tokenizer, config=config, path=Path(path),
         dtype=",".join(sorted(dtypes)), quantized=quantized,

@@ -1,5 +1,5 @@
 """`kernelext serve --model M [--model [NAME=]M2 ...] [--host H] [--port P] [--api-key K]
-[--default-max-tokens N]`: the notebook's server app, outside a notebook. Several models
+[--default-max-tokens N] [--hostfile FILE]`: the notebook's server app, outside a notebook. Several models
 (chat, embedding, reranking) are served side by side, routed by each request's `model`.
 Stops cleanly on SIGINT/SIGTERM."""
 
@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=os.environ.get("KERNELEXT_API_KEY"),
                        help="required from clients (default: $KERNELEXT_API_KEY, which keeps it out of ps)")
+    serve.add_argument("--hostfile", metavar="FILE",
+                       help="split the chat model across the processes/Macs of this mlx.launch "
+                            "hostfile (this process is rank 0 and starts the others)")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -47,11 +50,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"kernelext: {e}\n")
     specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.model or [DEFAULT_MODEL]]
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
-    models = ModelRegistry(budget, args.ttl, EngineConfig(max_batch=args.max_batch,
-                                                          max_context=args.max_context))
+    try:
+        config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
+                              hostfile=args.hostfile)
+    except EngineError as e:
+        parser.exit(2, f"kernelext: {e}\n")
+    models = ModelRegistry(budget, args.ttl, config)
     try:
         for name, model in specs:
-            models.add(name, model, pin=name in args.pin)
+            # A split model is pinned: this process cannot form a second group to reload it.
+            models.add(name, model, pin=name in args.pin or args.hostfile is not None)
     except EngineError as e:
         models.close()
         parser.exit(1, f"kernelext: {e}\n")
