@@ -38,6 +38,7 @@ _backend.configure()
 
 from .config import EngineConfig  # noqa: E402
 from .errors import (  # noqa: E402
+    DistributedGroupError,
     EngineClosedError,
     EngineError,
     InvalidRequestError,
@@ -55,7 +56,7 @@ from .registry import ModelRegistry, open_model  # noqa: E402
 from .sampling.params import SamplingParams  # noqa: E402
 
 __all__ = [
-    "DEFAULT_EMBEDDING_MODEL", "DEFAULT_MODEL", "Completion", "Delta", "Engine", "EngineClosedError", "EngineConfig",
+    "DEFAULT_EMBEDDING_MODEL", "DEFAULT_MODEL", "Completion", "Delta", "DistributedGroupError", "Engine", "EngineClosedError", "EngineConfig",
     "EngineError", "InvalidRequestError", "ModelLoadError", "ModelRegistry", "NoDraftHeadError", "PoolingEngine", "QueueFullError", "RequestHandle", "RerankResult",
     "SamplingParams", "TokenLogprob", "UnsupportedModelError", "Usage", "open_model", "resolve_model",
 ]

@@ -29,5 +29,6 @@ class NoDraftHeadError(EngineError):
     """The model has no MTP draft head (native or trained) for drafter='mtp'."""
 
 
-class DistributedGroupError(EngineError):
-    """A rank of a distributed group died, hung or lost its connection; the group is down."""
+class DistributedGroupError(EngineClosedError):
+    """A rank of a distributed group died, hung or lost its connection: the group is down
+    and the engine takes no more requests (the server answers 503)."""

@@ -316,10 +316,17 @@ class ModelRegistry:
         with self._lock:
             return [dict(name=e.name, model=e.model, task=self._task(e), state=e.state, pinned=e.pinned,
                          bytes=e.bytes, idle_s=now - e.last_used if e.leases == 0 else 0.0,
-                         ttl_s=e.ttl_s, error=e.error) for e in self._entries.values()]
+                         ttl_s=e.ttl_s, error=e.error or _group_error(e.engine))
+                    for e in self._entries.values()]
 
     def close(self) -> None:
         self._closed.set()
         with self._lock:
             for entry in list(self._entries.values()):
                 self._unload(entry)
+
+
+def _group_error(engine) -> str | None:
+    """Why a model split across ranks (engine/distributed) can no longer serve, if it cannot."""
+    group = getattr(getattr(engine, "core", None), "group", None)
+    return None if group is None or group.error is None else str(group.error)

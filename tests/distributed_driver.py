@@ -105,6 +105,14 @@ def fault(model, hostfile, cache_dir, sig) -> dict:
                 follower_exit=follower.poll())
 
 
+def orphan(model, hostfile, cache_dir) -> None:
+    """Rank 0 dies without closing anything: its followers must not outlive it."""
+    engine = Engine.load(model, config(hostfile=hostfile, cache_dir=cache_dir))
+    engine.generate("Hello", max_tokens=2)
+    print("RESULT " + json.dumps({"follower_pid": engine.core.group.processes[1].pid}), flush=True)
+    os._exit(0)
+
+
 def main() -> None:
     global LAYOUT
     action, model, hostfile, cache_dir = sys.argv[1:5]
@@ -115,6 +123,8 @@ def main() -> None:
         out = prefix(model, hostfile, cache_dir)
     elif action == "kill":
         out = fault(model, hostfile, cache_dir, signal.SIGKILL)
+    elif action == "orphan":
+        orphan(model, hostfile, cache_dir)
     elif action == "hang":
         out = fault(model, hostfile, cache_dir, signal.SIGSTOP)
     else:

@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,25 @@ def test_lost_rank_fails_in_flight_requests_and_refuses_new(setup, fault):
     assert r["follower_exit"] is not None  # rank 0 left no process behind
 
 
+def test_followers_exit_when_rank_0_dies(setup):
+    d, hostfile, models = setup
+    pid = drive("orphan", models["llama"], hostfile, d / "kv-orphan")["follower_pid"]
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "rank 1 outlived rank 0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
 def test_family_without_sharding_is_refused_by_name(setup):
     d, hostfile, models = setup
     with pytest.raises(UnsupportedModelError, match="gemma3_text"):
@@ -124,7 +144,9 @@ def single_process_text(model, cache_dir, max_tokens=12) -> str:
 
 
 def test_kernelext_serve_with_a_hostfile(setup):
-    """`kernelext serve --hostfile`: the official OpenAI client gets the one-process text."""
+    """`kernelext serve --hostfile`: the official OpenAI client gets the one-process text;
+    after rank 1 is killed, 503s that say so, and a clean exit."""
+    import httpx
     import openai
 
     d, hostfile, models = setup
@@ -144,14 +166,21 @@ def test_kernelext_serve_with_a_hostfile(setup):
         got = client.completions.create(model=str(models["qwen3"]), prompt=PROMPT, max_tokens=12,
                                         temperature=0)
         assert got.choices[0].text == want
+        # Rank 1 dies: requests get 503 with the group's error, /health says why.
+        follower = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)], text=True).split()[0])
+        os.kill(follower, signal.SIGKILL)
+        with pytest.raises(openai.APIStatusError) as failed:
+            for _ in range(50):  # until rank 0 has noticed (the next step's collective fails at once)
+                client.completions.create(model=str(models["qwen3"]), prompt=PROMPT, max_tokens=4)
+                time.sleep(0.1)
+        assert failed.value.status_code == 503 and "group is down" in str(failed.value)
+        health = httpx.get(url + "/health").json()
+        assert health["status"] == "degraded" and "killed by signal 9" in health["errors"][str(models["qwen3"])]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert "Traceback" not in proc.stderr.read()
     finally:
         proc.kill()
-    # Rank 1 flushed its SSD tier on the way out: the same blocks as rank 0's.
-    blocks = [sorted(p.name for p in (d / "kv-serve" / "ranks" / f"rank-{r}").iterdir()) for r in (0, 1)]
-    assert blocks[0] and blocks[0] == blocks[1]
 
 
 def test_llm_load_with_a_hostfile_in_a_kernel(setup):

@@ -36,8 +36,13 @@ KEEPALIVE_S = 5.0
 
 
 async def _health(call, body: dict) -> dict:
-    return {"status": "ok", "model": call.app.default_model("generate"),
-            "models": {m["name"]: m["state"] for m in call.app.registry.status()}}
+    models = call.app.registry.status()
+    out = {"status": "ok", "model": call.app.default_model("generate"),
+           "models": {m["name"]: m["state"] for m in models}}
+    # A loaded model that cannot serve (its distributed group lost a rank) says why.
+    if errors := {m["name"]: m["error"] for m in models if m["state"] == "loaded" and m["error"]}:
+        out.update(status="degraded", errors=errors)
+    return out
 
 
 async def _metrics(call, body: dict) -> Text:
