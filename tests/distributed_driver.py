@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -113,6 +114,17 @@ def orphan(model, hostfile, cache_dir) -> None:
     os._exit(0)
 
 
+def load_error(model, hostfile, cache_dir) -> dict:
+    """A load that fails once the group has formed: its error, and no rank left behind."""
+    try:
+        Engine.load(model, config(hostfile=hostfile, cache_dir=cache_dir)).close()
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout
+    return dict(error=error, children=children.split())
+
+
 def main() -> None:
     global LAYOUT
     action, model, hostfile, cache_dir = sys.argv[1:5]
@@ -123,6 +135,8 @@ def main() -> None:
         out = prefix(model, hostfile, cache_dir)
     elif action == "kill":
         out = fault(model, hostfile, cache_dir, signal.SIGKILL)
+    elif action == "load_error":
+        out = load_error(model, hostfile, cache_dir)
     elif action == "orphan":
         orphan(model, hostfile, cache_dir)
     elif action == "hang":

@@ -37,6 +37,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("distributed")
     hostfile = d / "hosts.json"
     hostfile.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    (d / "hosts3.json").write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 3))
     models = {f: write_tiny_model(f, d / f, seed=1) for f in ("llama", "qwen3", "qwen3_5", "gemma3_text")}
     return d, hostfile, models
 
@@ -62,6 +63,20 @@ def test_two_ranks_match_one_process(setup, family, layout):
             worst = max(abs(a - b) for a, b in zip(want["logprobs"], got["logprobs"], strict=True))
             assert worst < LOGPROB_TOLERANCE, f"{run} request {i}: logprob off by {worst}"
     assert r["dist_verify_calls"] > 0  # speculation ran verify/commit across the ranks
+
+
+def test_three_ranks(setup):
+    """Pipeline over 3 ranks (layers 2 + 1 + 1, hand-offs between followers too) matches
+    one process; tensor parallelism over 3 ranks cannot split 2 KV heads: a clear error
+    once the group has formed, and no rank left running."""
+    d, _, models = setup
+    r = drive("compare", models["qwen3_5"], d / "hosts3.json", d / "kv-3", layout="pipeline")
+    assert (r["layout"], r["ranks"]) == ("pipeline", 3)
+    for i, (want, got) in enumerate(zip(r["single"], r["dist-none"], strict=True)):
+        assert got["tokens"] == want["tokens"], f"request {i} differs"
+    failed = drive("load_error", models["llama"], d / "hosts3.json", d / "kv-3t")
+    assert failed["error"].startswith("UnsupportedModelError") and "'llama' across 3 ranks" in failed["error"]
+    assert failed["children"] == []
 
 
 def test_prefix_cache_hit_after_group_restart(setup):

@@ -76,14 +76,39 @@ class DistributedGroup:
             for rank, channel in group.channels.items():
                 channel.send({"op": "setup", "args": [setup]})
             group._start_watchdog()
-            group.mx_group = _init_ring(ring)
-            _ring_used = True
+            _ring_used = True  # even if forming it fails: MLX may hold a half-made group
+            group.mx_group = group._form_ring(ring, max(timeout, 10.0))
         except BaseException:
             group.close(graceful=False)
             raise
         finally:
             listener.close()
         return group
+
+    def _form_ring(self, ring: str, timeout: float):
+        """mx.distributed.init, which retries until every peer is there: on a helper
+        thread, so a follower that died before joining fails the load (with its reason)
+        instead of blocking this thread for ever. The helper is left blocked then."""
+        box: dict = {}
+
+        def run():
+            try:
+                box["group"] = _init_ring(ring)
+            except BaseException as e:
+                box["error"] = e
+
+        helper = threading.Thread(target=run, daemon=True, name="kernelext-ring-init")
+        helper.start()
+        deadline = time.monotonic() + timeout
+        while helper.is_alive() and self.error is None and time.monotonic() < deadline:
+            helper.join(0.1)
+        if "error" in box:
+            raise box["error"]
+        if "group" not in box:
+            if self.error is None:
+                self.fail(f"the ring did not form within {timeout:.0f} s")
+            raise ModelLoadError(str(self.error))
+        return box["group"]
 
     def _accept(self, listener: socket.socket, timeout: float) -> None:
         deadline = time.monotonic() + timeout
