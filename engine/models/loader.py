@@ -18,7 +18,7 @@ from ..cpu import fused_layers, quant_linear, row_kernels
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import quantized as quantized_weights
-from . import row_attention
+from . import overlapped_layers, row_attention
 
 
 @dataclass
@@ -162,6 +162,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         row_bytes = row_kernels.install(model) + _output_rows_bytes(model)
         if fused_layers.enabled():
             fused_layers.install(model)
+    overlapped_layers.install(model)
     release_freed_memory()
     if progress:
         progress("weights")
@@ -265,7 +266,7 @@ def decode_products(model):
     With quantized kernels, verify windows attend row by row (models/row_attention.py)."""
     frozen = _frozen_output(model)
     quantized = getattr(model, "_kernelext_quantized", False)
-    with row_kernels.decode_products(), row_attention.row_by_row(quantized):
+    with row_kernels.decode_products(), row_attention.row_by_row(quantized), overlapped_layers.overlapped():
         if frozen is None or frozen.packed is None:
             yield
             return
