@@ -57,7 +57,7 @@ class Engine(CoreFront):
              config: EngineConfig | None = None, name: str | None = None) -> "Engine":
         config = config or EngineConfig()
         path = resolve_model(model, cache_dir=config.model_cache_dir, progress=config.progress)
-        stages = ("weights", "tokenizer", "fingerprint", "ready")  # each reported when done
+        stages = ("tokenizer", "weights", "fingerprint", "ready")  # each reported when done
         with tqdm(total=len(stages), desc=f"Loading {Path(str(model)).name}", leave=False,
                   disable=not config.progress) as bar:
             def progress(done: str) -> None:

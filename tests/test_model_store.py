@@ -118,6 +118,35 @@ def test_default_tokenizer_matches_gguf_vocab(default_loaded, gguf_vocab):
     assert prompt == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
+def test_compact_tokenizer_json_is_the_same_tokenizer(default_loaded, tmp_path):
+    """The converter writes merges as "a b" strings, unescaped (a third of the size and of the
+    parse's memory); tokenizers must read back the very tokenizer it would have saved."""
+    from tokenizers import Tokenizer
+
+    backend = default_loaded[1]._tokenizer._tokenizer
+    backend.save(str(tmp_path / "plain.json"))
+    gguf_convert._save_compact(backend, tmp_path / "compact.json")
+    compact = json.loads((tmp_path / "compact.json").read_text(encoding="utf-8"))
+    assert isinstance(compact["model"]["merges"][0], str)
+    assert (tmp_path / "compact.json").stat().st_size < (tmp_path / "plain.json").stat().st_size / 2
+    plain, small = (Tokenizer.from_file(str(tmp_path / f)) for f in ("plain.json", "compact.json"))
+    text = "".join(p.read_text(errors="ignore") for p in sorted(Path(json.__file__).parent.glob("*.py")))
+    text += " Ünïcödé 日本語 🤖\t\t  <start_of_turn>user\nHi<end_of_turn> <unused5>"
+    assert small.encode(text).ids == plain.encode(text).ids
+    assert small.get_vocab() == plain.get_vocab()
+    assert small.decode(list(range(0, 262144, 5))) == plain.decode(list(range(0, 262144, 5)))
+
+
+def test_compact_tokenizer_json_keeps_merges_with_spaces_as_lists(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {"a": 0, " ": 1, "a ": 2, "b": 3, "ab": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("a", " "), ("a", "b")]))
+    gguf_convert._save_compact(backend, tmp_path / "t.json")
+    assert json.loads((tmp_path / "t.json").read_text())["model"]["merges"] == [["a", " "], ["a", "b"]]
+    assert Tokenizer.from_file(str(tmp_path / "t.json")).encode("a ab").ids == backend.encode("a ab").ids
+
+
 def test_second_resolve_reuses_the_conversion(default_dir, cache):
     weights = default_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

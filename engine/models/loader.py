@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from ..cpu import fused_layers, quant_linear, row_kernels
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import quantized as quantized_weights
-from . import row_attention
+from . import overlapped_layers, row_attention
 
 
 @dataclass
@@ -82,6 +83,37 @@ def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
 _resident: "weakref.WeakValueDictionary[tuple[str, str], nn.Module]" = weakref.WeakValueDictionary()
 
 
+def _load_tokenizer(path: Path, config: dict):
+    try:
+        eos = config.get("eos_token_id")
+        return load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelLoadError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {e}") from e
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc keeps them by default). A load
+    frees a few hundred MB of transients in small blocks (JSON, repacking chunks) that glibc
+    would otherwise keep as the process's RSS for its whole life."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def resident_model(path: Path, dtype: str) -> nn.Module | None:
     """The mlx-lm model an engine in this process already loaded from `path`, if any (not
     one whose weights stay quantized for the native kernels: those run decode only)."""
@@ -93,6 +125,13 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
     """`group`: an mx.distributed group to shard the weights across, in `layout`
     ("tensor" or "pipeline", distributed/sharding.py)."""
     model, config = load_mlx_lm(path)
+    # The tokenizer first: parsing its JSON is the load's largest transient (hundreds of MB
+    # for a 262k vocabulary), and once it is freed and handed back, the weights fill the
+    # same pages instead of adding to the peak.
+    tokenizer = _load_tokenizer(path, config)
+    release_freed_memory()
+    if progress:
+        progress("tokenizer")
     gguf_blocks = bool(quantized_weights.gguf_tensors(config))
     quantized = gguf_blocks or "quantization" in config or "quantization_config" in config
     quant_bytes = 0
@@ -123,15 +162,10 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         row_bytes = row_kernels.install(model) + _output_rows_bytes(model)
         if fused_layers.enabled():
             fused_layers.install(model)
+    overlapped_layers.install(model)
+    release_freed_memory()
     if progress:
         progress("weights")
-    try:
-        eos = config.get("eos_token_id")
-        tokenizer = load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    except Exception as e:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {e}") from e
-    if progress:
-        progress("tokenizer")
     dtypes = {str(p.dtype).removeprefix("mlx.core.") for _, p in tree_flatten(model.parameters())
               if mx.issubdtype(p.dtype, mx.floating)}
     text_config = config.get("text_config", config)
@@ -232,7 +266,7 @@ def decode_products(model):
     With quantized kernels, verify windows attend row by row (models/row_attention.py)."""
     frozen = _frozen_output(model)
     quantized = getattr(model, "_kernelext_quantized", False)
-    with row_kernels.decode_products(), row_attention.row_by_row(quantized):
+    with row_kernels.decode_products(), row_attention.row_by_row(quantized), overlapped_layers.overlapped():
         if frozen is None or frozen.packed is None:
             yield
             return

@@ -25,6 +25,8 @@ import numpy as np
 _fused = mx.fast.scaled_dot_product_attention
 _active = [0]
 _spans: dict = {}  # id(mask) -> (mask, spans): one host read per mask, shared by the layers
+# (kept until row_by_row() exits: Gemma's sliding and global layers alternate two masks,
+# and each read on the host waits for the MLX stream)
 
 
 def _row_spans(mask, batch: int, rows: int, keys: int):
@@ -46,7 +48,6 @@ def _row_spans(mask, batch: int, rows: int, keys: int):
             spans.append((b, i, int(idx[0]), int(idx[-1]) + 1))
         if spans is None:
             break
-    _spans.clear()
     _spans[id(mask)] = (mask, spans)
     return spans
 
