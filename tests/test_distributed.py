@@ -107,8 +107,10 @@ def test_lost_rank_fails_in_flight_requests_and_refuses_new(setup, fault):
     d, hostfile, models = setup
     r = drive(fault, models["llama"], hostfile, d / f"kv-{fault}")
     assert r["error"] is not None and r["error"].startswith("DistributedGroupError")
-    assert "rank 1 (127.0.0.1)" in r["error"]
-    assert ("killed by signal 9" if fault == "kill" else "no heartbeat") in r["error"]
+    if fault == "kill":
+        assert "rank 1 (127.0.0.1) was killed by signal 9" in r["error"]
+    else:  # the heartbeat and the step deadline both expire ~3 s after the stop; either may be first
+        assert "rank 1 (127.0.0.1) sent no heartbeat" in r["error"] or "one step of the group ran" in r["error"]
     assert r["elapsed"] < 3.0 + 7.0  # bounded: the timeout plus slack for a loaded machine
     assert r["refused"] is not None and "group is down" in r["refused"]
     assert r["follower_exit"] is not None  # rank 0 left no process behind

@@ -26,7 +26,7 @@ def start(model_path, config) -> DistributedGroup:
     layout = choose_layout(model, model_config, config.distributed_layout)
     del model
     setup = dict(model=str(Path(model_path).resolve()), dtype=config.dtype, layout=layout,
-                 size=len(read_hostfile(config.hostfile)), family=family(model_config))
+                 size=len(read_hostfile(config.hostfile).hosts), family=family(model_config))
     group = DistributedGroup.start(config.hostfile, setup, timeout=config.distributed_timeout)
     group.layout = layout
     return group
