@@ -15,7 +15,7 @@ from .sharding import choose_layout, family
 
 
 def start(model_path, config) -> DistributedGroup:
-    """Check that the model can be split, then spawn the followers and form the ring."""
+    """Check that the model can be split, then spawn the followers and form the MLX group."""
     from ..models.loader import load_mlx_lm
 
     if config.drafter == "mtp":
