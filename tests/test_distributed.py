@@ -2,13 +2,13 @@
 
 Each group is formed by a fresh rank-0 process (tests/distributed_driver.py), since
 MLX keeps one ring group per process; rank 0 starts rank 1 itself from the hostfile.
-Tiny random models: llama and qwen3 split by mlx-lm's tensor parallelism, qwen3_5
-(GatedDeltaNet + attention hybrid) by its pipeline parallelism.
+Tiny random models: llama and qwen3 split by mlx-lm's tensor parallelism over 2 ranks,
+qwen3_5 (GatedDeltaNet + attention hybrid) by its pipeline parallelism over 3.
 
 Tolerance: tensor parallelism sums each layer's two halves with the ring's all_sum,
 so logits differ from one process in the last bits. Tokens are compared exactly
 (greedy and seeded sampling, plain and speculative); the chosen tokens' logprobs
-within 1e-3 (measured: < 6e-5; pipeline runs are bit-identical without speculation).
+within 1e-3 (measured: < 6e-5).
 """
 
 import json
@@ -51,11 +51,15 @@ def drive(action, model, hostfile, cache_dir, layout="auto", timeout=240) -> dic
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "tensor"), ("qwen3", "tensor"), ("qwen3_5", "pipeline")])
-def test_two_ranks_match_one_process(setup, family, layout):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_two_ranks_match_one_process(setup, family):
     d, hostfile, models = setup
-    r = drive("compare", models[family], hostfile, d / f"kv-{family}", layout=layout)
-    assert (r["layout"], r["ranks"]) == (layout, 2)
+    r = drive("compare", models[family], hostfile, d / f"kv-{family}")
+    assert (r["layout"], r["ranks"]) == ("tensor", 2)
+    assert_same_outputs(r)
+
+
+def assert_same_outputs(r: dict) -> None:
     for run in ("dist-none", "dist-ngram"):
         for i, (want, got) in enumerate(zip(r["single"], r[run], strict=True)):
             kind = "greedy" if i % 2 == 0 else "seeded sample"
@@ -66,14 +70,13 @@ def test_two_ranks_match_one_process(setup, family, layout):
 
 
 def test_three_ranks(setup):
-    """Pipeline over 3 ranks (layers 2 + 1 + 1, hand-offs between followers too) matches
-    one process; tensor parallelism over 3 ranks cannot split 2 KV heads: a clear error
-    once the group has formed, and no rank left running."""
+    """Pipeline parallelism over 3 ranks (qwen3_5's 4 layers as 2 + 1 + 1, hand-offs
+    between followers too) matches one process; tensor parallelism over 3 ranks cannot
+    split 2 KV heads: a clear error once the group has formed, and no rank left running."""
     d, _, models = setup
     r = drive("compare", models["qwen3_5"], d / "hosts3.json", d / "kv-3", layout="pipeline")
     assert (r["layout"], r["ranks"]) == ("pipeline", 3)
-    for i, (want, got) in enumerate(zip(r["single"], r["dist-none"], strict=True)):
-        assert got["tokens"] == want["tokens"], f"request {i} differs"
+    assert_same_outputs(r)
     failed = drive("load_error", models["llama"], d / "hosts3.json", d / "kv-3t")
     # Rank 0's own shard() error, or (when a follower got there first) the group's, quoting it.
     assert failed["error"].startswith(("UnsupportedModelError", "ModelLoadError"))
