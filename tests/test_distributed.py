@@ -2,13 +2,13 @@
 
 Each group is formed by a fresh rank-0 process (tests/distributed_driver.py), since
 MLX keeps one ring group per process; rank 0 starts rank 1 itself from the hostfile.
-Tiny random models: llama and qwen3 split by mlx-lm's tensor parallelism, qwen3_5
-(GatedDeltaNet + attention hybrid) by its pipeline parallelism.
+Tiny random models: llama and qwen3 split by mlx-lm's tensor parallelism over 2 ranks,
+qwen3_5 (GatedDeltaNet + attention hybrid) by its pipeline parallelism over 3.
 
 Tolerance: tensor parallelism sums each layer's two halves with the ring's all_sum,
 so logits differ from one process in the last bits. Tokens are compared exactly
 (greedy and seeded sampling, plain and speculative); the chosen tokens' logprobs
-within 1e-3 (measured: < 6e-5; pipeline runs are bit-identical without speculation).
+within 1e-3 (measured: < 6e-5).
 """
 
 import json
@@ -51,11 +51,15 @@ def drive(action, model, hostfile, cache_dir, layout="auto", timeout=240) -> dic
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.parametrize("family,layout", [("llama", "tensor"), ("qwen3", "tensor"), ("qwen3_5", "pipeline")])
-def test_two_ranks_match_one_process(setup, family, layout):
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_two_ranks_match_one_process(setup, family):
     d, hostfile, models = setup
-    r = drive("compare", models[family], hostfile, d / f"kv-{family}", layout=layout)
-    assert (r["layout"], r["ranks"]) == (layout, 2)
+    r = drive("compare", models[family], hostfile, d / f"kv-{family}")
+    assert (r["layout"], r["ranks"]) == ("tensor", 2)
+    assert_same_outputs(r)
+
+
+def assert_same_outputs(r: dict) -> None:
     for run in ("dist-none", "dist-ngram"):
         for i, (want, got) in enumerate(zip(r["single"], r[run], strict=True)):
             kind = "greedy" if i % 2 == 0 else "seeded sample"
@@ -66,16 +70,17 @@ def test_two_ranks_match_one_process(setup, family, layout):
 
 
 def test_three_ranks(setup):
-    """Pipeline over 3 ranks (layers 2 + 1 + 1, hand-offs between followers too) matches
-    one process; tensor parallelism over 3 ranks cannot split 2 KV heads: a clear error
-    once the group has formed, and no rank left running."""
+    """Pipeline parallelism over 3 ranks (qwen3_5's 4 layers as 2 + 1 + 1, hand-offs
+    between followers too) matches one process; tensor parallelism over 3 ranks cannot
+    split 2 KV heads: a clear error once the group has formed, and no rank left running."""
     d, _, models = setup
     r = drive("compare", models["qwen3_5"], d / "hosts3.json", d / "kv-3", layout="pipeline")
     assert (r["layout"], r["ranks"]) == ("pipeline", 3)
-    for i, (want, got) in enumerate(zip(r["single"], r["dist-none"], strict=True)):
-        assert got["tokens"] == want["tokens"], f"request {i} differs"
+    assert_same_outputs(r)
     failed = drive("load_error", models["llama"], d / "hosts3.json", d / "kv-3t")
-    assert failed["error"].startswith("UnsupportedModelError") and "'llama' across 3 ranks" in failed["error"]
+    # Rank 0's own shard() error, or (when a follower got there first) the group's, quoting it.
+    assert failed["error"].startswith(("UnsupportedModelError", "ModelLoadError"))
+    assert "cannot split model family 'llama' across 3 ranks" in failed["error"]
     assert failed["children"] == []
 
 
@@ -107,8 +112,10 @@ def test_lost_rank_fails_in_flight_requests_and_refuses_new(setup, fault):
     d, hostfile, models = setup
     r = drive(fault, models["llama"], hostfile, d / f"kv-{fault}")
     assert r["error"] is not None and r["error"].startswith("DistributedGroupError")
-    assert "rank 1 (127.0.0.1)" in r["error"]
-    assert ("killed by signal 9" if fault == "kill" else "no heartbeat") in r["error"]
+    if fault == "kill":
+        assert "rank 1 (127.0.0.1) was killed by signal 9" in r["error"]
+    else:  # the heartbeat and the step deadline both expire ~3 s after the stop; either may be first
+        assert "rank 1 (127.0.0.1) sent no heartbeat" in r["error"] or "one step of the group ran" in r["error"]
     assert r["elapsed"] < 3.0 + 7.0  # bounded: the timeout plus slack for a loaded machine
     assert r["refused"] is not None and "group is down" in r["refused"]
     assert r["follower_exit"] is not None  # rank 0 left no process behind
@@ -148,6 +155,23 @@ def test_bad_hostfiles_are_clear_errors(tmp_path, setup):
         Engine.load(models["llama"], EngineConfig(progress=False, hostfile=str(one)))
     with pytest.raises(Exception, match="does not exist"):
         EngineConfig(hostfile=str(tmp_path / "missing.json"))
+    no_rdma = tmp_path / "no-rdma.json"
+    no_rdma.write_text(json.dumps({"backend": "jaccl", "hosts": [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2}))
+    with pytest.raises(Exception, match='needs "rdma"'):
+        Engine.load(models["llama"], EngineConfig(progress=False, hostfile=str(no_rdma)))
+
+
+def test_jaccl_without_rdma_fails_cleanly(setup, tmp_path):
+    """A JACCL hostfile where RDMA over Thunderbolt is not there (this machine): a clear
+    load error from MLX, at once, and no rank left running."""
+    d, _, models = setup
+    hostfile = tmp_path / "jaccl.json"
+    hostfile.write_text(json.dumps({"backend": "jaccl", "hosts": [
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": [None, "rdma_en2"]},
+        {"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": ["rdma_en2", None]}]}))
+    r = drive("load_error", models["llama"], hostfile, d / "kv-jaccl", timeout=60)
+    assert r["error"].startswith("ModelLoadError: could not form the jaccl group")
+    assert r["children"] == []
 
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n" * 12  # > one 128-token block

@@ -1,4 +1,4 @@
-"""One model across several processes or Macs (mx.distributed, ring backend).
+"""One model across several processes or Macs (mx.distributed: ring, or JACCL).
 
     launch.py    what EngineCore calls with a hostfile: start the group, wrap the runner
     hostfile.py  mlx.launch's hostfile; starting ranks 1..N-1 as mlx.launch would

@@ -42,10 +42,11 @@ class Follower:
         from ..models import loader
 
         self.mx, self.rank = mx, rank
-        self.group = mx.distributed.init(backend="ring", strict=True)
-        ring_file = Path(os.environ.get("MLX_HOSTFILE", ""))
-        if ring_file.name.startswith("kernelext-ring-"):  # written for us by rank 0 (hostfile.py)
-            ring_file.unlink(missing_ok=True)
+        self.group = mx.distributed.init(backend=setup["backend"], strict=True)
+        for name in ("MLX_HOSTFILE", "MLX_IBV_DEVICES"):
+            written = Path(os.environ.get(name, ""))
+            if written.name.startswith("kernelext-group-"):  # by rank 0 for us (hostfile.py)
+                written.unlink(missing_ok=True)
         if self.group.rank() != rank or self.group.size() != setup["size"]:
             raise RuntimeError(f"ring says rank {self.group.rank()}/{self.group.size()}, "
                                f"rank 0 says {rank}/{setup['size']}")

@@ -11,7 +11,7 @@ is blocked in raises at once (MLX's ring backend fails pending work on a lost pe
 and the step loop fails the in-flight requests with the group's error. From then
 on every call raises that error and the engine refuses new requests.
 
-MLX keeps one ring group per process (`mx.distributed.init` returns it again), so a
+MLX keeps one group per process (`mx.distributed.init` returns it again), so a
 process that lost its group cannot form another: restart the kernel or the server.
 Each rank's SSD tier brings the prefixes back.
 """
@@ -28,16 +28,16 @@ from pathlib import Path
 
 from ..errors import DistributedGroupError, ModelLoadError
 from .channel import Channel
-from .hostfile import Host, read_hostfile, ring_hostfile, spawn_follower
+from .hostfile import Cluster, group_environment, read_hostfile, spawn_follower, write_files
 
 HEARTBEAT_S = 0.5  # a follower's heartbeat period (follower.py)
-_ring_used = False  # this process already formed its one ring group
+_group_formed = False  # this process already formed its one MLX group
 
 
 class DistributedGroup:
-    def __init__(self, hosts: list[Host], timeout: float):
-        self.hosts, self.timeout = hosts, timeout
-        self.size = len(hosts)
+    def __init__(self, cluster: Cluster, timeout: float):
+        self.cluster, self.hosts, self.timeout = cluster, cluster.hosts, timeout
+        self.size = len(cluster.hosts)
         self.layout = "tensor"  # set by launch.start: "tensor" or "pipeline" (sharding.py)
         self.error: DistributedGroupError | None = None
         self.mx_group = None
@@ -55,15 +55,17 @@ class DistributedGroup:
     @classmethod
     def start(cls, hostfile, setup: dict, timeout: float, connect_timeout: float = 120.0):
         """Spawn ranks 1..N-1, wait for their plan connections, send them `setup` (the
-        model and load options), then form the ring group with them (MLX thread)."""
-        global _ring_used
-        if _ring_used:
+        model and load options), then form the MLX group with them (MLX thread)."""
+        global _group_formed
+        if _group_formed:
             raise DistributedGroupError(
-                "this process already formed an MLX ring group (MLX keeps one per process); "
+                "this process already formed an MLX group (MLX keeps one per process); "
                 "restart the kernel or the server to start a new group")
-        hosts = read_hostfile(hostfile)
-        group = cls(hosts, timeout)
-        ring = ring_hostfile(hosts)
+        cluster = read_hostfile(hostfile)
+        hosts = cluster.hosts
+        group = cls(cluster, timeout)
+        env, files = group_environment(cluster)
+        setup = {**setup, "backend": cluster.mlx_backend}
         listener = socket.create_server((hosts[0].ip, 0), family=socket.AF_INET6 if ":" in hosts[0].ip
                                         else socket.AF_INET)
         address = f"{hosts[0].ip}:{listener.getsockname()[1]}"
@@ -71,13 +73,14 @@ class DistributedGroup:
             for host in hosts[1:]:
                 group.logs[host.rank] = Path(tempfile.mkstemp(prefix=f"kernelext-rank{host.rank}-",
                                                               suffix=".log")[1])
-                group.processes[host.rank] = spawn_follower(host, ring, address, group.logs[host.rank])
+                group.processes[host.rank] = spawn_follower(host, env, files, address,
+                                                            group.logs[host.rank])
             group._accept(listener, connect_timeout)
             for rank, channel in group.channels.items():
                 channel.send({"op": "setup", "args": [setup]})
             group._start_watchdog()
-            _ring_used = True  # even if forming it fails: MLX may hold a half-made group
-            group.mx_group = group._form_ring(ring, max(timeout, 10.0))
+            _group_formed = True  # even if forming it fails: MLX may hold a half-made group
+            group.mx_group = group._form(env, files, max(timeout, 10.0))
         except BaseException:
             group.close(graceful=False)
             raise
@@ -85,7 +88,7 @@ class DistributedGroup:
             listener.close()
         return group
 
-    def _form_ring(self, ring: str, timeout: float):
+    def _form(self, env: dict, files: dict, timeout: float):
         """mx.distributed.init, which retries until every peer is there: on a helper
         thread, so a follower that died before joining fails the load (with its reason)
         instead of blocking this thread for ever. The helper is left blocked then."""
@@ -93,11 +96,11 @@ class DistributedGroup:
 
         def run():
             try:
-                box["group"] = _init_ring(ring)
+                box["group"] = _init(self.cluster.mlx_backend, env, files)
             except BaseException as e:
                 box["error"] = e
 
-        helper = threading.Thread(target=run, daemon=True, name="kernelext-ring-init")
+        helper = threading.Thread(target=run, daemon=True, name="kernelext-group-init")
         helper.start()
         deadline = time.monotonic() + timeout
         while helper.is_alive() and self.error is None and time.monotonic() < deadline:
@@ -106,7 +109,7 @@ class DistributedGroup:
             raise box["error"]
         if "group" not in box:
             if self.error is None:
-                self.fail(f"the ring did not form within {timeout:.0f} s")
+                self.fail(f"the group did not form within {timeout:.0f} s")
             raise ModelLoadError(str(self.error))
         return box["group"]
 
@@ -164,14 +167,14 @@ class DistributedGroup:
         try:
             yield
         except RuntimeError as e:
-            if self.error is None and "[ring]" not in str(e):
+            if self.error is None and not str(e).startswith(("[ring]", "[jaccl]")):
                 raise
             # MLX says only that a peer is gone; the plan connections say which one
             # (a reader thread fails the group with the rank and its exit code).
             deadline = time.monotonic() + 2.0
             while self.error is None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            self.fail(f"the ring lost a peer ({e})")
+            self.fail(f"MLX lost a peer ({e})")
             raise self.error from e
         finally:
             self.step_since = None
@@ -272,21 +275,23 @@ class DistributedGroup:
                 log.unlink(missing_ok=True)
 
 
-def _init_ring(ring: str):
-    """Rank 0's ring group. MLX reads the rank and the ring from the environment; they
-    are set only for the call, so processes this one starts later do not inherit them."""
+def _init(backend: str, env: dict, files: dict):
+    """Rank 0's group. MLX reads the rank and the group's description from the
+    environment; they are set only for the call, so processes this one starts later
+    do not inherit them."""
     import mlx.core as mx
 
-    path = Path(tempfile.mkstemp(prefix="kernelext-ring-", suffix=".json")[1])
-    path.write_text(ring)
-    saved = {k: os.environ.get(k) for k in ("MLX_RANK", "MLX_HOSTFILE")}
-    os.environ.update(MLX_RANK="0", MLX_HOSTFILE=str(path))
+    paths = write_files(files)
+    wanted = {**env, **paths, "MLX_RANK": "0"}
+    saved = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
     try:
-        return mx.distributed.init(backend="ring", strict=True)
+        return mx.distributed.init(backend=backend, strict=True)
     except RuntimeError as e:
-        raise ModelLoadError(f"could not form the ring group: {e}") from e
+        raise ModelLoadError(f"could not form the {backend} group: {e}") from e
     finally:
-        path.unlink(missing_ok=True)  # read by init
+        for path in paths.values():
+            Path(path).unlink(missing_ok=True)  # read by init
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

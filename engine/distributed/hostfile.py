@@ -5,10 +5,11 @@ The hostfile is mlx.launch's own JSON format (parsed by mlx's parser), e.g.
     [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "mac-b.local", "ips": ["10.0.0.2"]}]
 
 Entry 0 is this process (rank 0: scheduler, server, notebook). For every other
-entry, rank 0 starts a follower the way mlx.launch starts a ring rank: the same
-environment variables (MLX_RANK, MLX_HOSTFILE holding the ring's "ip:port" lists),
-locally for 127.0.0.1/localhost and over `ssh -tt` otherwise (the remote process
-ends with the ssh session). mlx.launch itself cannot be used as is because it
+entry, rank 0 starts a follower the way mlx.launch starts a rank: the same
+environment variables (MLX_RANK; for the ring MLX_HOSTFILE, a file of the ring's
+"ip:port" lists; for JACCL MLX_JACCL_COORDINATOR and MLX_IBV_DEVICES; the hostfile's
+"envs"), locally for 127.0.0.1/localhost and over `ssh -tt` otherwise (the remote
+process ends with the ssh session). mlx.launch itself cannot be used as is because it
 starts every rank, rank 0 included, as a new process, and rank 0 must be the
 process the user already has (the Jupyter kernel or `kernelext serve`).
 """
@@ -28,7 +29,8 @@ from pathlib import Path
 from ..errors import InvalidRequestError
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-RING_PORT = 32323  # mlx.launch's default --starting-port, for ranks on other machines
+RING_PORT = 32323  # mlx.launch's default --starting-port (ring ranks on other machines, JACCL's coordinator)
+BACKENDS = ("ring", "jaccl", "jaccl-ring")
 
 
 @dataclass
@@ -36,38 +38,64 @@ class Host:
     rank: int
     ssh: str
     ip: str
+    rdma: list  # JACCL: this rank's RDMA device per peer (None for itself)
 
     @property
     def local(self) -> bool:
         return self.ssh in LOCAL_HOSTS
 
 
-def read_hostfile(path: str | os.PathLike) -> list[Host]:
+@dataclass
+class Cluster:
+    hosts: list[Host]
+    backend: str  # one of BACKENDS
+    envs: list[str]  # the hostfile's "envs" ("NAME=value"), set on every rank
+
+    @property
+    def mlx_backend(self) -> str:
+        return "ring" if self.backend == "ring" else "jaccl"
+
+
+def read_hostfile(path: str | os.PathLike) -> Cluster:
     from mlx._distributed_utils.common import Hostfile  # mlx.launch's parser
 
     try:
         parsed = Hostfile.from_file(path)
     except ValueError as e:
         raise InvalidRequestError(f"cannot read the hostfile: {e}") from e
-    if parsed.backend not in ("", "ring"):
+    backend = parsed.backend or "ring"
+    if backend not in BACKENDS:
         raise InvalidRequestError(
-            f"hostfile {path}: backend {parsed.backend!r} is not supported; kernelext runs "
-            "MLX's ring backend (TCP, including Thunderbolt bridges)")
-    if len(parsed.hosts) < 2:
-        raise InvalidRequestError(f"hostfile {path} lists {len(parsed.hosts)} host(s); a group needs 2 or more")
+            f"hostfile {path}: backend {backend!r} is not supported; kernelext runs MLX's ring "
+            "backend (TCP, Thunderbolt bridges included) and JACCL (RDMA over Thunderbolt)")
+    n = len(parsed.hosts)
+    if n < 2:
+        raise InvalidRequestError(f"hostfile {path} lists {n} host(s); a group needs 2 or more")
     hosts = []
     for h in parsed.hosts:
         if not h.ips:
             raise InvalidRequestError(
-                f"hostfile {path}: host {h.ssh_hostname!r} has no \"ips\"; the ring backend needs IP addresses")
-        hosts.append(Host(h.rank, h.ssh_hostname, h.ips[0]))
-    return hosts
+                f"hostfile {path}: host {h.ssh_hostname!r} has no \"ips\"; MLX's backends need IP addresses")
+        if backend != "ring" and (len(h.rdma) != n or h.rdma[h.rank] is not None):
+            raise InvalidRequestError(
+                f"hostfile {path}: host {h.ssh_hostname!r} needs \"rdma\" with one entry per host, "
+                "null for itself (mlx.distributed_config --backend jaccl writes it)")
+        hosts.append(Host(h.rank, h.ssh_hostname, h.ips[0], list(h.rdma)))
+    return Cluster(hosts, backend, list(parsed.envs))
 
 
-def ring_hostfile(hosts: list[Host]) -> str:
-    """MLX_HOSTFILE's content for the ring backend: one ["ip:port"] list per rank."""
-    ports = [_free_port(h.ip) if h.local else RING_PORT + h.rank for h in hosts]
-    return json.dumps([[f"{h.ip}:{p}"] for h, p in zip(hosts, ports)])
+def group_environment(cluster: Cluster) -> tuple[dict[str, str], dict[str, str]]:
+    """What every rank's MLX reads to form the group, as mlx.launch sets it: variables,
+    and variables that name a file holding the given content. MLX_RANK comes on top."""
+    env = dict(e.split("=", 1) for e in cluster.envs if "=" in e)
+    if cluster.backend == "ring":
+        ports = [_free_port(h.ip) if h.local else RING_PORT + h.rank for h in cluster.hosts]
+        ring = [[f"{h.ip}:{p}"] for h, p in zip(cluster.hosts, ports)]
+        return env, {"MLX_HOSTFILE": json.dumps(ring)}
+    env["MLX_JACCL_COORDINATOR"] = f"{cluster.hosts[0].ip}:{RING_PORT}"
+    if cluster.backend == "jaccl-ring":
+        env["MLX_JACCL_RING"] = "1"
+    return env, {"MLX_IBV_DEVICES": json.dumps([h.rdma for h in cluster.hosts])}
 
 
 def _free_port(ip: str) -> int:
@@ -76,22 +104,36 @@ def _free_port(ip: str) -> int:
         return s.getsockname()[1]
 
 
-def spawn_follower(host: Host, ring: str, plan_address: str, log_path: Path) -> subprocess.Popen:
-    """Start rank `host.rank`: `python -m engine.distributed.follower` with the ring's
+def write_files(files: dict[str, str]) -> dict[str, str]:
+    """Each content in a temp file (kernelext-group-*); the variables naming them."""
+    out = {}
+    for name, content in files.items():
+        fd, path = tempfile.mkstemp(prefix="kernelext-group-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(content)
+        out[name] = path
+    return out
+
+
+def spawn_follower(host: Host, env: dict[str, str], files: dict[str, str], plan_address: str,
+                   log_path: Path) -> subprocess.Popen:
+    """Start rank `host.rank`: `python -m engine.distributed.follower` with the group's
     environment, its output in `log_path`."""
     command = [sys.executable, "-m", "engine.distributed.follower", "--plan", plan_address,
                "--rank", str(host.rank)]
     log = open(log_path, "wb")
+    rank_env = {**env, "MLX_RANK": str(host.rank)}
     if host.local:
-        ring_file = Path(tempfile.mkstemp(prefix="kernelext-ring-", suffix=".json")[1])
-        ring_file.write_text(ring)
-        env = dict(os.environ, MLX_RANK=str(host.rank), MLX_HOSTFILE=str(ring_file))
-        return subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    # As mlx.launch does: the same interpreter path and working directory on the remote host.
-    script = (f"cd {shlex.quote(os.getcwd())} 2>/dev/null; export MLX_RANK={host.rank}; "
-              f"f=$(mktemp); echo {shlex.quote(ring)} > $f; export MLX_HOSTFILE=$f; "
-              f"exec {shlex.join(command)}")
+        rank_env.update(write_files(files))
+        return subprocess.Popen(command, env={**os.environ, **rank_env}, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # As mlx.launch does: the same interpreter path and working directory on the remote
+    # host, the files written there with mktemp.
+    script = f"cd {shlex.quote(os.getcwd())} 2>/dev/null; "
+    script += "".join(f"export {k}={shlex.quote(v)}; " for k, v in rank_env.items())
+    for name, content in files.items():
+        script += f"f=$(mktemp); echo {shlex.quote(content)} > $f; export {name}=$f; "
+    script += f"exec {shlex.join(command)}"
     return subprocess.Popen(["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, script],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)

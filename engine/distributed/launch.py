@@ -15,7 +15,7 @@ from .sharding import choose_layout, family
 
 
 def start(model_path, config) -> DistributedGroup:
-    """Check that the model can be split, then spawn the followers and form the ring."""
+    """Check that the model can be split, then spawn the followers and form the MLX group."""
     from ..models.loader import load_mlx_lm
 
     if config.drafter == "mtp":
@@ -26,7 +26,7 @@ def start(model_path, config) -> DistributedGroup:
     layout = choose_layout(model, model_config, config.distributed_layout)
     del model
     setup = dict(model=str(Path(model_path).resolve()), dtype=config.dtype, layout=layout,
-                 size=len(read_hostfile(config.hostfile)), family=family(model_config))
+                 size=len(read_hostfile(config.hostfile).hosts), family=family(model_config))
     group = DistributedGroup.start(config.hostfile, setup, timeout=config.distributed_timeout)
     group.layout = layout
     return group
