@@ -27,7 +27,8 @@ _subclasses: dict[type, type] = {}
 def _layers(model: nn.Module) -> list:
     lm = getattr(model, "language_model", model)
     layers = getattr(getattr(lm, "model", lm), "layers", None)
-    return list(layers) if isinstance(layers, (list, tuple)) else []
+    # A pipeline-parallel rank keeps None in place of other ranks' layers (distributed/sharding.py).
+    return [layer for layer in layers if layer is not None] if isinstance(layers, (list, tuple)) else []
 
 
 def _overlapping(cls: type) -> type:
