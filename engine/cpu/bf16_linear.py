@@ -1,0 +1,74 @@
+"""Encoder products in bfloat16 on the CPU (AVX-512 BF16), for embedding and reranking models.
+
+An encoder forward multiplies every token of a batch by every weight matrix: 32 texts of
+128 tokens are 4096 rows, a compute-bound product. In float32 this CPU's FMA units cap it
+at about torch's speed (sentence-transformers measured at ~fp32 peak here); vdpbf16ps does
+two multiply-adds per float32 lane per instruction, twice the float32 rate. Rounding the
+weights and activations to bfloat16 (float32 accumulation) keeps all-MiniLM-L6-v2's
+vectors within 3e-5 cosine of the float32 ones (tests/test_embeddings.py checks 1e-3
+against sentence-transformers); int8 activations per 32 (native/quant_matmul.cpp) fell to
+0.9990 there, so the encoder does not use them.
+
+`native/bf16_matmul.cpp` adds the bias (and the GELU of the intermediate layer) in the
+same pass. Every output is one chain over k in order, so a row's bits do not depend on
+its batch. Used by engine/embed/packed_encoder.py when `available()`; elsewhere (Metal,
+other CPUs, not built) encoders run MLX's float32 path. KERNELEXT_ENCODER_KERNELS=0
+turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import mlx.core as mx
+
+PANEL = 64  # outputs per weight panel (native/bf16_matmul.cpp)
+
+try:
+    from . import _bf16_matmul as _native
+except ImportError:  # not built (`make native`), or built for another mlx
+    _native = None
+
+
+def available() -> bool:
+    if _native is None or os.environ.get("KERNELEXT_ENCODER_KERNELS", "1") == "0":
+        return False
+    return mx.default_device() == mx.cpu and _native.supported() and _binds()
+
+
+@functools.cache
+def _binds() -> bool:
+    try:
+        mx.eval(_native.bf16_matmul(mx.zeros((1, 2)), mx.zeros((1, 1, 2 * PANEL), mx.uint16),
+                                    mx.zeros((PANEL,)), False))
+        return True
+    except TypeError:
+        warnings.warn("kernelext: engine/cpu/_bf16_matmul was built for another mlx; run `make native` "
+                      "(encoders run in float32)", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def fits(n: int, k: int) -> bool:
+    """Whether a [n, k] weight fits the panel layout."""
+    return n % PANEL == 0 and k % 2 == 0
+
+
+class Bf16Linear:
+    """x @ W.T + b, W [n, k] rounded to bfloat16 once and packed as [n/64, k/2, 64 x 2]."""
+
+    def __init__(self, weight: mx.array, bias: mx.array | None):
+        n, k = weight.shape
+        w = weight.astype(mx.bfloat16).view(mx.uint16)
+        self.packed = mx.contiguous(w.reshape(n // PANEL, PANEL, k // 2, 2).transpose(0, 2, 1, 3)
+                                    .reshape(n // PANEL, k // 2, 2 * PANEL))
+        self.bias = (bias if bias is not None else mx.zeros((n,))).astype(mx.float32)
+        mx.eval(self.packed, self.bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.bias.nbytes
+
+    def __call__(self, x: mx.array, gelu: bool = False) -> mx.array:
+        return _native.bf16_matmul(x, self.packed, self.bias, gelu)
