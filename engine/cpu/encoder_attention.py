@@ -38,8 +38,7 @@ def _binds() -> bool:
 
 
 def fits(hidden: int, heads: int) -> bool:
-    head = hidden // heads
-    return hidden % heads == 0 and head % 16 == 0 and head <= 128
+    return hidden % heads == 0 and hidden // heads <= 128
 
 
 def short_attention(qkv: mx.array, starts: mx.array, heads: int, scale: float) -> mx.array:

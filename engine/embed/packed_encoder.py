@@ -5,8 +5,8 @@ The batch's texts are laid end to end ([T] token ids, T = the sum of their lengt
 `starts` marks where each begins; every layer works on [T, H] rows, so padding costs
 nothing (a padded batch of one long and many short texts multiplied the long one's
 width). Per layer: one product for Q, K and V together, attention per text and head in
-one native call, the output product, then the intermediate product with its GELU fused.
-The residual adds and LayerNorms stay in MLX.
+one native call, the output product with its residual add and LayerNorm fused, then the
+intermediate product with its GELU fused, and the last product with its add and norm.
 
 Every step works per token or per text in a fixed order, so a text's vector is the
 same alone or in any batch. Built by runner.py only when both kernels are available
@@ -31,8 +31,7 @@ def supported(model: bert.BertModel, config: dict) -> bool:
     if not (bf16_linear.available() and encoder_attention.available()):
         return False
     h, ffn = config["hidden_size"], config["intermediate_size"]
-    return (encoder_attention.fits(h, config["num_attention_heads"])
-            and bf16_linear.fits(3 * h, h) and bf16_linear.fits(ffn, h) and bf16_linear.fits(h, ffn))
+    return encoder_attention.fits(h, config["num_attention_heads"]) and bf16_linear.fits(h) and bf16_linear.fits(ffn)
 
 
 @dataclass
@@ -98,11 +97,11 @@ class PackedEncoder:
                         + e.token_type_embeddings(packed.types))
         for layer in self.layers:
             a = encoder_attention.short_attention(layer.qkv(x), packed.starts, self.heads, self.scale)
-            a = layer.attention_norm(layer.out(a) + x)
+            a = layer.out.add_norm(a, x, layer.attention_norm)
             h = layer.up(a, gelu=layer.exact_gelu)
             if not layer.exact_gelu:
                 h = nn.gelu_approx(h)
-            x = layer.output_norm(layer.down(h) + a)
+            x = layer.down.add_norm(h, a, layer.output_norm)
         return x
 
 

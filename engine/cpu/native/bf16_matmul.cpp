@@ -12,7 +12,10 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <memory>
+#include <optional>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -58,10 +61,11 @@ KX_TARGET inline __m512 gelu_erf(__m512 x) {
   return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(one, erf));
 }
 
-// R rows (bf16, row stride K) times one weight panel, + bias, optional GELU, into out.
+// R rows (bf16, row stride K) times one weight panel, + bias, optional GELU, into the
+// panel's first `valid` columns of out.
 template <int R>
 KX_TARGET void kernel(const uint16_t* x, int K, const uint16_t* panel, const float* bias, bool gelu,
-                      float* out, long ldo) {
+                      float* out, long ldo, int valid) {
   __m512 acc[R][4];
 #pragma GCC unroll 8
   for (int r = 0; r < R; r++)
@@ -88,11 +92,40 @@ KX_TARGET void kernel(const uint16_t* x, int K, const uint16_t* panel, const flo
     for (int c = 0; c < 4; c++) {
       __m512 v = _mm512_add_ps(acc[r][c], _mm512_loadu_ps(bias + c * 16));
       if (gelu) v = gelu_erf(v);
-      _mm512_storeu_ps(out + (size_t)r * ldo + c * 16, v);
+      int left = valid - c * 16;
+      __mmask16 m = left >= 16 ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1) : 0;
+      _mm512_mask_storeu_ps(out + (size_t)r * ldo + c * 16, m, v);
     }
 }
 
-using KernelFn = void (*)(const uint16_t*, int, const uint16_t*, const float*, bool, float*, long);
+// y = LayerNorm(y + residual) over one row of N: y's sum, then the squared deviations,
+// each in 16 lanes in order and reduced in a fixed order (one row's bits, any batch).
+KX_TARGET void add_norm(float* y, const float* residual, const float* gamma, const float* beta, int N,
+                        float eps) {
+  __m512 sum = _mm512_setzero_ps();
+  for (int k = 0; k < N; k += 16) {
+    __mmask16 m = N - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - k)) - 1);
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, y + k), _mm512_maskz_loadu_ps(m, residual + k));
+    _mm512_mask_storeu_ps(y + k, m, v);
+    sum = _mm512_add_ps(sum, v);
+  }
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / N);
+  __m512 sq = _mm512_setzero_ps();
+  for (int k = 0; k < N; k += 16) {
+    __mmask16 m = N - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - k)) - 1);
+    __m512 d = _mm512_maskz_sub_ps(m, _mm512_loadu_ps(y + k), mean);
+    sq = _mm512_fmadd_ps(d, d, sq);
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(sq) / N + eps));
+  for (int k = 0; k < N; k += 16) {
+    __mmask16 m = N - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - k)) - 1);
+    __m512 d = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, y + k), mean), inv);
+    __m512 v = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(m, gamma + k), _mm512_maskz_loadu_ps(m, beta + k));
+    _mm512_mask_storeu_ps(y + k, m, v);
+  }
+}
+
+using KernelFn = void (*)(const uint16_t*, int, const uint16_t*, const float*, bool, float*, long, int);
 const KernelFn kernels[kRows + 1] = {nullptr, kernel<1>, kernel<2>, kernel<3>, kernel<4>, kernel<5>, kernel<6>};
 
 // Rows [r0, r1) of x float32 [M][K] to bfloat16, each row on its own.
@@ -111,7 +144,8 @@ void multiply(const uint16_t* xb, int K, const uint16_t* w, const float* bias, b
   const uint16_t* panel = w + (size_t)p * K * kPanel;
   for (int r = r0; r < r1; r += kRows) {
     int rows = std::min(kRows, r1 - r);
-    kernels[rows](xb + (size_t)r * K, K, panel, bias + p * kPanel, gelu, out + (size_t)r * N + p * kPanel, N);
+    kernels[rows](xb + (size_t)r * K, K, panel, bias + p * kPanel, gelu, out + (size_t)r * N + p * kPanel, N,
+                  (int)std::min<long>(kPanel, N - p * kPanel));
   }
 }
 
@@ -121,9 +155,18 @@ bool supported() {
          __builtin_cpu_supports("avx512bf16");
 }
 
+// The residual add and LayerNorm after a product (BERT's attention and layer outputs).
+struct Norm {
+  const float* residual;  // [M][N]
+  const float* gamma;
+  const float* beta;
+  float eps;
+};
+
 class Bf16Matmul : public mx::Primitive {
  public:
-  Bf16Matmul(mx::Stream stream, bool gelu) : mx::Primitive(stream), gelu_(gelu) {}
+  Bf16Matmul(mx::Stream stream, long n, bool gelu, bool norm, float eps)
+      : mx::Primitive(stream), n_(n), gelu_(gelu), norm_(norm), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
@@ -131,30 +174,42 @@ class Bf16Matmul : public mx::Primitive {
     mx::array& out = outputs[0];
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(w);
-    encoder.set_input_array(bias);
+    for (auto& a : inputs) encoder.set_input_array(a);
     encoder.set_output_array(out);
     int K = w.shape(1) * 2;
     int M = (int)(x.size() / K);
-    long panels = w.shape(0), N = panels * kPanel;
+    long panels = w.shape(0), N = n_;
+    std::optional<Norm> norm;
+    if (norm_) norm = Norm{inputs[3].data<float>(), inputs[4].data<float>(), inputs[5].data<float>(), eps_};
     encoder.dispatch([xp = x.data<float>(), wp = w.data<uint16_t>(), bp = bias.data<float>(),
-                      op = out.data<float>(), M, K, N, panels, gelu = gelu_]() {
+                      op = out.data<float>(), M, K, N, panels, gelu = gelu_, norm]() {
       if (M == 0) return;
-      std::vector<uint16_t> xb((size_t)M * K);
+      std::unique_ptr<uint16_t[]> xb(new uint16_t[(size_t)M * K]);
+      // Rows [r0, r1) through every panel, then their residual add and norm (a row block's
+      // outputs are still in cache).
+      auto rows_all_panels = [&](int r0, int r1) {
+        for (long p = 0; p < panels; p++) multiply(xb.get(), K, wp, bp, gelu, N, op, r0, r1, p);
+        if (norm)
+          for (int r = r0; r < r1; r++)
+            add_norm(op + (size_t)r * N, norm->residual + (size_t)r * N, norm->gamma, norm->beta, (int)N, norm->eps);
+      };
       if ((double)M * K * N < kParallelMultiplyAdds) {
-        to_bf16(xp, xb.data(), K, 0, M);
-        for (long p = 0; p < panels; p++) multiply(xb.data(), K, wp, bp, gelu, N, op, 0, M, p);
+        to_bf16(xp, xb.get(), K, 0, M);
+        rows_all_panels(0, M);
         return;
       }
       kernelext::Workers& pool = kernelext::workers();
       int parts = std::min(M, 4 * pool.size());
-      pool.run([&](int c) { to_bf16(xp, xb.data(), K, M * c / parts, M * (c + 1) / parts); }, parts);
+      pool.run([&](int c) { to_bf16(xp, xb.get(), K, M * c / parts, M * (c + 1) / parts); }, parts);
       int blocks = (M + kRowBlock - 1) / kRowBlock;
-      pool.run([&](int c) {
-        int b = c / (int)panels;
-        multiply(xb.data(), K, wp, bp, gelu, N, op, b * kRowBlock, std::min(M, (b + 1) * kRowBlock), c % panels);
-      }, blocks * (int)panels);
+      if (norm) {  // a task holds whole rows
+        pool.run([&](int b) { rows_all_panels(b * kRowBlock, std::min(M, (b + 1) * kRowBlock)); }, blocks);
+      } else {
+        pool.run([&](int c) {
+          int b = c / (int)panels;
+          multiply(xb.get(), K, wp, bp, gelu, N, op, b * kRowBlock, std::min(M, (b + 1) * kRowBlock), c % panels);
+        }, blocks * (int)panels);
+      }
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -162,33 +217,62 @@ class Bf16Matmul : public mx::Primitive {
   }
   const char* name() const override { return "Bf16Matmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return gelu_ == static_cast<const Bf16Matmul&>(other).gelu_;
+    auto& o = static_cast<const Bf16Matmul&>(other);
+    return n_ == o.n_ && gelu_ == o.gelu_ && norm_ == o.norm_ && eps_ == o.eps_;
   }
 
  private:
-  bool gelu_;
+  long n_;
+  bool gelu_, norm_;
+  float eps_;
 };
 
-// x float32 [..., K] @ W.T + bias (then GELU if asked): W packed [N/64, K/2, 128] uint16.
-mx::array bf16_matmul(const mx::array& x, const mx::array& w, const mx::array& bias, bool gelu,
-                      mx::StreamOrDevice s) {
+void check(const mx::array& x, const mx::array& w, const mx::array& bias, long n) {
   if (x.dtype() != mx::float32 || w.dtype() != mx::uint16 || w.ndim() != 3 || w.shape(2) != 2 * kPanel ||
       x.ndim() < 1 || x.shape(-1) != 2 * w.shape(1) || bias.dtype() != mx::float32 ||
-      bias.size() != (size_t)w.shape(0) * kPanel)
-    throw std::invalid_argument("bf16_matmul: x float32 [..., K], packed weights uint16 [N/64, K/2, 128], bias float32 [N]");
+      bias.size() != (size_t)w.shape(0) * kPanel || n <= (long)(w.shape(0) - 1) * kPanel ||
+      n > (long)w.shape(0) * kPanel)
+    throw std::invalid_argument(
+        "bf16_matmul: x float32 [..., K], packed weights uint16 [ceil(N/64), K/2, 128], bias float32 [ceil(N/64) * 64]");
   if (!supported()) throw std::runtime_error("bf16_matmul: this CPU lacks AVX-512 BF16");
+}
+
+// x float32 [..., K] @ W.T + bias (then GELU if asked): W packed [ceil(N/64), K/2, 128] uint16.
+mx::array bf16_matmul(const mx::array& x, const mx::array& w, const mx::array& bias, long n, bool gelu,
+                      mx::StreamOrDevice s) {
+  check(x, w, bias, n);
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = x.shape();
-  shape.back() = w.shape(0) * kPanel;
-  return mx::array(shape, mx::float32, std::make_shared<Bf16Matmul>(stream, gelu),
+  shape.back() = (int)n;
+  return mx::array(shape, mx::float32, std::make_shared<Bf16Matmul>(stream, n, gelu, false, 0.f),
                    {mx::contiguous(x, false, stream), w, mx::contiguous(bias, false, stream)});
+}
+
+// LayerNorm(x @ W.T + bias + residual) with gamma, beta [N].
+mx::array bf16_matmul_norm(const mx::array& x, const mx::array& w, const mx::array& bias, long n,
+                           const mx::array& residual, const mx::array& gamma, const mx::array& beta, float eps,
+                           mx::StreamOrDevice s) {
+  check(x, w, bias, n);
+  if (residual.dtype() != mx::float32 || residual.size() != x.size() / x.shape(-1) * n ||
+      gamma.dtype() != mx::float32 || beta.dtype() != mx::float32 || gamma.size() != (size_t)n ||
+      beta.size() != (size_t)n)
+    throw std::invalid_argument("bf16_matmul_norm: residual float32 [..., N], gamma and beta float32 [N]");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  auto shape = x.shape();
+  shape.back() = (int)n;
+  return mx::array(shape, mx::float32, std::make_shared<Bf16Matmul>(stream, n, false, true, eps),
+                   {mx::contiguous(x, false, stream), w, mx::contiguous(bias, false, stream),
+                    mx::contiguous(residual, false, stream), mx::contiguous(gamma, false, stream),
+                    mx::contiguous(beta, false, stream)});
 }
 
 }  // namespace
 
 NB_MODULE(_bf16_matmul, m) {
   m.doc() = "x @ W.T + b with W in bfloat16 panels, float32 accumulation (kernelext)";
-  m.def("bf16_matmul", &bf16_matmul, "x"_a, "packed"_a, "bias"_a, "gelu"_a, nb::kw_only(),
+  m.def("bf16_matmul", &bf16_matmul, "x"_a, "packed"_a, "bias"_a, "n"_a, "gelu"_a, nb::kw_only(),
         "stream"_a = nb::none());
+  m.def("bf16_matmul_norm", &bf16_matmul_norm, "x"_a, "packed"_a, "bias"_a, "n"_a, "residual"_a, "gamma"_a,
+        "beta"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("supported", &supported);
 }

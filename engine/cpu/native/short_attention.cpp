@@ -119,17 +119,20 @@ KX_TARGET void attend(const float* qkv, float* out, int H, int D, int h, long t0
         sum = _mm512_add_ps(sum, e);
       }
       const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-      // out = (sum_j e_j v_j) / sum, j in order, D/16 vectors (at most 8)
+      // out = (sum_j e_j v_j) / sum, j in order, ceil(D/16) vectors (at most 8)
       __m512 o[8];
-      const int dv = D / 16;
+      const int dv = (D + 15) / 16;
+      const __mmask16 last = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
       for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
       for (int j = 0; j < n; j++) {
         const float* v = qkv + (t0 + j) * ld + 2 * H + h * D;
         __m512 e = _mm512_set1_ps(sr[j]);
-        for (int c = 0; c < dv; c++) o[c] = _mm512_fmadd_ps(e, _mm512_loadu_ps(v + c * 16), o[c]);
+        for (int c = 0; c < dv; c++)
+          o[c] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(c == dv - 1 ? last : 0xffff, v + c * 16), o[c]);
       }
       float* dst = out + (t0 + i0 + r) * (long)H + h * D;
-      for (int c = 0; c < dv; c++) _mm512_storeu_ps(dst + c * 16, _mm512_mul_ps(o[c], inv));
+      for (int c = 0; c < dv; c++)
+        _mm512_mask_storeu_ps(dst + c * 16, c == dv - 1 ? last : 0xffff, _mm512_mul_ps(o[c], inv));
     }
   }
 }
@@ -159,7 +162,7 @@ class ShortAttention : public mx::Primitive {
         thread_local Scratch scratch;
         int s = c / heads, h = c % heads;
         int n = sp[s + 1] - sp[s];
-        if (n > 0) attend(qp, op, H, D, h, sp[s], n, scale, scratch);
+        if (n > 0 && sp[s] >= 0 && sp[s + 1] <= T) attend(qp, op, H, D, h, sp[s], n, scale, scratch);
       };
       kernelext::Workers& pool = kernelext::workers();
       pool.run(task, S * heads);
@@ -182,9 +185,9 @@ class ShortAttention : public mx::Primitive {
 // qkv float32 [T, 3H], starts int32 [S + 1] (ascending, starts[S] <= T) -> [T, H].
 mx::array short_attention(const mx::array& qkv, const mx::array& starts, int heads, float scale,
                           mx::StreamOrDevice s) {
-  if (qkv.dtype() != mx::float32 || qkv.ndim() != 2 || qkv.shape(1) % (3 * heads) != 0 ||
-      (qkv.shape(1) / 3 / heads) % 16 != 0 || qkv.shape(1) / 3 / heads > 128)
-    throw std::invalid_argument("short_attention: qkv float32 [T, 3H], head size a multiple of 16 up to 128");
+  if (heads < 1 || qkv.dtype() != mx::float32 || qkv.ndim() != 2 || qkv.shape(1) % (3 * heads) != 0 ||
+      qkv.shape(1) / 3 / heads > 128)
+    throw std::invalid_argument("short_attention: qkv float32 [T, 3H], head size up to 128");
   if (starts.dtype() != mx::int32 || starts.ndim() != 1 || starts.size() < 1)
     throw std::invalid_argument("short_attention: starts int32 [S + 1]");
   if (!supported()) throw std::runtime_error("short_attention: this CPU lacks AVX-512");
