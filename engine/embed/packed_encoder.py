@@ -26,9 +26,14 @@ from ..cpu import bf16_linear, encoder_attention
 from . import bert
 
 
+def available() -> bool:
+    """Whether the kernels run here (the CPU backend, AVX-512 BF16, built)."""
+    return bf16_linear.available() and encoder_attention.available()
+
+
 def supported(model: bert.BertModel, config: dict) -> bool:
     """Whether this encoder can run packed here."""
-    if not (bf16_linear.available() and encoder_attention.available()):
+    if not available():
         return False
     h, ffn = config["hidden_size"], config["intermediate_size"]
     return encoder_attention.fits(h, config["num_attention_heads"]) and bf16_linear.fits(h) and bf16_linear.fits(ffn)

@@ -90,6 +90,15 @@ class PoolingRunner:
         vectors = pool(self.model(ids, mask, types), mask, self.spec.pooling)
         return normalize(vectors) if self.spec.normalize else vectors
 
+    def token_states(self, encoded: Encoded) -> np.ndarray:
+        """An encoder's last token states [n, H] of one input, through the trunk `run` uses."""
+        if self.packed is not None:
+            return np.array(self.packed(packed_encoder.Packed.of([encoded])))
+        trunk = self.model.bert if self.spec.task == "rerank" else self.model
+        ids = mx.array([encoded.ids])
+        types = mx.array([encoded.types]) if encoded.types else None
+        return np.array(trunk(ids, mx.ones(ids.shape, mx.int32), types)[0])
+
     def _packed(self, batch: list[Encoded]) -> np.ndarray:
         packed = packed_encoder.Packed.of(batch)
         hidden = self.packed(packed)
