@@ -60,6 +60,43 @@ struct Scratch {
   std::vector<float> scores;  // [kQueries][width]
 };
 
+// out rows i0.. = (sum_j e_j v_j) / sum for kQueries query rows at once (one load of v_j
+// serves all four), j in order: one FMA chain per output element. DV = ceil(D/16) vectors.
+template <int DV>
+KX_TARGET void weighted_values_dv(const float* qkv, float* out, int H, int D, int h, long t0, int n, int i0,
+                                  int rows, int width, const float* e, const float* inv) {
+  const long ld = 3L * H;
+  const __mmask16 last = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
+  __m512 o[kQueries][DV];
+  for (int r = 0; r < kQueries; r++)
+    for (int c = 0; c < DV; c++) o[r][c] = _mm512_setzero_ps();
+  for (int j = 0; j < n; j++) {
+    const float* v = qkv + (t0 + j) * ld + 2 * H + h * D;
+    __m512 vv[DV];
+    for (int c = 0; c < DV; c++) vv[c] = _mm512_maskz_loadu_ps(c == DV - 1 ? last : 0xffff, v + c * 16);
+    for (int r = 0; r < kQueries; r++) {
+      __m512 p = _mm512_set1_ps(e[(size_t)r * width + j]);
+      for (int c = 0; c < DV; c++) o[r][c] = _mm512_fmadd_ps(p, vv[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < rows; r++) {
+    float* dst = out + (t0 + i0 + r) * (long)H + h * D;
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < DV; c++)
+      _mm512_mask_storeu_ps(dst + c * 16, c == DV - 1 ? last : 0xffff, _mm512_mul_ps(o[r][c], scale));
+  }
+}
+
+void weighted_values(const float* qkv, float* out, int H, int D, int h, long t0, int n, int i0, int rows,
+                     int width, const float* e, const float* inv) {
+  switch ((D + 15) / 16) {
+#define DV_CASE(k) \
+  case k: weighted_values_dv<k>(qkv, out, H, D, h, t0, n, i0, rows, width, e, inv); break;
+    DV_CASE(1) DV_CASE(2) DV_CASE(3) DV_CASE(4) DV_CASE(5) DV_CASE(6) DV_CASE(7) DV_CASE(8)
+#undef DV_CASE
+  }
+}
+
 // One (sequence, head): tokens [t0, t0 + n) of qkv (row stride 3H), head h of D dims.
 KX_TARGET void attend(const float* qkv, float* out, int H, int D, int h, long t0, int n, float scale,
                       Scratch& s) {
@@ -100,6 +137,7 @@ KX_TARGET void attend(const float* qkv, float* out, int H, int D, int h, long t0
         for (int c = 0; c < nb; c++)
           _mm512_storeu_ps(s.scores.data() + (size_t)r * width + (b0 + c) * 16, _mm512_mul_ps(acc[r][c], sc));
     }
+    float inv[kQueries];
     for (int r = 0; r < rows; r++) {
       float* sr = s.scores.data() + (size_t)r * width;
       // keys past n (the last block's tail) get weight exactly 0
@@ -118,25 +156,13 @@ KX_TARGET void attend(const float* qkv, float* out, int H, int D, int h, long t0
         _mm512_storeu_ps(sr + b * 16, e);
         sum = _mm512_add_ps(sum, e);
       }
-      const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-      // out = (sum_j e_j v_j) / sum, j in order, ceil(D/16) vectors (at most 8)
-      __m512 o[8];
-      const int dv = (D + 15) / 16;
-      const __mmask16 last = D % 16 ? (__mmask16)((1u << (D % 16)) - 1) : (__mmask16)0xffff;
-      for (int c = 0; c < dv; c++) o[c] = _mm512_setzero_ps();
-      for (int j = 0; j < n; j++) {
-        const float* v = qkv + (t0 + j) * ld + 2 * H + h * D;
-        __m512 e = _mm512_set1_ps(sr[j]);
-        for (int c = 0; c < dv; c++)
-          o[c] = _mm512_fmadd_ps(e, _mm512_maskz_loadu_ps(c == dv - 1 ? last : 0xffff, v + c * 16), o[c]);
-      }
-      float* dst = out + (t0 + i0 + r) * (long)H + h * D;
-      for (int c = 0; c < dv; c++)
-        _mm512_mask_storeu_ps(dst + c * 16, c == dv - 1 ? last : 0xffff, _mm512_mul_ps(o[c], inv));
+      inv[r] = 1.f / _mm512_reduce_add_ps(sum);
     }
+    for (int r = rows; r < kQueries; r++)  // missing rows of the last group weigh nothing
+      std::fill(s.scores.data() + (size_t)r * width, s.scores.data() + (size_t)(r + 1) * width, 0.f);
+    weighted_values(qkv, out, H, D, h, t0, n, i0, rows, width, s.scores.data(), inv);
   }
 }
-
 bool supported() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 }
