@@ -107,6 +107,10 @@ class PackedEncoder:
             if not layer.exact_gelu:
                 h = nn.gelu_approx(h)
             x = layer.down.add_norm(h, a, layer.output_norm)
+            # Evaluated layer by layer: with the whole forward as one graph more of its large
+            # buffers (up to 25 MB each) are alive at once, the heap grows and shrinks, and
+            # fresh pages fault in: ~45,000 page faults and ~25% more CPU per 32 x 128 batch.
+            mx.eval(x)
         return x
 
 
