@@ -34,10 +34,14 @@ except ImportError:  # not built (`make native`), or built for another mlx
     _native = None
 
 
+def wanted() -> bool:
+    """The encoder kernels' switch (also encoder_attention's): on the CPU backend, unless
+    KERNELEXT_ENCODER_KERNELS=0."""
+    return os.environ.get("KERNELEXT_ENCODER_KERNELS", "1") != "0" and mx.default_device() == mx.cpu
+
+
 def available() -> bool:
-    if _native is None or os.environ.get("KERNELEXT_ENCODER_KERNELS", "1") == "0":
-        return False
-    return mx.default_device() == mx.cpu and _native.supported() and _binds()
+    return _native is not None and wanted() and _native.supported() and _binds()
 
 
 @functools.cache

@@ -12,9 +12,10 @@ its own length), so packing stays batch-invariant.
 from __future__ import annotations
 
 import functools
-import os
 
 import mlx.core as mx
+
+from . import bf16_linear
 
 try:
     from . import _short_attention as _native
@@ -23,13 +24,12 @@ except ImportError:  # not built (`make native`), or built for another mlx
 
 
 def available() -> bool:
-    if _native is None or os.environ.get("KERNELEXT_ENCODER_KERNELS", "1") == "0":
-        return False
-    return mx.default_device() == mx.cpu and _native.supported() and _binds()
+    return _native is not None and bf16_linear.wanted() and _native.supported() and _binds()
 
 
 @functools.cache
 def _binds() -> bool:
+    """Whether the module takes mx.array (built against the installed mlx's ABI)."""
     try:
         mx.eval(_native.short_attention(mx.zeros((1, 48)), mx.array([0, 1], mx.int32), 1, 1.0))
         return True
