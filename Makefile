@@ -30,16 +30,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) $(NATIVE)
 
-# The CPU row kernels (engine/cpu/row_kernels.py) and quantized kernels (engine/cpu/quant_linear.py)
-# on x86_64 Linux: MLX primitives built against the installed mlx wheel. If the build fails
-# the engine still runs, on MKL alone (quantized checkpoints dequantized to float32).
+# The CPU row kernels (engine/cpu/row_kernels.py), quantized kernels (engine/cpu/quant_linear.py)
+# and encoder kernels (engine/cpu/bf16_linear.py, encoder_attention.py) on x86_64 Linux: MLX
+# primitives built against the installed mlx wheel. If the build fails the engine still runs,
+# on MKL alone (quantized checkpoints dequantized to float32, encoders in float32).
 # build/cpu-native: not build/native, whose CMake cache may name the sources' old place.
 $(NATIVE): $(STAMP) $(wildcard engine/cpu/native/*.cpp engine/cpu/native/*.h) engine/cpu/native/CMakeLists.txt
 	@if [ "$$(uname -s)-$$(uname -m)" = "Linux-x86_64" ]; then \
 		mkdir -p build && \
 		$(VENV)/bin/cmake -S engine/cpu/native -B build/cpu-native -DPython_EXECUTABLE=$(abspath $(PY)) >build/native.log 2>&1 && \
 		$(VENV)/bin/cmake --build build/cpu-native -j 2 >>build/native.log 2>&1 && \
-		for f in build/cpu-native/_row_matmul*.so build/cpu-native/_quant_matmul*.so; do cp $$f engine/cpu/.$${f##*/}.tmp && \
+		for f in build/cpu-native/_row_matmul*.so build/cpu-native/_quant_matmul*.so \
+			build/cpu-native/_bf16_matmul*.so build/cpu-native/_short_attention*.so; do cp $$f engine/cpu/.$${f##*/}.tmp && \
 			mv engine/cpu/.$${f##*/}.tmp engine/cpu/$${f##*/}; done && echo "built the CPU kernels (engine/cpu/native)" || \
 		echo "kernelext: the CPU kernels did not build (build/native.log); decode uses MKL alone"; fi
 	touch $(NATIVE)
@@ -77,4 +79,5 @@ bench: $(STAMP) $(NATIVE)
 	for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) build *.egg-info engine/cpu/_row_matmul*.so engine/cpu/_quant_matmul*.so
+	rm -rf $(VENV) build *.egg-info engine/cpu/_row_matmul*.so engine/cpu/_quant_matmul*.so \
+		engine/cpu/_bf16_matmul*.so engine/cpu/_short_attention*.so

@@ -1,12 +1,15 @@
 """Embeddings per second of 128-token texts at batch 32: the engine (MLX) against
 sentence-transformers on torch's CPU build, the same model (all-MiniLM-L6-v2), measured
-side by side in one run (alternating rounds; each side's best round counts).
+side by side in one run (alternating rounds; each side's best round counts). Prints the
+machine's load average before and after (the 2 cores are shared: both sides slow down
+under load, the ratio moves less).
 
     pip install torch==2.13.0 && pip install -e ".[bench]"
     python bench/bench_embeddings.py [--texts 512] [--rounds 3]
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -37,6 +40,7 @@ def main() -> int:
     texts = texts_of_tokens(ours.tokenizer.tok, args.texts, TOKENS)
     assert {len(e.ids) for e in ours.tokenizer.texts(texts)} == {TOKENS}
     theirs = SentenceTransformer(str(resolve_model(DEFAULT_EMBEDDING_MODEL)), device="cpu")
+    load_before = os.getloadavg()
     ours.embed(texts[:BATCH])
     theirs.encode(texts[:BATCH], batch_size=BATCH)  # warm-up both
     best = {"kernelext (MLX)": float("inf"), "sentence-transformers (torch CPU)": float("inf")}
@@ -48,7 +52,9 @@ def main() -> int:
             run()
             best[name] = min(best[name], time.perf_counter() - start)
     print(f"{args.texts} texts of {TOKENS} tokens, batch {BATCH}, best of {args.rounds} alternating rounds "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads; MLX backend {ours.backend})")
+          f"(torch {torch.__version__}, {torch.get_num_threads()} threads; MLX backend {ours.backend}, "
+          f"weights {ours.core.runner.dtype}; load average {load_before[0]:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after)")
     for name, seconds in best.items():
         print(f"  {name:<36} {args.texts / seconds:8.1f} embeddings/s")
     anchor = best["sentence-transformers (torch CPU)"]

@@ -13,6 +13,7 @@ import pytest
 
 from engine import (DEFAULT_EMBEDDING_MODEL, Engine, EngineConfig, InvalidRequestError, PoolingEngine,
                     open_model)
+from engine.embed import packed_encoder
 from tiny_embedders import write_tiny_bert, write_tiny_causal_reranker, write_tiny_decoder_embedder
 from tiny_models import tiny_model
 
@@ -46,6 +47,27 @@ def test_default_model_matches_sentence_transformers(minilm):
     assert cosine.min() >= 1 - 1e-3, cosine
     assert np.allclose(np.linalg.norm(ours, axis=1), 1, atol=1e-5)  # its config normalizes
     assert minilm.task == "embed" and minilm.spec.pooling == "mean" and minilm.spec.max_length == 256
+    # on this CPU, through the packed bfloat16 path (the one the embeddings bench measures)
+    assert (minilm.core.runner.packed is not None) == packed_encoder.available()
+
+
+@pytest.mark.skipif(not packed_encoder.available(), reason="the packed encoder kernels need the CPU "
+                    "backend with AVX-512 BF16 and `make native`")
+@pytest.mark.parametrize("kind", ["bert", "cross"])
+def test_packed_encoder_agrees_with_the_padded_float32_forward(tiny_dir, kind):
+    """On this CPU encoders run packed with bfloat16 products (engine/embed/packed_encoder.py);
+    their token states stay close to MLX's float32 forward of the padded batch."""
+    with open_model(tiny_dir[kind], EngineConfig(**CONFIG)) as e:
+        runner = e.core.runner
+        assert runner.packed is not None and "bfloat16" in runner.dtype
+        trunk = runner.model.bert if kind == "cross" else runner.model
+        inputs = e.tokenizer.pairs("fibonacci", TEXTS) if kind == "cross" else e.tokenizer.texts(TEXTS)
+        for encoded in inputs:
+            packed = e.call(lambda: runner.token_states(encoded))
+            ids, types = mx.array([encoded.ids]), mx.array([encoded.types])
+            float32 = e.call(lambda: np.array(trunk(ids, mx.ones(ids.shape, mx.int32), types)[0]))
+            cosine = (packed * float32).sum(1) / np.linalg.norm(packed, axis=1) / np.linalg.norm(float32, axis=1)
+            assert cosine.min() >= 0.9999, cosine
 
 
 def test_default_model_batch_invariance(minilm):
@@ -72,12 +94,8 @@ def test_pooling_modes_read_from_the_sentence_transformers_config(tiny_dir):
     with open_model(tiny_dir["bert"], EngineConfig(**CONFIG)) as mean, \
             open_model(tiny_dir["bert_cls"], EngineConfig(**CONFIG)) as cls:
         assert (mean.spec.pooling, cls.spec.pooling) == ("mean", "cls")
-        ids = mean.tokenizer.texts(["hello world"])[0].ids
-
-        def states(e):
-            return e.call(lambda: np.array(e.core.runner.model(mx.array([ids]), mx.ones((1, len(ids)), mx.int32))))
-
-        h = states(mean)[0]
+        encoded = mean.tokenizer.texts(["hello world"])[0]
+        h = mean.call(lambda: mean.core.runner.token_states(encoded))
         expected_mean = h.mean(0) / np.linalg.norm(h.mean(0))
         assert np.allclose(mean.embed("hello world"), expected_mean, atol=1e-6)
         assert np.allclose(cls.embed("hello world"), h[0] / np.linalg.norm(h[0]), atol=1e-6)

@@ -2,7 +2,8 @@
 
 Encoders are padded on the right with an attention mask; decoders on the left,
 through mlx-lm's BatchKVCache (which masks the padding and starts every row's
-positions at 0), so a row's last position is its last token.
+positions at 0), so a row's last position is its last token. On the CPU with the
+encoder kernels, BERT encoders run packed instead (packed_encoder.py: no padding).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mlx_lm.models.cache import BatchKVCache
 
 from ..errors import ModelLoadError
 from ..models.loader import load_mlx_lm, on_cpu, output_projection, resident_model, to_dtype
-from . import bert
+from . import bert, packed_encoder
 from .model_kinds import PoolingSpec
 from .pooling import normalize, pool
 from .tokenize import Encoded
@@ -49,14 +50,25 @@ class PoolingRunner:
             model = _load_encoder(path, spec) if spec.family == "encoder" else load_mlx_lm(path)[0]
             self.model = to_dtype(model, spec.config, dtype)
         self.shares_weights = shared is not None
+        self.packed = None
+        if spec.family == "encoder":
+            trunk = self.model.bert if spec.task == "rerank" else self.model
+            if trunk.embeddings.word_embeddings.weight.dtype == mx.float32 and \
+                    packed_encoder.supported(trunk, spec.config):
+                self.packed = packed_encoder.PackedEncoder(trunk, spec.config)
         self.dtype = ",".join(sorted({str(p.dtype).removeprefix("mlx.core.") for _, p in
                                       tree_flatten(self.model.parameters())}))
         self.weight_bytes = 0 if shared is not None else sum(
             p.nbytes for _, p in tree_flatten(self.model.parameters()))
+        if self.packed is not None:
+            self.dtype += " (bfloat16 products)"
+            self.weight_bytes += self.packed.nbytes
         self.backend = "cpu" if on_cpu() else "gpu"
 
     def run(self, batch: list[Encoded]) -> np.ndarray:
         """Embeddings [B, dim] (task embed) or relevance scores [B] (task rerank), float32."""
+        if self.packed is not None:
+            return self._packed(batch)
         out = self._encoder(batch) if self.spec.family == "encoder" else self._decoder(batch)
         out = out.astype(mx.float32)
         mx.eval(out)
@@ -77,6 +89,27 @@ class PoolingRunner:
             return _relevance(self.model(ids, mask, types))
         vectors = pool(self.model(ids, mask, types), mask, self.spec.pooling)
         return normalize(vectors) if self.spec.normalize else vectors
+
+    def token_states(self, encoded: Encoded) -> np.ndarray:
+        """An encoder's last token states [n, H] of one input, through the trunk `run` uses."""
+        if self.packed is not None:
+            return np.array(self.packed(packed_encoder.Packed.of([encoded])))
+        trunk = self.model.bert if self.spec.task == "rerank" else self.model
+        ids = mx.array([encoded.ids])
+        types = mx.array([encoded.types]) if encoded.types else None
+        return np.array(trunk(ids, mx.ones(ids.shape, mx.int32), types)[0])
+
+    def _packed(self, batch: list[Encoded]) -> np.ndarray:
+        packed = packed_encoder.Packed.of(batch)
+        hidden = self.packed(packed)
+        if self.spec.task == "rerank":
+            first = hidden[packed.starts[:-1]]  # each pair's [CLS]
+            out = _relevance(bert.rowwise_linear(self.model.classifier, self.model.bert.pooler(first[:, None])))
+            mx.eval(out)
+            return np.array(out.astype(mx.float32))
+        mx.eval(hidden)
+        vectors = packed_encoder.pool_packed(np.array(hidden), packed.lengths, self.spec.pooling)
+        return packed_encoder.normalize_rows(vectors) if self.spec.normalize else vectors
 
     def _decoder(self, batch: list[Encoded]) -> mx.array:
         width = padded_width(max(len(e.ids) for e in batch))
