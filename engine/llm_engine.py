@@ -273,6 +273,9 @@ class Engine(CoreFront):
         engine.spec.mtp_train.train_mtp_head for the options. It runs its MLX work
         through call(), on the engine thread."""
         from .spec.mtp_train import train_mtp_head
+        if self.core.group is not None:  # its forwards would run on rank 0 alone
+            raise InvalidRequestError("training a draft head is not available for a model split "
+                                      "across ranks (hostfile); train it on one machine")
         return train_mtp_head(self, **options)
 
     @property

@@ -17,7 +17,7 @@ import sys
 import time
 
 from engine import Engine, EngineConfig, SamplingParams
-from engine.errors import DistributedGroupError
+from engine.errors import DistributedGroupError, InvalidRequestError
 
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n" * 5,
@@ -68,6 +68,11 @@ def compare(model, hostfile, cache_dir) -> dict:
         result["dist-ngram"] = run_batch(engine, reqs)
         m = engine.metrics()
         result.update(dist_verify_calls=m["spec_verify_calls"], layout=m["layout"], ranks=m["ranks"])
+        try:  # its forwards would run on rank 0 alone: refused
+            engine.train_mtp_head(tokens=64)
+            result["train_refused"] = None
+        except InvalidRequestError as e:
+            result["train_refused"] = str(e)
     return result
 
 

@@ -67,6 +67,7 @@ def assert_same_outputs(r: dict) -> None:
             worst = max(abs(a - b) for a, b in zip(want["logprobs"], got["logprobs"], strict=True))
             assert worst < LOGPROB_TOLERANCE, f"{run} request {i}: logprob off by {worst}"
     assert r["dist_verify_calls"] > 0  # speculation ran verify/commit across the ranks
+    assert "split across ranks" in r["train_refused"]
 
 
 def test_three_ranks(setup):
@@ -250,3 +251,29 @@ def test_llm_load_with_a_hostfile_in_a_kernel(setup):
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_plan_connections_must_show_the_group_token():
+    """Only processes this group started (they get its token in their environment) may
+    join as a follower; anything else connecting to rank 0's plan port is dropped."""
+    import socket
+
+    from engine.distributed.channel import Channel
+    from engine.distributed.group import DistributedGroup
+    from engine.distributed.hostfile import Cluster, Host
+
+    hosts = [Host(r, "127.0.0.1", "127.0.0.1", []) for r in range(3)]
+    group = DistributedGroup(Cluster(hosts, "ring", []), timeout=3.0)
+    group.processes = {1: None, 2: None}  # the ranks it started and waits for
+    for hello, want in [({"hello": 1, "token": group.token}, 1),
+                        ({"hello": 1, "token": "0" * 32}, None),  # a stranger
+                        ({"hello": 1}, None),
+                        ({"hello": 5, "token": group.token}, None),  # a rank it did not start
+                        ({"rank": 1}, None)]:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            theirs = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+        Channel(theirs).send(hello)
+        assert group._greet(Channel(ours)) == want, hello
+        ours.close()
+        theirs.close()

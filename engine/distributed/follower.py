@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from .channel import Channel
-from .group import HEARTBEAT_S
+from .group import HEARTBEAT_S, TOKEN_VARIABLE
 
 
 def _heartbeat(channel: Channel) -> None:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.plan.rpartition(":")
     channel = Channel(socket.create_connection((host.strip("[]"), int(port)), timeout=60))
     channel.sock.settimeout(None)
-    channel.send({"hello": args.rank, "pid": os.getpid()})
+    channel.send({"hello": args.rank, "pid": os.getpid(), "token": os.environ.pop(TOKEN_VARIABLE, "")})
     threading.Thread(target=_heartbeat, args=(channel,), daemon=True).start()
     follower = None
     while True:

@@ -19,7 +19,9 @@ Each rank's SSD tier brings the prefixes back.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import os
+import secrets
 import socket
 import tempfile
 import threading
@@ -31,6 +33,7 @@ from .channel import Channel
 from .hostfile import Cluster, group_environment, read_hostfile, spawn_follower, write_files
 
 HEARTBEAT_S = 0.5  # a follower's heartbeat period (follower.py)
+TOKEN_VARIABLE = "KERNELEXT_GROUP_TOKEN"  # in a follower's environment; its hello shows it
 _group_formed = False  # this process already formed its one MLX group
 
 
@@ -49,6 +52,7 @@ class DistributedGroup:
         self._ready_event = threading.Event()
         self.step_since: float | None = None  # when the running call of the plan began
         self.closing = False
+        self.token = secrets.token_hex(16)  # followers prove they were started by this group
         self._lock = threading.Lock()
 
     # -- start ----------------------------------------------------------------------
@@ -73,8 +77,8 @@ class DistributedGroup:
             for host in hosts[1:]:
                 group.logs[host.rank] = Path(tempfile.mkstemp(prefix=f"kernelext-rank{host.rank}-",
                                                               suffix=".log")[1])
-                group.processes[host.rank] = spawn_follower(host, env, files, address,
-                                                            group.logs[host.rank])
+                group.processes[host.rank] = spawn_follower(host, {**env, TOKEN_VARIABLE: group.token},
+                                                            files, address, group.logs[host.rank])
             group._accept(listener, connect_timeout)
             for rank, channel in group.channels.items():
                 channel.send({"op": "setup", "args": [setup]})
@@ -128,11 +132,27 @@ class DistributedGroup:
                     missing = sorted(set(self.processes) - set(self.channels))
                     raise ModelLoadError(f"ranks {missing} did not connect within {timeout:.0f} s")
                 continue
-            sock.settimeout(None)
             channel = Channel(sock)
+            rank = self._greet(channel)
+            if rank is None:  # not one of ours: drop it, keep waiting
+                channel.close()
+                continue
+            self.channels[rank] = channel
+            self.last_seen[rank] = time.monotonic()
+
+    def _greet(self, channel: Channel) -> int | None:
+        """The rank a new plan connection says it is, if it shows this group's token
+        (given to the followers in their environment) and the rank is still expected."""
+        channel.sock.settimeout(10)
+        try:
             hello = channel.recv()
-            self.channels[int(hello["hello"])] = channel
-            self.last_seen[int(hello["hello"])] = time.monotonic()
+            rank = int(hello["hello"])
+        except (OSError, EOFError, ValueError, KeyError, TypeError):
+            return None
+        channel.sock.settimeout(None)
+        if not hmac.compare_digest(str(hello.get("token", "")), self.token):
+            return None
+        return rank if rank in self.processes and rank not in self.channels else None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Wait until every follower has loaded its shard (rank 0 loads its own meanwhile)."""

@@ -151,7 +151,14 @@ class PlanPrefixCache:
         return payload
 
     def set_budgets(self, hot_bytes: int | None = None, ssd_bytes: int | None = None) -> None:
-        self.objects.send_if_up("set_budgets", hot_bytes, ssd_bytes)
+        """Any thread (the dashboard's controls): sent on its own, without the pending
+        drops, which belong to the MLX thread's stream of calls. Where it lands among
+        those calls does not matter: lookups take what every rank still holds."""
+        if self.group.error is None:
+            try:
+                self.group.send("set_budgets", hot_bytes, ssd_bytes)
+            except Exception:
+                pass
         self.cache.set_budgets(hot_bytes, ssd_bytes)
 
     def clear(self) -> None:
