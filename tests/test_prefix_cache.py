@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save
 
 import engine.cache.ssd_tier as ssd_cache
 from engine import Engine, EngineConfig, SamplingParams
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, write_tiny_model
 
 BLOCK = 16
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -296,3 +296,53 @@ def test_reply_caching_can_be_turned_off(tmp_path):
         second = eng.generate(ids + first.token_ids + prompt_ids(eng, 9, salt="next "), max_tokens=4)
         assert eng.metrics()["cache_fill_tokens"] == 0
     assert second.usage.cached_tokens == (len(ids) - 1) // BLOCK * BLOCK
+
+
+def _wide_window_gemma(tmp_path, window):
+    """tiny gemma3_text with a sliding window wider than a block (as Gemma 3's 512 > 128)."""
+    path = write_tiny_model("gemma3_text", tmp_path / f"gemma-window-{window}")
+    config = json.loads((path / "config.json").read_text())
+    config["sliding_window"] = window
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("window", [40, 48])
+def test_sliding_window_wider_than_a_block_hits_are_exact(window, tmp_path):
+    """Hits that end inside the first window, at it and past it (a multiple of the
+    window or not), restore the rotating cache as block-by-block prefill leaves it."""
+    path = _wide_window_gemma(tmp_path, window)
+    cfg = dict(progress=False, block_size=BLOCK, step_token_budget=64, max_batch=8)
+    lengths = (30, 41, 49, 97, 130)
+    with Engine.load(path, EngineConfig(prefix_cache=False, **cfg)) as plain:
+        base = prompt_ids(plain, max(lengths) + 3)
+        want = {n: plain.generate(base[:n + 3], max_tokens=10).token_ids for n in lengths}
+    with Engine.load(path, EngineConfig(cache_dir=str(tmp_path / "kv"), **cfg)) as eng:
+        for n in lengths:
+            eng.generate(base[:n], max_tokens=4)
+            got = eng.generate(base[:n + 3], max_tokens=10)
+            assert got.token_ids == want[n], n
+            assert got.usage.cached_tokens >= (n - 1) // BLOCK * BLOCK  # the first prompt's blocks
+
+
+def test_exiting_while_the_engine_works_does_not_abort(tmp_path):
+    """A script that exits while its engine is still working (a reply streaming, the
+    cache fill of the last reply) exits 0: MLX aborted the process when its thread was
+    ended by the interpreter's exit in the middle of a step."""
+    script = tmp_path / "exit_busy.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_models import tiny_model\n"
+        "from engine import Engine, EngineConfig\n"
+        f"eng = Engine.load(tiny_model('gemma3_text'), EngineConfig(progress=False, block_size=16, "
+        f"cache_dir={str(tmp_path / 'kv')!r}))\n"
+        "ids = eng.encode('hello world ' * 20)\n"
+        "reply = eng.generate(ids, max_tokens=40).token_ids\n"
+        "eng.generate(ids + reply + ids[:3], max_tokens=1)  # its cache fill runs on\n"
+        "stream = eng.submit(ids * 3, max_tokens=4000)\n"
+        "next(iter(stream))\n"
+        "print('exiting', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "exiting" in out.stdout and "terminate called" not in out.stderr
