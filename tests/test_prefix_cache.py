@@ -257,7 +257,8 @@ def test_kill_9_during_writes_never_leaves_a_wrong_block(tmp_path):
 
 
 def test_default_model_cache_hits_are_exact(tmp_path):
-    """Gemma 3 270M: sliding-window layers (window 512 > block 128) and global layers."""
+    """Gemma 3 270M: sliding-window layers (window 512, wider than a block) and global layers,
+    hits past the window (the default block size of 32: 21 blocks)."""
     cfg = dict(progress=False, cache_dir=str(tmp_path / "kv"), max_batch=4)
     with Engine.load("gemma-3-270m", EngineConfig(prefix_cache=False, **cfg)) as plain:
         ids = plain.encode("The history of Paris, told in detail. " * 100)[:700]
@@ -268,8 +269,9 @@ def test_default_model_cache_hits_are_exact(tmp_path):
         hot = eng.generate(ids, max_tokens=12)
     with Engine.load("gemma-3-270m", EngineConfig(**cfg)) as eng:
         ssd = eng.generate(ids, max_tokens=12)
-    assert hot.token_ids == want and hot.usage.cached_tokens == 640  # 5 blocks of 128
-    assert ssd.token_ids == want and ssd.usage.cached_tokens == 640
+    cached = 699 // EngineConfig.block_size * EngineConfig.block_size
+    assert hot.token_ids == want and hot.usage.cached_tokens == cached
+    assert ssd.token_ids == want and ssd.usage.cached_tokens == cached
 
 
 def test_a_reply_sent_back_is_a_cache_hit_and_exact(family, tmp_path):
@@ -287,6 +289,25 @@ def test_a_reply_sent_back_is_a_cache_hit_and_exact(family, tmp_path):
     reply_blocks = (len(ids) + len(first.token_ids) - 1) // BLOCK
     assert second.usage.cached_tokens == reply_blocks * BLOCK > (len(ids) - 1) // BLOCK * BLOCK
     assert filled == (reply_blocks - (len(ids) - 1) // BLOCK) * BLOCK
+
+
+def test_an_agent_loop_recomputes_only_its_tail_and_stays_exact(family, tmp_path):
+    """Turn after turn the prompt grows by the model's reply and a new message: every
+    whole block before the new message comes from the cache (the prompt's own and the
+    reply's, filled after each turn), and every turn equals the cache-off engine's."""
+    turns = []
+    with make_engine(family, tmp_path / "kv") as eng:
+        prompt = prompt_ids(eng, 37)
+        for turn in range(5):
+            got = eng.generate(prompt, max_tokens=11 + turn)
+            turns.append((prompt, got))
+            prompt = prompt + got.token_ids + prompt_ids(eng, 9, salt=f"turn {turn} ")
+    with make_engine(family, tmp_path / "none", prefix_cache=False) as plain:
+        for prompt, got in turns:
+            assert plain.generate(prompt, max_tokens=len(got.token_ids)).token_ids == got.token_ids
+    for (before, reply), (prompt, got) in zip(turns, turns[1:]):
+        seen = len(before) + len(reply.token_ids)  # all but the new message
+        assert got.usage.cached_tokens == (seen - 1) // BLOCK * BLOCK
 
 
 def test_reply_caching_can_be_turned_off(tmp_path):
