@@ -143,9 +143,11 @@ def agent_loop(base: str, system: str, turns: int, reply_tokens: int) -> dict:
     """A 10-turn agent: each prompt is the previous one plus the model's reply, verbatim, and
     the next user message, over /v1/completions."""
     prompt, replies = system, []
-    prompt_tokens = cached = 0
+    prompt_tokens = cached = first_prompt_tokens = first_cached = 0
     t0 = time.perf_counter()
     for turn in range(turns):
+        if turn == 1:  # turn 1 has nothing to reuse: the later turns are reported apart too
+            first_prompt_tokens, first_cached = prompt_tokens, cached
         prompt += f"\n\nUser: Step {turn}: look at module_{turn}.py and tell me what to change next.\nAssistant:"
         r = measure.post(base, "/v1/completions", {"prompt": prompt, "max_tokens": reply_tokens,
                                                    "temperature": 0.0})
@@ -154,8 +156,10 @@ def agent_loop(base: str, system: str, turns: int, reply_tokens: int) -> dict:
         prompt += reply
         prompt_tokens += r["usage"]["prompt_tokens"]
         cached += (r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    later = prompt_tokens - first_prompt_tokens
     return {"seconds": time.perf_counter() - t0, "prompt_tokens": prompt_tokens,
-            "reused": cached / prompt_tokens if prompt_tokens else 0.0, "replies": replies}
+            "reused": cached / prompt_tokens if prompt_tokens else 0.0,
+            "reused_later": (cached - first_cached) / later if later else 0.0, "replies": replies}
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -354,8 +358,10 @@ def agent_loop_rows(t: Table, ours, theirs, system: str, system_tokens: int) -> 
           f"32-token replies fed back verbatim")
     t.add("agent loop, 10 turns", loop_a["seconds"], loop_b["seconds"] if loop_b else None, "s",
           higher_is_better=False, target="target: faster than llama-server")
-    t.add("  prompt tokens reused", f"{loop_a['reused']:.1%}",
-          f"{loop_b['reused']:.1%}" if loop_b else None, "", target="target >= 97%")
+    t.add("  prompt tokens reused, all turns", f"{loop_a['reused']:.1%}",
+          f"{loop_b['reused']:.1%}" if loop_b else None, "", target="turn 1 is cold")
+    t.add("  prompt tokens reused, turns 2-10", f"{loop_a['reused_later']:.1%}",
+          f"{loop_b['reused_later']:.1%}" if loop_b else None, "", target="target >= 97%")
     return loop_a
 
 
