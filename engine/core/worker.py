@@ -38,7 +38,7 @@ class MLXWorker:
         self.thread.start()
         atexit.register(self._park)
 
-    def _park(self, timeout: float = 60.0) -> None:
+    def _park(self, timeout: float = 30.0) -> None:
         """Let the step in progress finish, then block the thread until the process ends."""
         if self.on_thread() or not self.thread.is_alive():
             return
