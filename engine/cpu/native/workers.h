@@ -41,8 +41,18 @@ class Workers {
 
   // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
   void run(const std::function<void(int)>& job, int chunks) {
+    if (chunks <= kMaxChunks) return run_round(job, chunks);
+    for (int base = 0; base < chunks; base += kMaxChunks) {  // a ticket counts kMaxChunks at most
+      std::function<void(int)> part = [&job, base](int c) { job(base + c); };
+      run_round(part, std::min(kMaxChunks, chunks - base));
+    }
+  }
+
+ private:
+  static constexpr int kMaxChunks = 0xffff;
+  void run_round(const std::function<void(int)>& job, int chunks) {
     std::lock_guard<std::mutex> caller(run_mutex_);  // one product at a time (any stream)
-    chunks = std::max(0, std::min(chunks, kMaxChunks));  // callers ask for a few per thread
+    chunks = std::max(0, chunks);
     job_ = &job;
     done_.store(0, std::memory_order_relaxed);
     uint64_t gen = ++generation_ & 0xffffffffu;
@@ -54,9 +64,6 @@ class Workers {
     work(gen);
     while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();
   }
-
- private:
-  static constexpr int kMaxChunks = 0xffff;
   bool claim(uint64_t gen, int& chunk) {
     uint64_t t = ticket_.load(std::memory_order_acquire);
     // Generation, count and next chunk from the same word: a claim belongs to one product.
