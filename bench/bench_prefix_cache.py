@@ -4,9 +4,9 @@
 
 1. TTFT of a 2,000-token prompt: cold (empty cache), hot (RAM hit), and SSD hit
    in a new process after the first exited (targets: hot <= 1/10, SSD <= 1/5 of cold).
-2. A 10-turn agent session behind a shared 1,500-token system prompt, where each
-   turn sends the model's own previous replies back, as agents do: cache reuse
-   (cached prompt tokens / prompt tokens, over all turns and over turns 2-10, the
+2. A 10-turn agent session behind a shared ~1,900-token system prompt, where each
+   turn sends the model's own previous replies (32 tokens) back, as agents do: cache
+   reuse (cached prompt tokens / prompt tokens, over all turns and over turns 2-10, the
    ones that can reuse anything; target >= 97% there) and total time against the
    same run with the cache off (whose replies must be identical), and against
    mlx_lm.server (which keeps an in-memory prompt cache) on 127.0.0.1 with the same
@@ -101,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=engine.DEFAULT_MODEL)
     ap.add_argument("--prompt-tokens", type=int, default=2000)
-    ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=EngineConfig.block_size)
     ap.add_argument("--ttft-worker", nargs=3)
     ap.add_argument("--skip-ttft", action="store_true", help="only the agent session")

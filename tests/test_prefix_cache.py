@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save
 
 import engine.cache.ssd_tier as ssd_cache
 from engine import Engine, EngineConfig, SamplingParams
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, tiny_model, write_tiny_model
 
 BLOCK = 16
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -257,7 +257,8 @@ def test_kill_9_during_writes_never_leaves_a_wrong_block(tmp_path):
 
 
 def test_default_model_cache_hits_are_exact(tmp_path):
-    """Gemma 3 270M: sliding-window layers (window 512 > block 128) and global layers."""
+    """Gemma 3 270M: sliding-window layers (window 512, wider than a block) and global layers,
+    hits past the window (the default block size of 32: 21 blocks)."""
     cfg = dict(progress=False, cache_dir=str(tmp_path / "kv"), max_batch=4)
     with Engine.load("gemma-3-270m", EngineConfig(prefix_cache=False, **cfg)) as plain:
         ids = plain.encode("The history of Paris, told in detail. " * 100)[:700]
@@ -268,8 +269,9 @@ def test_default_model_cache_hits_are_exact(tmp_path):
         hot = eng.generate(ids, max_tokens=12)
     with Engine.load("gemma-3-270m", EngineConfig(**cfg)) as eng:
         ssd = eng.generate(ids, max_tokens=12)
-    assert hot.token_ids == want and hot.usage.cached_tokens == 640  # 5 blocks of 128
-    assert ssd.token_ids == want and ssd.usage.cached_tokens == 640
+    cached = 699 // EngineConfig.block_size * EngineConfig.block_size
+    assert hot.token_ids == want and hot.usage.cached_tokens == cached
+    assert ssd.token_ids == want and ssd.usage.cached_tokens == cached
 
 
 def test_a_reply_sent_back_is_a_cache_hit_and_exact(family, tmp_path):
@@ -289,6 +291,25 @@ def test_a_reply_sent_back_is_a_cache_hit_and_exact(family, tmp_path):
     assert filled == (reply_blocks - (len(ids) - 1) // BLOCK) * BLOCK
 
 
+def test_an_agent_loop_recomputes_only_its_tail_and_stays_exact(family, tmp_path):
+    """Turn after turn the prompt grows by the model's reply and a new message: every
+    whole block before the new message comes from the cache (the prompt's own and the
+    reply's, filled after each turn), and every turn equals the cache-off engine's."""
+    turns = []
+    with make_engine(family, tmp_path / "kv") as eng:
+        prompt = prompt_ids(eng, 37)
+        for turn in range(5):
+            got = eng.generate(prompt, max_tokens=11 + turn)
+            turns.append((prompt, got))
+            prompt = prompt + got.token_ids + prompt_ids(eng, 9, salt=f"turn {turn} ")
+    with make_engine(family, tmp_path / "none", prefix_cache=False) as plain:
+        for prompt, got in turns:
+            assert plain.generate(prompt, max_tokens=len(got.token_ids)).token_ids == got.token_ids
+    for (before, reply), (prompt, got) in zip(turns, turns[1:]):
+        seen = len(before) + len(reply.token_ids)  # all but the new message
+        assert got.usage.cached_tokens == (seen - 1) // BLOCK * BLOCK
+
+
 def test_reply_caching_can_be_turned_off(tmp_path):
     with make_engine("llama", tmp_path / "kv", cache_replies=False) as eng:
         ids = prompt_ids(eng, 40)
@@ -296,3 +317,53 @@ def test_reply_caching_can_be_turned_off(tmp_path):
         second = eng.generate(ids + first.token_ids + prompt_ids(eng, 9, salt="next "), max_tokens=4)
         assert eng.metrics()["cache_fill_tokens"] == 0
     assert second.usage.cached_tokens == (len(ids) - 1) // BLOCK * BLOCK
+
+
+def _wide_window_gemma(tmp_path, window):
+    """tiny gemma3_text with a sliding window wider than a block (as Gemma 3's 512 > 128)."""
+    path = write_tiny_model("gemma3_text", tmp_path / f"gemma-window-{window}")
+    config = json.loads((path / "config.json").read_text())
+    config["sliding_window"] = window
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("window", [40, 48])
+def test_sliding_window_wider_than_a_block_hits_are_exact(window, tmp_path):
+    """Hits that end inside the first window, at it and past it (a multiple of the
+    window or not), restore the rotating cache as block-by-block prefill leaves it."""
+    path = _wide_window_gemma(tmp_path, window)
+    cfg = dict(progress=False, block_size=BLOCK, step_token_budget=64, max_batch=8)
+    lengths = (30, 41, 49, 97, 130)
+    with Engine.load(path, EngineConfig(prefix_cache=False, **cfg)) as plain:
+        base = prompt_ids(plain, max(lengths) + 3)
+        want = {n: plain.generate(base[:n + 3], max_tokens=10).token_ids for n in lengths}
+    with Engine.load(path, EngineConfig(cache_dir=str(tmp_path / "kv"), **cfg)) as eng:
+        for n in lengths:
+            eng.generate(base[:n], max_tokens=4)
+            got = eng.generate(base[:n + 3], max_tokens=10)
+            assert got.token_ids == want[n], n
+            assert got.usage.cached_tokens >= (n - 1) // BLOCK * BLOCK  # the first prompt's blocks
+
+
+def test_exiting_while_the_engine_works_does_not_abort(tmp_path):
+    """A script that exits while its engine is still working (a reply streaming, the
+    cache fill of the last reply) exits 0: MLX aborted the process when its thread was
+    ended by the interpreter's exit in the middle of a step."""
+    script = tmp_path / "exit_busy.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from tiny_models import tiny_model\n"
+        "from engine import Engine, EngineConfig\n"
+        f"eng = Engine.load(tiny_model('gemma3_text'), EngineConfig(progress=False, block_size=16, "
+        f"cache_dir={str(tmp_path / 'kv')!r}))\n"
+        "ids = eng.encode('hello world ' * 20)\n"
+        "reply = eng.generate(ids, max_tokens=40).token_ids\n"
+        "eng.generate(ids + reply + ids[:3], max_tokens=1)  # its cache fill runs on\n"
+        "stream = eng.submit(ids * 3, max_tokens=4000)\n"
+        "next(iter(stream))\n"
+        "print('exiting', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "exiting" in out.stdout and "terminate called" not in out.stderr

@@ -170,3 +170,42 @@ def test_gguf_blocks_as_mlx_affine_are_exact(qtype):
     got = np.array(mx.dequantize(mx.array(w), mx.array(s), mx.array(b), group_size=32, bits=bits))
     assert np.array_equal(got, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]))
     assert quant_layout.gguf_as_mlx_affine("Q6_K") is None
+
+
+_BACK_TO_BACK = """
+import sys, time, numpy as np, mlx.core as mx
+sys.path.insert(0, "tests")
+import engine
+from engine.cpu import quant_layout, quant_linear
+from quant_blocks import random_blocks
+raw = random_blocks("Q8_0", 1000, 512, np.random.default_rng(5))
+big = quant_linear.QuantWeight.repacked(1000, 512, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q8_0"))
+small = quant_linear.QuantWeight.repacked(48, 512, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q8_0"))
+xs = [mx.random.normal((m, 512), key=mx.random.key(m)) for m in (32, 9, 64)]
+want = [(np.array(big.matmul(x)), np.array(small.matmul(x))) for x in xs]
+wrong = products = 0
+deadline = time.time() + float(sys.argv[1])
+while time.time() < deadline:
+    for x, (b, s) in zip(xs, want):
+        got = (big.matmul(x), small.matmul(x))
+        mx.eval(got)
+        wrong += (not np.array_equal(np.array(got[0]), b)) + (not np.array_equal(np.array(got[1]), s))
+        products += 2
+print(products, wrong)
+"""
+
+
+@needs_kernels
+def test_products_back_to_back_with_different_chunk_counts(tmp_path):
+    """Products whose thread-pool jobs have different chunk counts, back to back, with more
+    kernel threads than cores (so workers are descheduled mid-claim): every result stays
+    exact and nothing crashes. A worker that resumed with the previous product's exhausted
+    ticket could claim a chunk of the next one twice, and the product returned while that
+    chunk still ran on freed activations (segfaults under load; engine/cpu/native/workers.h)."""
+    env = {**os.environ, "KERNELEXT_KERNEL_THREADS": "8"}
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _BACK_TO_BACK, "15"],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    products, wrong = map(int, out.stdout.split())
+    assert products > 1000 and wrong == 0

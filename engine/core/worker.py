@@ -4,10 +4,17 @@ MLX aborts the process at exit ("terminate called without an active
 exception") if a thread that ran MLX work has ended, so this thread is started
 once and lives until the interpreter exits. Engine fronts attach a core to it;
 it drains their commands and steps every core that has work, round-robin.
+
+At exit the thread is parked: once the interpreter finalizes, a daemon thread that
+comes back from native code (an MLX eval in a step) and asks for the GIL is ended,
+and MLX's thread-local destructors then abort the process. So a program that exits
+while an engine is still working (a request streaming, a cache fill after the last
+reply) first lets the current step finish and leaves the thread blocked for good.
 """
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from concurrent.futures import Future
@@ -29,6 +36,15 @@ class MLXWorker:
         self._cores: list = []
         self.thread = threading.Thread(target=self._loop, daemon=True, name="kernelext-mlx")
         self.thread.start()
+        atexit.register(self._park)
+
+    def _park(self, timeout: float = 30.0) -> None:
+        """Let the step in progress finish, then block the thread until the process ends."""
+        if self.on_thread() or not self.thread.is_alive():
+            return
+        parked = threading.Event()
+        self._inbox.put((None, ("park", parked)))
+        parked.wait(timeout)
 
     def attach(self, build) -> Future:
         """Run `build()` on this thread (it loads a model into a new core: an EngineCore,
@@ -79,6 +95,9 @@ class MLXWorker:
                 return
             self._cores.append(core)
             ready.set_result(core)
+        elif kind == "park":
+            item[1].set()
+            threading.Event().wait()  # never set: no more MLX work on this thread
         elif kind == "stop":
             if core in self._cores:
                 self._cores.remove(core)

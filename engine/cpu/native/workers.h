@@ -18,6 +18,12 @@ namespace kernelext {
 // Chunks are claimed from a ticket, so a worker the OS has not scheduled yet costs
 // nothing: the caller takes the chunks it leaves, and waits only for chunks a worker
 // has claimed (a fixed split would stall every product on a descheduled worker).
+// The ticket holds generation, chunk count and next chunk in one atomic word: a worker
+// that read an exhausted ticket of one product and resumes after the next product set
+// its (larger) count must not claim with the stale ticket. With the count kept in a
+// separate variable it could: it then ran a chunk twice and counted it done, so a
+// product returned while that chunk was still running on its freed activations (a
+// segfault in the quantized kernels under load, more often with small prefill chunks).
 class Workers {
  public:
   explicit Workers(int n) {
@@ -35,12 +41,22 @@ class Workers {
 
   // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
   void run(const std::function<void(int)>& job, int chunks) {
+    if (chunks <= kMaxChunks) return run_round(job, chunks);
+    for (int base = 0; base < chunks; base += kMaxChunks) {  // a ticket counts kMaxChunks at most
+      std::function<void(int)> part = [&job, base](int c) { job(base + c); };
+      run_round(part, std::min(kMaxChunks, chunks - base));
+    }
+  }
+
+ private:
+  static constexpr int kMaxChunks = 0xffff;
+  void run_round(const std::function<void(int)>& job, int chunks) {
     std::lock_guard<std::mutex> caller(run_mutex_);  // one product at a time (any stream)
+    chunks = std::max(0, chunks);
     job_ = &job;
-    chunks_ = chunks;
     done_.store(0, std::memory_order_relaxed);
-    uint64_t gen = ++generation_;
-    ticket_.store(gen << 32);  // publishes job_ and chunks_
+    uint64_t gen = ++generation_ & 0xffffffffu;
+    ticket_.store(gen << 32 | (uint64_t)chunks << 16);  // publishes job_
     if (sleepers_.load() > 0) {
       std::lock_guard<std::mutex> lock(mutex_);
       cv_.notify_all();
@@ -48,13 +64,12 @@ class Workers {
     work(gen);
     while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();
   }
-
- private:
   bool claim(uint64_t gen, int& chunk) {
     uint64_t t = ticket_.load(std::memory_order_acquire);
-    while ((t >> 32) == gen && (int)(t & 0xffffffffu) < chunks_) {
+    // Generation, count and next chunk from the same word: a claim belongs to one product.
+    while ((t >> 32) == gen && (t & 0xffffu) < ((t >> 16) & 0xffffu)) {
       if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
-        chunk = (int)(t & 0xffffffffu);
+        chunk = (int)(t & 0xffffu);
         return true;
       }
     }
@@ -84,12 +99,11 @@ class Workers {
     }
   }
   std::vector<std::thread> threads_;
-  std::atomic<uint64_t> ticket_{0};  // generation << 32 | next chunk
+  std::atomic<uint64_t> ticket_{0};  // generation << 32 | chunks << 16 | next chunk
   std::atomic<int> done_{0};
   std::atomic<int> sleepers_{0};
   uint64_t generation_ = 0;  // the calling (MLX stream) thread only
   const std::function<void(int)>* job_ = nullptr;
-  int chunks_ = 0;
   std::mutex run_mutex_;
   std::mutex mutex_;
   std::condition_variable cv_;
