@@ -32,10 +32,11 @@ class EngineConfig:
     # prefixes leave identical states. 32: an agent's next turn recomputes only the
     # conversation's last partial block and its new message (98% of prompt tokens
     # reused in bench_prefix_cache.py's agent session, 96.7% at 64); the cost is a
-    # slower cold prefill (more, smaller forwards; ~1.2-1.6x at 2,000 tokens on Gemma
-    # 3 270M on the CPU). A partial block cannot be reused instead: prefill is not
-    # chunk-invariant (split chunks change the KV's last bits: float products differ
-    # with the row count, sliding-window attention with the keys' offset).
+    # slower cold prefill (more, smaller forwards: 2,048 tokens of Gemma 3 270M on the
+    # CPU took 5.65 s at 32 against 4.53 s at 128, best of 4; 1.6x in a noisier run).
+    # Reusing the partial block instead would need prefill to be chunk-invariant, and
+    # it is not: a block computed in two pieces gave other KV bits on every tiny family
+    # (float products depend on the row count) and on Gemma 3 270M past its window.
     prefix_cache: bool = True
     block_size: int = 32
     hot_cache_bytes: int = 1 << 30  # RAM tier budget
