@@ -1,4 +1,4 @@
-"""Norms and RoPE as compiled MLX functions, so a CPU decode step runs few small kernels.
+"""Norms, RoPE and the gated GELU as fast CPU kernels, so a CPU step runs few small kernels.
 
 Outside its matrix products, a decode step of a small model is hundreds of tiny ops. On the
 CPU, MLX runs `mx.fast.rms_norm` and `mx.fast.rope` as general kernels that cost far more than
@@ -15,14 +15,28 @@ and verify windows agree, and batches stay invariant. Values differ from MLX's f
 kernels by float rounding (~1e-5 for RoPE), the same size as the row kernels' products.
 Modules of other kinds (scaled RoPE variants, Qwen3.5's gated norms) keep mlx-lm's code.
 On a GPU nothing is swapped: MLX's own kernels are fast there.
+
+The Gemma family's MLP, `down(gelu_approx(gate(x)) * up(x))`, gets its activation from
+`native/activations.cpp`: MLX computes tanh and x ** 3 one element at a time in libm on
+the CPU (~38 ms per layer for a 512-token prefill of Gemma 3 270M, a third of the
+prefill; ~1 ms in the native loop). It is the same function written with exp
+(0.5 x (1 + tanh z) = x - x / (exp(2z) + 1)), within ~1e-6 of MLX's, and elementwise,
+so rows stay independent.
 """
 
 from __future__ import annotations
 
 import os
 
+import functools
+
 import mlx.core as mx
 import mlx.nn as nn
+
+try:
+    from . import _activations
+except ImportError:  # not built (`make native`): mlx-lm's GELU stays
+    _activations = None
 
 
 @mx.compile
@@ -71,6 +85,36 @@ def _rope_table(dims: int, base: float) -> mx.array:
     return inv
 
 
+class _GeluMLP(nn.Module):
+    """mlx-lm's Gemma MLP with the native gated GELU (float32 activations, as on the CPU)."""
+
+    def __call__(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype != mx.float32 or up.dtype != mx.float32:
+            return self.down_proj(nn.gelu_approx(gate) * up)
+        return self.down_proj(_activations.gelu_tanh(gate, up))
+
+
+# mlx-lm's MLP classes computing down(gelu_approx(gate(x)) * up(x)).
+_GELU_MLP_MODULES = ("mlx_lm.models.gemma2", "mlx_lm.models.gemma3_text")
+
+
+@functools.cache
+def _native_gelu() -> bool:
+    if _activations is None:
+        return False
+    try:  # built for another mlx: its functions take no mx.array
+        mx.eval(_activations.gelu_tanh(mx.zeros((1,)), mx.zeros((1,))))
+        return True
+    except TypeError:
+        return False
+
+
+def _is_gelu_mlp(module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "MLP" and cls.__module__ in _GELU_MLP_MODULES and _native_gelu()
+
+
 # mlx-lm's RMSNorm classes whose weight enters as (1 + weight); nn.RMSNorm uses it as is.
 _GEMMA_NORM_MODULES = ("mlx_lm.models.gemma", "mlx_lm.models.gemma2", "mlx_lm.models.gemma3_text")
 
@@ -85,16 +129,23 @@ def _norm_kind(module) -> str | None:
     return None
 
 
-_NORMS = {}
+_SUBCLASSES = {}
 
 
 def _norm_class(cls, kind: str):
     key = (cls, kind)
-    if key not in _NORMS:
-        _NORMS[key] = type(cls.__name__, (cls,), {
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(cls.__name__, (cls,), {
             "__call__": _gemma_norm if kind == "gemma" else _plain_norm,
             "__module__": __name__})
-    return _NORMS[key]
+    return _SUBCLASSES[key]
+
+
+def _mlp_class(cls):
+    key = (cls, "gelu")
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(cls.__name__, (cls,), {"__call__": _GeluMLP.__call__, "__module__": __name__})
+    return _SUBCLASSES[key]
 
 
 def enabled() -> bool:
@@ -103,13 +154,17 @@ def enabled() -> bool:
 
 
 def install(model: nn.Module) -> int:
-    """Swap norms and RoPEs for the compiled ones (in place); returns how many were swapped."""
+    """Swap norms, RoPEs and Gemma MLPs for the fast ones (in place); returns how many."""
     swapped = 0
     for _, module in model.named_modules():
         kind = _norm_kind(module)
         if kind is not None:
             module._plain_class = type(module)
             module.__class__ = _norm_class(type(module), kind)
+            swapped += 1
+        elif _is_gelu_mlp(module):
+            module._plain_class = type(module)
+            module.__class__ = _mlp_class(type(module))
             swapped += 1
         elif type(module) is nn.RoPE and not module.traditional:
             module._plain_class = nn.RoPE
