@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
+
+import psutil  # installed with ipykernel
 
 from engine import Engine, EngineConfig, SamplingParams
 from engine.errors import DistributedGroupError, InvalidRequestError
@@ -126,8 +127,8 @@ def load_error(model, hostfile, cache_dir) -> dict:
         error = None
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
-    children = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout
-    return dict(error=error, children=children.split())
+    children = [c.pid for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE]
+    return dict(error=error, children=children)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil  # installed with ipykernel
 import pytest
 
 from engine import Engine, EngineConfig
@@ -132,13 +133,10 @@ def test_followers_exit_when_rank_0_dies(setup):
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    # A zombie (exited, not yet reaped by its parent) counts as gone.
-    status = Path(f"/proc/{pid}/status")
-    return not (status.exists() and "State:\tZ" in status.read_text())
 
 
 def test_family_without_sharding_is_refused_by_name(setup):
@@ -207,7 +205,7 @@ def test_kernelext_serve_with_a_hostfile(setup):
                                         temperature=0)
         assert got.choices[0].text == want
         # Rank 1 dies: requests get 503 with the group's error, /health says why.
-        follower = int(subprocess.check_output(["pgrep", "-P", str(proc.pid)], text=True).split()[0])
+        follower = psutil.Process(proc.pid).children()[0].pid
         os.kill(follower, signal.SIGKILL)
         with pytest.raises(openai.APIStatusError) as failed:
             for _ in range(50):  # until rank 0 has noticed (the next step's collective fails at once)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections import deque
 
 import mlx.core as mx
 
@@ -31,7 +32,6 @@ class RankCache(list):
 class KeyedPayload(dict):
     """A prefix-cache block on rank 0 (its arrays shared with the hot tier), named for the followers."""
     id: int
-    key: str
 
 
 class SharedObjects:
@@ -40,7 +40,7 @@ class SharedObjects:
     def __init__(self, group: DistributedGroup):
         self.group = group
         self._ids = itertools.count(1)
-        self._dropped: list[int] = []  # appended by finalizers (any thread), sent with the next call
+        self._dropped: deque[int] = deque()  # appended by finalizers (any thread), sent with the next call
 
     def name(self, obj, obj_id: int | None = None):
         obj.id = next(self._ids) if obj_id is None else obj_id
@@ -54,8 +54,10 @@ class SharedObjects:
         return first
 
     def send(self, op: str, *args) -> None:
-        if self._dropped:
-            dropped, self._dropped = self._dropped, []
+        dropped = []
+        while self._dropped:  # popleft and append are atomic: no id is lost to a finalizer
+            dropped.append(self._dropped.popleft())
+        if dropped:
             self.group.send("drop", dropped)
         self.group.send(op, *args)
 
