@@ -93,8 +93,8 @@ class EngineConfig:
         if self.distributed_layout not in ("auto", "tensor", "pipeline"):
             raise InvalidRequestError(
                 f"distributed_layout must be auto, tensor or pipeline; got {self.distributed_layout!r}")
-        if self.distributed_timeout <= 0:
-            raise InvalidRequestError("distributed_timeout must be > 0")
+        if not self.distributed_timeout >= 2:  # followers beat every 0.5 s (distributed/group.py)
+            raise InvalidRequestError(f"distributed_timeout must be >= 2 seconds, got {self.distributed_timeout!r}")
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             raise InvalidRequestError(f"hostfile {self.hostfile} does not exist")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):

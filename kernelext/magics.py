@@ -323,6 +323,9 @@ class LLMMagics(Magics):
                    f"TTFT p50 {m['ttft_p50_s'] * 1000:.0f} ms",
             "server": ext.server.url if ext.server else "not running",
         }
+        if m.get("ranks"):  # split across processes or Macs (engine/distributed)
+            rows["ranks"] = (f"{m['ranks']} · {m['layout']} parallel · "
+                             + (m["group_error"].splitlines()[0] if m["group_error"] else "all up"))
         for key, value in rows.items():
             print(f"{key:>11}  {value}")
         if others:

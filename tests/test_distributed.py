@@ -245,6 +245,10 @@ def test_llm_load_with_a_hostfile_in_a_kernel(setup):
         text = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
         assert f"TEXT {want!r} 2" in text
         assert "2 ranks" in text  # the load line says so
+        outputs.clear()
+        run("%llm status")
+        status = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert "ranks  2 · tensor parallel · all up" in status
         run("%llm unload")
     finally:
         kc.stop_channels()

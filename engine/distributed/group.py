@@ -172,7 +172,7 @@ class DistributedGroup:
             for channel in self.channels.values():
                 channel.send({"op": op, "args": list(args)})
         except OSError as e:
-            self.fail(f"sending the plan failed: {e}")
+            self._fail_unless_told(f"sending the plan failed: {e}")
             raise self.error from e
 
     def check(self) -> None:
@@ -189,12 +189,7 @@ class DistributedGroup:
         except RuntimeError as e:
             if self.error is None and not str(e).startswith(("[ring]", "[jaccl]")):
                 raise
-            # MLX says only that a peer is gone; the plan connections say which one
-            # (a reader thread fails the group with the rank and its exit code).
-            deadline = time.monotonic() + 2.0
-            while self.error is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            self.fail(f"MLX lost a peer ({e})")
+            self._fail_unless_told(f"MLX lost a peer ({e})")
             raise self.error from e
         finally:
             self.step_since = None
@@ -248,6 +243,15 @@ class DistributedGroup:
             since = self.step_since
             if since is not None and now - since > self.timeout:
                 self.fail(f"one step of the group ran for {now - since:.1f} s (timeout {self.timeout:g} s)")
+
+    def _fail_unless_told(self, reason: str) -> None:
+        """A broken socket says only that a peer is gone; the plan connections say which
+        one and why (a reader thread fails the group with the rank and its exit code), so
+        give them a moment to tell before failing with the less precise `reason`."""
+        deadline = time.monotonic() + 2.0
+        while self.error is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.fail(reason)
 
     def fail(self, reason: str) -> None:
         """Mark the group down (first reason wins) and kill the followers, which
