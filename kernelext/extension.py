@@ -121,11 +121,12 @@ class Kernelext(Configurable):
             print(f"kernelext: this engine has no {', '.join(unknown)} setting yet; ignored")
         return EngineConfig(progress=True, **{k: v for k, v in wanted.items() if k in known})
 
-    def load(self, model: str | None = None, hostfile: str | None = None) -> Engine:
+    def load(self, model: str | None = None, hostfile: str | None = None, layout: str = "auto") -> Engine:
         """Replace the engine (closing the old one first: two models may not fit in memory).
-        `hostfile`: split the model across the processes or Macs it lists (engine/distributed)."""
+        `hostfile`: split the model across the processes or Macs it lists, in `layout`
+        (engine/distributed)."""
         model = model or self.model
-        config = dataclasses.replace(self.engine_config(), hostfile=hostfile)
+        config = dataclasses.replace(self.engine_config(), hostfile=hostfile, distributed_layout=layout)
         t0 = time.perf_counter()
         # Conversion has its own bars; this one covers the silent part, loading the weights.
         with tqdm(total=2, desc=f"Loading {model}", leave=False) as bar:
@@ -152,13 +153,13 @@ class Kernelext(Configurable):
         return self.engine
 
     def load_as(self, model: str, name: str, *, pin: bool = False, task: str | None = None,
-                hostfile: str | None = None):
+                hostfile: str | None = None, layout: str = "auto"):
         """Load `model` beside the others as `name` (an embedding, reranking or second
         chat model); it is evicted when memory runs short unless pinned."""
         if self.engine is not None and name == self.engine.model_name:
             raise engine.InvalidRequestError(f"{name!r} is the default model's name; pick another")
         t0 = time.perf_counter()
-        config = dataclasses.replace(self.engine_config(), hostfile=hostfile)
+        config = dataclasses.replace(self.engine_config(), hostfile=hostfile, distributed_layout=layout)
         # A split model is pinned: this process cannot form a second group to reload it.
         eng = self.models.add(name, model, pin=pin or hostfile is not None, task=task, config=config)
         task = getattr(eng, "task", "generate")

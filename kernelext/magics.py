@@ -59,6 +59,9 @@ def _llm_parser() -> _Parser:
     load.add_argument("--hostfile", metavar="FILE",
                       help="split the model across the processes/Macs of this mlx.launch hostfile "
                            "(this kernel is rank 0 and starts the others)")
+    load.add_argument("--layout", choices=("auto", "tensor", "pipeline"), default="auto",
+                      help="with --hostfile: how the model is split (default: tensor where the "
+                           "family has it, else pipeline)")
     load.add_argument("--task", choices=("generate", "embed", "rerank"),
                       help="with --as: what the model is for (default: read from its files)")
     unload = commands.add_parser("unload", help="close the engine (or model NAME) and free its memory")
@@ -276,11 +279,12 @@ class LLMMagics(Magics):
         if args.name is None:
             if args.pin or args.task:
                 raise UsageError("%llm load: --pin and --task go with --as NAME")
-            self.ext.load(args.model, hostfile=args.hostfile)
+            self.ext.load(args.model, hostfile=args.hostfile, layout=args.layout)
         elif args.model is None:
             raise UsageError("%llm load --as NAME needs a MODEL")
         else:
-            self.ext.load_as(args.model, args.name, pin=args.pin, task=args.task, hostfile=args.hostfile)
+            self.ext.load_as(args.model, args.name, pin=args.pin, task=args.task, hostfile=args.hostfile,
+                             layout=args.layout)
 
     def _unload(self, args):
         if args.name is not None:

@@ -222,11 +222,12 @@ def test_kernelext_serve_with_a_hostfile(setup):
 
 
 def test_llm_load_with_a_hostfile_in_a_kernel(setup):
-    """`%llm load MODEL --hostfile FILE` in a real Jupyter kernel (rank 0 is the kernel)."""
+    """`%llm load MODEL --hostfile FILE --layout pipeline` in a real Jupyter kernel (rank 0
+    is the kernel); `%llm status` shows the group."""
     from jupyter_client.manager import start_new_kernel
 
     d, hostfile, models = setup
-    want = single_process_text(models["llama"], d / "kv-kernel-single")
+    want = single_process_text(models["qwen3_5"], d / "kv-kernel-single")
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT),
                KERNELEXT_KV_CACHE=str(d / "kv-kernel"))
     km, kc = start_new_kernel(kernel_name="python3", env=env, startup_timeout=120)
@@ -238,7 +239,7 @@ def test_llm_load_with_a_hostfile_in_a_kernel(setup):
 
     try:
         run("%load_ext kernelext")
-        run(f"%llm load {models['llama']} --hostfile {hostfile}")
+        run(f"%llm load {models['qwen3_5']} --hostfile {hostfile} --layout pipeline")
         run("from kernelext import get_engine\n"
             f"c = get_engine().generate({PROMPT!r}, max_tokens=12, temperature=0)\n"
             "print('TEXT', repr(c.text), get_engine().metrics()['ranks'])")
@@ -248,7 +249,7 @@ def test_llm_load_with_a_hostfile_in_a_kernel(setup):
         outputs.clear()
         run("%llm status")
         status = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
-        assert "ranks  2 · tensor parallel · all up" in status
+        assert "ranks  2 · pipeline parallel · all up" in status
         run("%llm unload")
     finally:
         kc.stop_channels()

@@ -6,7 +6,7 @@
     channel.py   the plan's side channel (JSON lines over TCP)
     plan.py      rank 0's broadcasting ModelRunner and PrefixCache
     follower.py  ranks 1..N-1: replay the plan on their own shard and caches
-    sharding.py  mlx-lm's tensor-parallel shard(), or a clear error naming the family
+    sharding.py  mlx-lm's tensor (shard) or pipeline layout, or a clear error naming the family
 
 Rank 0 (the kernel, or `kernelext serve`) runs the ordinary engine; the step loop is
 the same with or without a group. EngineCore calls launch.start/attach only when

@@ -1,5 +1,5 @@
 """`kernelext serve --model M [--model [NAME=]M2 ...] [--host H] [--port P] [--api-key K]
-[--default-max-tokens N] [--hostfile FILE]`: the notebook's server app, outside a notebook. Several models
+[--default-max-tokens N] [--hostfile FILE [--layout tensor|pipeline]]`: the notebook's server app, outside a notebook. Several models
 (chat, embedding, reranking) are served side by side, routed by each request's `model`.
 Stops cleanly on SIGINT/SIGTERM."""
 
@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--hostfile", metavar="FILE",
                        help="split the chat model across the processes/Macs of this mlx.launch "
                             "hostfile (this process is rank 0 and starts the others)")
+    serve.add_argument("--layout", choices=("auto", "tensor", "pipeline"), default="auto",
+                       help="with --hostfile: how the model is split (default: tensor where the "
+                            "family has it, else pipeline)")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     try:
         config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
-                              hostfile=args.hostfile)
+                              hostfile=args.hostfile, distributed_layout=args.layout)
     except EngineError as e:
         parser.exit(2, f"kernelext: {e}\n")
     models = ModelRegistry(budget, args.ttl, config)
