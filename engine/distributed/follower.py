@@ -43,10 +43,6 @@ class Follower:
 
         self.mx, self.rank = mx, rank
         self.group = mx.distributed.init(backend=setup["backend"], strict=True)
-        for name in ("MLX_HOSTFILE", "MLX_IBV_DEVICES"):
-            written = Path(os.environ.get(name, ""))
-            if written.name.startswith("kernelext-group-"):  # by rank 0 for us (hostfile.py)
-                written.unlink(missing_ok=True)
         if self.group.rank() != rank or self.group.size() != setup["size"]:
             raise RuntimeError(f"ring says rank {self.group.rank()}/{self.group.size()}, "
                                f"rank 0 says {rank}/{setup['size']}")

@@ -45,6 +45,7 @@ class DistributedGroup:
         self.error: DistributedGroupError | None = None
         self.mx_group = None
         self.processes: dict[int, object] = {}
+        self.written: dict[str, str] = {}  # variable -> temp file the local ranks read
         self.logs: dict[int, Path] = {}
         self.channels: dict[int, Channel] = {}
         self.last_seen: dict[int, float] = {}
@@ -69,6 +70,7 @@ class DistributedGroup:
         hosts = cluster.hosts
         group = cls(cluster, timeout)
         env, files = group_environment(cluster)
+        group.written = write_files(files)  # for the local ranks; removed when the group closes
         setup = {**setup, "backend": cluster.mlx_backend}
         listener = socket.create_server((hosts[0].ip, 0), family=socket.AF_INET6 if ":" in hosts[0].ip
                                         else socket.AF_INET)
@@ -77,8 +79,9 @@ class DistributedGroup:
             for host in hosts[1:]:
                 group.logs[host.rank] = Path(tempfile.mkstemp(prefix=f"kernelext-rank{host.rank}-",
                                                               suffix=".log")[1])
-                group.processes[host.rank] = spawn_follower(host, {**env, TOKEN_VARIABLE: group.token},
-                                                            files, address, group.logs[host.rank])
+                group.processes[host.rank] = spawn_follower(
+                    host, {**env, TOKEN_VARIABLE: group.token}, files, group.written, address,
+                    group.logs[host.rank])
             group._accept(listener, connect_timeout)
             for rank, channel in group.channels.items():
                 channel.send({"op": "setup", "args": [setup]})
@@ -294,6 +297,8 @@ class DistributedGroup:
                 proc.wait(timeout=5)
         for channel in self.channels.values():
             channel.close()
+        for path in self.written.values():
+            Path(path).unlink(missing_ok=True)
         if self.error is None:  # a failed group keeps its followers' output for diagnosis
             for log in self.logs.values():
                 log.unlink(missing_ok=True)

@@ -115,16 +115,17 @@ def write_files(files: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def spawn_follower(host: Host, env: dict[str, str], files: dict[str, str], plan_address: str,
-                   log_path: Path) -> subprocess.Popen:
+def spawn_follower(host: Host, env: dict[str, str], files: dict[str, str], written: dict[str, str],
+                   plan_address: str, log_path: Path) -> subprocess.Popen:
     """Start rank `host.rank`: `python -m engine.distributed.follower` with the group's
-    environment, its output in `log_path`."""
+    environment, its output in `log_path`. A local rank reads the files rank 0 `written`
+    (write_files(files)); a remote one gets them written on its host."""
     command = [sys.executable, "-m", "engine.distributed.follower", "--plan", plan_address,
                "--rank", str(host.rank)]
     log = open(log_path, "wb")
     rank_env = {**env, "MLX_RANK": str(host.rank)}
     if host.local:
-        rank_env.update(write_files(files))
+        rank_env.update(written)
         return subprocess.Popen(command, env={**os.environ, **rank_env}, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     # As mlx.launch does: the same interpreter path and working directory on the remote
