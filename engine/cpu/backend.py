@@ -46,6 +46,11 @@ def configure() -> str | None:
             stacklevel=3,
         )
         return None
+    # MKL's OpenMP threads spin 200 ms after each parallel region by default. Here MKL only
+    # runs the attention products between the engine's own kernels, whose workers then
+    # found one of the two cores taken by a spinning thread: a quarter of a prefill's CPU
+    # samples (perf, 2 cores). Sleeping at once costs a wake-up per MKL call instead.
+    os.environ.setdefault("KMP_BLOCKTIME", "0")
     paths = [choice] if choice != "auto" else _candidates()
     for path in paths:
         try:
