@@ -18,6 +18,7 @@ from IPython.display import display
 
 from engine import EngineError
 from engine.benchmark import format_table, run_bench
+from engine.distributed.hostfile import add_arguments as distributed_arguments
 
 from .stream_display import stream_to_cell
 
@@ -56,12 +57,7 @@ def _llm_parser() -> _Parser:
                       help="load it beside the other models under NAME (embedding, reranking or "
                            "another chat model), instead of replacing the default engine")
     load.add_argument("--pin", action="store_true", help="with --as: never evict it")
-    load.add_argument("--hostfile", metavar="FILE",
-                      help="split the model across the processes/Macs of this mlx.launch hostfile "
-                           "(this kernel is rank 0 and starts the others)")
-    load.add_argument("--layout", choices=("auto", "tensor", "pipeline"), default="auto",
-                      help="with --hostfile: how the model is split (default: tensor where the "
-                           "family has it, else pipeline)")
+    distributed_arguments(load, rank0="this kernel")
     load.add_argument("--task", choices=("generate", "embed", "rerank"),
                       help="with --as: what the model is for (default: read from its files)")
     unload = commands.add_parser("unload", help="close the engine (or model NAME) and free its memory")

@@ -138,3 +138,14 @@ def spawn_follower(host: Host, env: dict[str, str], files: dict[str, str], writt
     return subprocess.Popen(["ssh", "-tt", "-o", "LogLevel=QUIET", host.ssh, script],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def add_arguments(parser, rank0: str) -> None:
+    """--hostfile and --layout, as `kernelext serve` and `%llm load` take them; rank0 names
+    the process that becomes rank 0 ("this process", "this kernel")."""
+    parser.add_argument("--hostfile", metavar="FILE",
+                        help="split the model across the processes/Macs of this mlx.launch hostfile "
+                             f"({rank0} is rank 0 and starts the others)")
+    parser.add_argument("--layout", choices=("auto", "tensor", "pipeline"), default="auto",
+                        help="with --hostfile: how the model is split (default: tensor where the "
+                             "family has it, else pipeline)")

@@ -11,6 +11,7 @@ import signal
 import threading
 
 from engine import DEFAULT_MODEL, EngineConfig, EngineError, ModelRegistry
+from engine.distributed.hostfile import add_arguments as distributed_arguments
 
 from .app import DEFAULT_MAX_TOKENS
 from .runner import check_bind, start_server
@@ -33,12 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--api-key", default=os.environ.get("KERNELEXT_API_KEY"),
                        help="required from clients (default: $KERNELEXT_API_KEY, which keeps it out of ps)")
-    serve.add_argument("--hostfile", metavar="FILE",
-                       help="split the chat model across the processes/Macs of this mlx.launch "
-                            "hostfile (this process is rank 0 and starts the others)")
-    serve.add_argument("--layout", choices=("auto", "tensor", "pipeline"), default="auto",
-                       help="with --hostfile: how the model is split (default: tensor where the "
-                            "family has it, else pipeline)")
+    distributed_arguments(serve, rank0="this process")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
