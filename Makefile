@@ -42,7 +42,7 @@ $(NATIVE): $(STAMP) $(wildcard engine/cpu/native/*.cpp engine/cpu/native/*.h) en
 		$(VENV)/bin/cmake --build build/cpu-native -j 2 >>build/native.log 2>&1 && \
 		for f in build/cpu-native/_row_matmul*.so build/cpu-native/_quant_matmul*.so \
 			build/cpu-native/_bf16_matmul*.so build/cpu-native/_short_attention*.so \
-			build/cpu-native/_activations*.so; do cp $$f engine/cpu/.$${f##*/}.tmp && \
+			build/cpu-native/_row_ops*.so; do cp $$f engine/cpu/.$${f##*/}.tmp && \
 			mv engine/cpu/.$${f##*/}.tmp engine/cpu/$${f##*/}; done && echo "built the CPU kernels (engine/cpu/native)" || \
 		echo "kernelext: the CPU kernels did not build (build/native.log); decode uses MKL alone"; fi
 	touch $(NATIVE)
@@ -81,4 +81,4 @@ bench: $(STAMP) $(NATIVE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/cpu/_row_matmul*.so engine/cpu/_quant_matmul*.so \
-		engine/cpu/_bf16_matmul*.so engine/cpu/_short_attention*.so engine/cpu/_activations*.so
+		engine/cpu/_bf16_matmul*.so engine/cpu/_short_attention*.so engine/cpu/_row_ops*.so

@@ -76,31 +76,48 @@ def test_install_keeps_greedy_tokens_and_uninstall_restores(family):
     assert same(model(ids), want)
 
 
-@pytest.mark.skipif(not fused_layers._native_gelu(), reason="native activations not built (make native)")
+@pytest.mark.skipif(not fused_layers._native_row_ops(), reason="native activations not built (make native)")
 def test_native_gated_gelu_matches_mlx_and_rows_are_independent():
-    from engine.cpu import _activations
+    from engine.cpu import _row_ops
 
     mx.random.seed(3)
     gate = mx.random.normal((300, 2048)) * 4  # past the parallel threshold: split across threads
     up = mx.random.normal((300, 2048))
-    out = _activations.gelu_tanh(gate, up)
+    out = _row_ops.gelu_tanh(gate, up)
     assert mx.allclose(out, nn.gelu_approx(gate) * up, atol=5e-6, rtol=0).item()
-    assert mx.allclose(_activations.gelu_tanh(gate), nn.gelu_approx(gate), atol=2e-6, rtol=0).item()
+    assert mx.allclose(_row_ops.gelu_tanh(gate), nn.gelu_approx(gate), atol=2e-6, rtol=0).item()
     for i in (0, 7, 299):
-        assert same(out[i:i + 1], _activations.gelu_tanh(gate[i:i + 1], up[i:i + 1]))
-    assert same(out[:, 5:9], _activations.gelu_tanh(gate[:, 5:9], up[:, 5:9]))  # any offset: same bits
+        assert same(out[i:i + 1], _row_ops.gelu_tanh(gate[i:i + 1], up[i:i + 1]))
+    assert same(out[:, 5:9], _row_ops.gelu_tanh(gate[:, 5:9], up[:, 5:9]))  # any offset: same bits
     edge = mx.array([-1e30, -90.0, -9.0, 0.0, 1e-30, 9.0, 90.0, 1e30, float("inf")])
-    assert mx.allclose(_activations.gelu_tanh(edge), nn.gelu_approx(edge), atol=1e-6).item()
+    assert mx.allclose(_row_ops.gelu_tanh(edge), nn.gelu_approx(edge), atol=1e-6).item()
     with pytest.raises(ValueError, match="float32"):
-        _activations.gelu_tanh(gate.astype(mx.float16))
+        _row_ops.gelu_tanh(gate.astype(mx.float16))
 
 
-def test_gemma_mlp_uses_the_native_gelu():
+def test_gemma_mlp_uses_the_native_row_ops():
     model, _ = mlx_lm_load(str(tiny_model("gemma3_text")))
     mlp = model.layers[0].mlp
     x = mx.random.normal((2, 5, mlp.gate_proj.weight.shape[1]))
     want = mlp(x)
     fused_layers.install(model)
-    assert (type(mlp).__name__, type(mlp).__module__) == ("MLP", "engine.cpu.fused_layers") or not fused_layers._native_gelu()
+    assert (type(mlp).__name__, type(mlp).__module__) == ("MLP", "engine.cpu.fused_layers") or not fused_layers._native_row_ops()
     assert mx.allclose(mlp(x), want, atol=1e-5).item()
     fused_layers.uninstall(model)
+
+
+@pytest.mark.skipif(not fused_layers._native_row_ops(), reason="native row ops not built (make native)")
+@pytest.mark.parametrize("d", [640, 1000, 7])
+def test_native_rms_norm_matches_mlx_and_rows_are_independent(d):
+    from engine.cpu import _row_ops
+
+    mx.random.seed(4)
+    x = mx.random.normal((3, 5, d)) * 3
+    w = mx.random.normal((d,))
+    for add in (0.0, 1.0):
+        out = _row_ops.rms_norm(x, w, add, 1e-6)
+        assert mx.allclose(out, mx.fast.rms_norm(x, w + add, 1e-6), atol=2e-5, rtol=1e-5).item()
+        for i, j in ((0, 0), (2, 4), (1, 3)):
+            assert same(out[i:i + 1, j:j + 1], _row_ops.rms_norm(x[i:i + 1, j:j + 1], w, add, 1e-6))
+    with pytest.raises(ValueError, match="float32"):
+        _row_ops.rms_norm(x.astype(mx.float16), w, 0.0, 1e-6)

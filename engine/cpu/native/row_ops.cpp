@@ -1,6 +1,7 @@
-// gelu_tanh(gate) * up, the gated MLP's activation of the Gemma family, as one CPU kernel
-// (see engine/cpu/fused_layers.py for why).
+// Per-row elementwise ops of a CPU step as single vectorized kernels (see
+// engine/cpu/fused_layers.py for why): the Gemma family's gated GELU, and RMS norm.
 //
+// gelu_tanh(gate) * up.
 // MLX's CPU kernels compute tanh (and x ** 3, through powf) one element at a time in libm:
 // ~30 ns an element here, so Gemma 3 270M spent ~30 ms a layer on GELU in a 512-token
 // prefill, a third of the prefill. This loop has no calls, so the compiler vectorizes it
@@ -11,6 +12,7 @@
 // is computed by the same sequence of IEEE operations whatever its position, the vector width
 // or the thread (no FMA contraction: -ffp-contract=off), so a row's bits depend on nothing
 // but its own inputs: prefill, decode, verify windows and batches agree.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -80,6 +82,69 @@ void gelu_any(const float* x, const float* up, float* out, long n) {
   else gelu_plain<GATED>(x, up, out, n);
 }
 
+// RMS norm of rows of d values: x * (1 / sqrt(mean(x^2) + eps)) * (w + add). The sum of
+// squares runs in 16 lanes (lane j takes the elements j, j + 16, ...) added up in a fixed
+// tree at the end: the same order on every path and for every row, whatever the batch.
+template <int>
+inline void rms_rows(const float* x, const float* w, float add, float eps, float* out, long rows, long d) {
+  for (long r = 0; r < rows; r++) {
+    const float* xr = x + r * d;
+    float* orow = out + r * d;
+    float acc[16] = {0};
+    long i = 0;
+    for (; i + 16 <= d; i += 16)
+      for (int j = 0; j < 16; j++) acc[j] += xr[i + j] * xr[i + j];
+    for (int j = 0; i + j < d; j++) acc[j] += xr[i + j] * xr[i + j];
+    for (int width = 8; width > 0; width /= 2)
+      for (int j = 0; j < width; j++) acc[j] += acc[j + width];
+    float scale = 1.0f / std::sqrt(acc[0] / (float)d + eps);
+    for (long k = 0; k < d; k++) orow[k] = (xr[k] * scale) * (w[k] + add);
+  }
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+void rms_avx512(const float* x, const float* w, float add, float eps, float* out, long rows, long d) {
+  rms_rows<2>(x, w, add, eps, out, rows, d);
+}
+__attribute__((target("avx2,fma")))
+void rms_avx2(const float* x, const float* w, float add, float eps, float* out, long rows, long d) {
+  rms_rows<1>(x, w, add, eps, out, rows, d);
+}
+void rms_any(const float* x, const float* w, float add, float eps, float* out, long rows, long d) {
+  static const int isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? 1 : 0;
+  if (isa == 2) rms_avx512(x, w, add, eps, out, rows, d);
+  else if (isa == 1) rms_avx2(x, w, add, eps, out, rows, d);
+  else rms_rows<0>(x, w, add, eps, out, rows, d);
+}
+
+class RmsNorm : public mx::Primitive {
+ public:
+  RmsNorm(mx::Stream stream, float add, float eps) : mx::Primitive(stream), add_(add), eps_(eps) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    long d = inputs[1].size();
+    encoder.dispatch([xp = inputs[0].data<float>(), wp = inputs[1].data<float>(), op = out.data<float>(),
+                      rows = (long)out.size() / d, d, add = add_, eps = eps_]() {
+      rms_any(xp, wp, add, eps, op, rows, d);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("rms_norm runs on the CPU only");
+  }
+  const char* name() const override { return "RmsNorm"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const RmsNorm&>(other);
+    return add_ == o.add_ && eps_ == o.eps_;
+  }
+
+ private:
+  float add_, eps_;
+};
+
 constexpr long kParallelElements = 1 << 16;  // below: the calling thread alone
 
 class GeluTanh : public mx::Primitive {
@@ -122,9 +187,19 @@ mx::array gelu_tanh(const mx::array& x, std::optional<mx::array> up, mx::StreamO
   return mx::array(x.shape(), mx::float32, std::make_shared<GeluTanh>(stream), std::move(in));
 }
 
+mx::array rms_norm(const mx::array& x, const mx::array& weight, float add, float eps, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32 || weight.dtype() != mx::float32 || x.ndim() < 1 || weight.ndim() != 1 ||
+      x.shape(-1) != weight.shape(0))
+    throw std::invalid_argument("rms_norm: x must be float32 [..., d] and weight float32 [d]");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(stream, add, eps),
+                   {mx::contiguous(x, false, stream), mx::contiguous(weight, false, stream)});
+}
+
 }  // namespace
 
-NB_MODULE(_activations, m) {
-  m.doc() = "gelu_tanh(x) [* up] on the CPU, vectorized (engine/cpu/fused_layers.py)";
+NB_MODULE(_row_ops, m) {
+  m.doc() = "per-row elementwise ops on the CPU, vectorized (engine/cpu/fused_layers.py)";
   m.def("gelu_tanh", &gelu_tanh, "x"_a, "up"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
+  m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "add"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());
 }
