@@ -185,6 +185,11 @@ class Engine(CoreFront):
         finally:
             handle.cancel()
 
+    @property
+    def memory_bytes(self) -> int:
+        """RAM the model's weights hold, as loaded (the model registry counts it)."""
+        return int(self.core.status()["weight_bytes"])
+
     def metrics(self) -> dict:
         out = self.metrics_.snapshot()
         out.update(model=self.model_name, max_batch=self.config.max_batch)

@@ -157,7 +157,8 @@ class ModelRegistry:
         config = getattr(engine, "config", self.config)
         entry = ModelEntry(name, str(path or name), task or getattr(engine, "task", "generate"), pin,
                            None, config, engine=engine, owned=False,
-                           bytes=estimate_bytes(Path(path), config) if path and Path(path).is_dir() else 0)
+                           bytes=getattr(engine, "memory_bytes", None)
+                           or (estimate_bytes(Path(path), config) if path and Path(path).is_dir() else 0))
         with self._lock:
             self._entries[name] = entry
 
@@ -235,7 +236,8 @@ class ModelRegistry:
             need = estimate_bytes(path, entry.config)
             self._make_room(need, entry)
             engine = open_model(entry.model, entry.config, task=entry.task, name=entry.name)
-            # A pooling model knows what it holds (0 when it runs on a chat model's weights).
+            # A loaded model knows what it holds (quantized weights stay quantized on the CPU;
+            # a pooling model on a chat model's weights holds 0): the estimate was the upper bound.
             need = getattr(engine, "memory_bytes", need)
         except BaseException as e:
             with self._lock:

@@ -135,6 +135,13 @@ def test_request_during_a_load_waits_for_it(served, monkeypatch):
     assert results[0][1]["data"][0]["embedding"] == results[1][1]["data"][0]["embedding"]
 
 
+def test_a_loaded_chat_model_counts_what_it_holds(served):
+    models, _ = served
+    chat = models.get("chat")
+    held = {m["name"]: m["bytes"] for m in models.status()}["chat"]
+    assert held == chat.memory_bytes == chat.metrics()["weight_bytes"] > 0
+
+
 def test_eviction_lru_pinned_and_budget(dirs):
     size = estimate_bytes(dirs["embed"], CONFIG)
     assert estimate_bytes(dirs["embed2"], CONFIG) == size

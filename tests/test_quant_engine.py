@@ -55,6 +55,9 @@ def test_loaded_packed_without_float_matrices(quant_model, monkeypatch):
     monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "0")
     reference = loader.load(path)
     assert reference.quantized_weight_bytes == 0
+    # What the registry's memory budget counts: the packed weights plus the float parameters left.
+    assert loaded.weight_bytes == loaded.parameter_bytes + loaded.quantized_weight_bytes
+    assert loaded.quantized_weight_bytes < reference.weight_bytes / 2.5
     want = np.array(reference.model(ids)[0])
     # Tiny random models amplify small differences along the sequence (peaked attention,
     # large gains): measured here mean 4-5% of the logits' spread, 4-8% at the first token.

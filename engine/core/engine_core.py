@@ -148,6 +148,7 @@ class EngineCore:
                    packed_output_bytes=loader.packed_output_bytes(self.loaded.model),
                    row_kernel_bytes=self.loaded.row_kernel_bytes,
                    quantized_weight_bytes=self.loaded.quantized_weight_bytes,
+                   weight_bytes=self.loaded.weight_bytes,
                    running=len(self.scheduler.running), prefilling=len(self.scheduler.prefilling),
                    waiting=len(self.scheduler.waiting))
         if self.group is not None:

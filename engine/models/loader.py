@@ -33,6 +33,12 @@ class LoadedModel:
     vocab_size: int
     row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/cpu/row_kernels.py)
     quantized_weight_bytes: int = 0  # RAM of weights kept quantized for the CPU kernels (cpu/quant_linear.py)
+    parameter_bytes: int = 0  # RAM of the model's MLX parameters (quantized kernels' weights are not among them)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Everything the loaded weights hold in RAM (the model registry's memory budget)."""
+        return self.parameter_bytes + self.quantized_weight_bytes + self.row_kernel_bytes + packed_output_bytes(self.model)
 
 
 def on_cpu() -> bool:
@@ -177,6 +183,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         max_context=int(text_config.get("max_position_embeddings") or 32768),
         vocab_size=int(text_config.get("vocab_size") or len(tokenizer.vocab)),
         row_kernel_bytes=row_bytes, quantized_weight_bytes=quant_bytes,
+        parameter_bytes=sum(p.nbytes for _, p in tree_flatten(model.parameters())),
     )
 
 
