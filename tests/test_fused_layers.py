@@ -121,3 +121,22 @@ def test_native_rms_norm_matches_mlx_and_rows_are_independent(d):
             assert same(out[i:i + 1, j:j + 1], _row_ops.rms_norm(x[i:i + 1, j:j + 1], w, add, 1e-6))
     with pytest.raises(ValueError, match="float32"):
         _row_ops.rms_norm(x.astype(mx.float16), w, 0.0, 1e-6)
+
+
+@pytest.mark.skipif(not fused_layers._native_row_ops(), reason="native row ops not built (make native)")
+def test_native_row_ops_have_gradients():
+    """Training an MTP head differentiates through the swapped norms and MLPs."""
+    from engine.cpu import _row_ops
+
+    mx.random.seed(5)
+    x, up = mx.random.normal((2, 3, 64)), mx.random.normal((2, 3, 64))
+    w = mx.random.normal((64,))
+    for add in (0.0, 1.0):
+        got = mx.grad(lambda x, w: (_row_ops.rms_norm(x, w, add, 1e-6) * up).sum(), argnums=(0, 1))(x, w)
+        want = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w + add, 1e-6) * up).sum(), argnums=(0, 1))(x, w)
+        assert all(mx.allclose(a, b, atol=1e-4, rtol=1e-4).item() for a, b in zip(got, want))
+    got = mx.grad(lambda x, u: (_row_ops.gelu_tanh(x, u) * w).sum(), argnums=(0, 1))(x, up)
+    want = mx.grad(lambda x, u: (nn.gelu_approx(x) * u * w).sum(), argnums=(0, 1))(x, up)
+    assert all(mx.allclose(a, b, atol=1e-4, rtol=1e-4).item() for a, b in zip(got, want))
+    got = mx.grad(lambda x: (_row_ops.gelu_tanh(x) * w).sum())(x)
+    assert mx.allclose(got, mx.grad(lambda x: (nn.gelu_approx(x) * w).sum())(x), atol=1e-4, rtol=1e-4).item()

@@ -138,6 +138,27 @@ class RmsNorm : public mx::Primitive {
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("rms_norm runs on the CPU only");
   }
+  // Training (an MTP head, engine/spec/mtp_train.py) differentiates through norms: the
+  // gradients in MLX ops, with y = x s (w + add), s = 1 / sqrt(mean(x^2) + eps).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const mx::array &x = primals[0], &w = primals[1], &c = cotangents[0];
+    auto s = mx::rsqrt(mx::add(mx::mean(mx::square(x), -1, true), mx::array(eps_)));
+    std::vector<mx::array> grads;
+    for (int a : argnums) {
+      if (a == 0) {
+        auto g = mx::multiply(c, mx::add(w, mx::array(add_)));
+        auto s3 = mx::multiply(s, mx::square(s));
+        grads.push_back(mx::subtract(mx::multiply(g, s),
+                                     mx::multiply(mx::multiply(x, s3), mx::mean(mx::multiply(g, x), -1, true))));
+      } else {
+        std::vector<int> rows(x.ndim() - 1);
+        for (int i = 0; i < (int)rows.size(); i++) rows[i] = i;
+        grads.push_back(mx::sum(mx::multiply(mx::multiply(c, x), s), rows));
+      }
+    }
+    return grads;
+  }
   const char* name() const override { return "RmsNorm"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const RmsNorm&>(other);
@@ -175,6 +196,28 @@ class GeluTanh : public mx::Primitive {
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
     throw std::runtime_error("gelu_tanh runs on the CPU only");
+  }
+  // The gradients in MLX ops (training an MTP head on a Gemma model differentiates through
+  // its MLP): gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2), t = tanh(k (x + a x^3)).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    const mx::array &x = primals[0], &c = cotangents[0];
+    const float k = 0.7978845608028654f, a = 0.044715f;
+    auto x2 = mx::square(x);
+    auto t = mx::tanh(mx::multiply(mx::array(k), mx::add(x, mx::multiply(mx::array(a), mx::multiply(x2, x)))));
+    auto half_one_t = mx::multiply(mx::array(0.5f), mx::add(mx::array(1.f), t));
+    std::vector<mx::array> grads;
+    for (int i : argnums) {
+      if (i == 0) {
+        auto slope = mx::multiply(mx::multiply(mx::multiply(mx::array(0.5f * k), x), mx::subtract(mx::array(1.f), mx::square(t))),
+                                  mx::add(mx::array(1.f), mx::multiply(mx::array(3.f * a), x2)));
+        auto d = mx::add(half_one_t, slope);
+        grads.push_back(mx::multiply(primals.size() == 2 ? mx::multiply(c, primals[1]) : c, d));
+      } else {
+        grads.push_back(mx::multiply(c, mx::multiply(x, half_one_t)));
+      }
+    }
+    return grads;
   }
   const char* name() const override { return "GeluTanh"; }
   bool is_equivalent(const mx::Primitive&) const override { return true; }
