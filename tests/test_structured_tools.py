@@ -240,6 +240,14 @@ def _chat_calls(client, tools, seeds, **kw):
     return out
 
 
+def _anthropic_strict_weather(url: str, seeds) -> list:
+    """ASK over the anthropic client with the weather tool marked strict, one message per seed."""
+    ant = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0)
+    tools = [{"name": "get_weather", "description": "weather", "input_schema": WEATHER_PARAMS, "strict": True}]
+    return [ant.messages.create(model="default", max_tokens=150, messages=ASK, tools=tools,
+                                extra_body={"seed": seed, "temperature": 0.8}) for seed in seeds]
+
+
 @pytest.mark.parametrize("parser", ["json_tools", "qwen3_coder", "function_gemma"])
 def test_strict_tools_under_auto_through_the_clients_with_markers(tmp_path, parser):
     e, s, client = _serve(marker_model(tmp_path / parser, parser))
@@ -260,13 +268,7 @@ def test_strict_tools_under_auto_through_the_clients_with_markers(tmp_path, pars
             if item.type == "function_call":
                 _valid(item.name, json.loads(item.arguments), [WEATHER])
         # Anthropic: tools' `strict` is honoured the same way.
-        ant = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0)
-        tools = [{"name": "get_weather", "description": "weather", "input_schema": WEATHER_PARAMS, "strict": True}]
-        uses = []
-        for seed in range(4):
-            m = ant.messages.create(model="default", max_tokens=150, messages=ASK, tools=tools,
-                                    extra_body={"seed": seed, "temperature": 0.8})
-            uses += [b for b in m.content if b.type == "tool_use"]
+        uses = [b for m in _anthropic_strict_weather(s.url, range(4)) for b in m.content if b.type == "tool_use"]
         assert uses
         for b in uses:
             _valid(b.name, b.input, [WEATHER])
@@ -308,12 +310,8 @@ def test_strict_tools_under_auto_in_the_json_convention(tmp_path):
             assert a.choices[0].message.content == b.choices[0].message.content
             assert not a.choices[0].message.tool_calls
         # Anthropic and Responses over the same convention.
-        ant = anthropic.Anthropic(base_url=s.url, api_key="unused", max_retries=0)
-        tools = [{"name": "get_weather", "description": "weather", "input_schema": WEATHER_PARAMS, "strict": True}]
         uses = []
-        for seed in range(6):
-            m = ant.messages.create(model="default", max_tokens=150, messages=ASK, tools=tools,
-                                    extra_body={"seed": seed, "temperature": 0.8})
+        for m in _anthropic_strict_weather(s.url, range(6)):
             uses += [b for b in m.content if b.type == "tool_use"]
             assert m.stop_reason == ("tool_use" if any(b.type == "tool_use" for b in m.content)
                                      else m.stop_reason)

@@ -25,6 +25,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "primitive.h"
 #include "workers.h"
 
 namespace nb = nanobind;
@@ -172,10 +173,7 @@ class Bf16Matmul : public mx::Primitive {
     const mx::array& w = inputs[1];
     const mx::array& bias = inputs[2];
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     int K = w.shape(1) * 2;
     int M = (int)(x.size() / K);
     long panels = w.shape(0), N = n_;

@@ -29,6 +29,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "primitive.h"
 #include "workers.h"
 
 namespace nb = nanobind;
@@ -277,11 +278,7 @@ class QuantMatmul : public mx::Primitive {
     const mx::array& x = inputs[0];
     const mx::array& w = inputs[1];
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(w);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     int K = w.shape(1) * kGroup;
     int M = (int)(x.size() / K);
     long N = n_, tiles = w.shape(0);
@@ -333,11 +330,7 @@ class QuantRows : public mx::Primitive {
     const mx::array& ids = inputs[0];
     const mx::array& w = inputs[1];
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(ids);
-    encoder.set_input_array(w);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     encoder.dispatch([ip = ids.data<int32_t>(), count = ids.size(), wp = w.data<uint8_t>(),
                       op = out.data<float>(), groups = w.shape(1), n = n_, f = f_]() {
       size_t gb = f.group_bytes(), tile_bytes = (size_t)groups * gb;

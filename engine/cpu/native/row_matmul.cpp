@@ -10,6 +10,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "primitive.h"
 #include "workers.h"
 
 namespace nb = nanobind;
@@ -106,11 +107,7 @@ class RowMatmul : public mx::Primitive {
     const mx::array& x = inputs[0];
     const mx::array& wb = inputs[1];
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(x);
-    encoder.set_input_array(wb);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     int K = wb.shape(1);
     int M = (int)(x.size() / K);
     long N = n_, blocks = wb.shape(0);

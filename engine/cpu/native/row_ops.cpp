@@ -25,6 +25,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "primitive.h"
 #include "workers.h"
 
 namespace nb = nanobind;
@@ -76,12 +77,18 @@ void gelu_avx2(const float* x, const float* up, float* out, long n) { gelu_range
 template <bool GATED>
 void gelu_plain(const float* x, const float* up, float* out, long n) { gelu_range<GATED>(x, up, out, n); }
 
+// The widest vectors this CPU runs the loops above with: 2 AVX-512, 1 AVX2 + FMA, 0 neither.
+int simd_level() {
+  static const int level = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? 1 : 0;
+  return level;
+}
+
 template <bool GATED>
 void gelu_any(const float* x, const float* up, float* out, long n) {
-  static const int isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? 1 : 0;
-  if (isa == 2) gelu_avx512<GATED>(x, up, out, n);
-  else if (isa == 1) gelu_avx2<GATED>(x, up, out, n);
+  int level = simd_level();
+  if (level == 2) gelu_avx512<GATED>(x, up, out, n);
+  else if (level == 1) gelu_avx2<GATED>(x, up, out, n);
   else gelu_plain<GATED>(x, up, out, n);
 }
 
@@ -113,10 +120,9 @@ void rms_avx2(const float* x, const float* w, float add, float eps, float* out, 
   rms_rows<1>(x, w, add, eps, out, rows, d);
 }
 void rms_any(const float* x, const float* w, float add, float eps, float* out, long rows, long d) {
-  static const int isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 2
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")   ? 1 : 0;
-  if (isa == 2) rms_avx512(x, w, add, eps, out, rows, d);
-  else if (isa == 1) rms_avx2(x, w, add, eps, out, rows, d);
+  int level = simd_level();
+  if (level == 2) rms_avx512(x, w, add, eps, out, rows, d);
+  else if (level == 1) rms_avx2(x, w, add, eps, out, rows, d);
   else rms_rows<0>(x, w, add, eps, out, rows, d);
 }
 
@@ -125,10 +131,7 @@ class RmsNorm : public mx::Primitive {
   RmsNorm(mx::Stream stream, float add, float eps) : mx::Primitive(stream), add_(add), eps_(eps) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     long d = inputs[1].size();
     encoder.dispatch([xp = inputs[0].data<float>(), wp = inputs[1].data<float>(), op = out.data<float>(),
                       rows = (long)out.size() / d, d, add = add_, eps = eps_]() {
@@ -176,10 +179,7 @@ class GeluTanh : public mx::Primitive {
   explicit GeluTanh(mx::Stream stream) : mx::Primitive(stream) {}
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) encoder.set_input_array(a);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     bool gated = inputs.size() == 2;
     encoder.dispatch([xp = inputs[0].data<float>(), up = gated ? inputs[1].data<float>() : nullptr,
                       op = out.data<float>(), n = (long)out.size(), gated]() {

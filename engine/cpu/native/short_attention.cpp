@@ -23,6 +23,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "primitive.h"
 #include "workers.h"
 
 namespace nb = nanobind;
@@ -174,11 +175,7 @@ class ShortAttention : public mx::Primitive {
     const mx::array& qkv = inputs[0];
     const mx::array& starts = inputs[1];
     mx::array& out = outputs[0];
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& encoder = mx::cpu::get_command_encoder(stream());
-    encoder.set_input_array(qkv);
-    encoder.set_input_array(starts);
-    encoder.set_output_array(out);
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
     int H = qkv.shape(-1) / 3, heads = heads_, D = H / heads, S = starts.size() - 1;
     encoder.dispatch([qp = qkv.data<float>(), sp = starts.data<int32_t>(), op = out.data<float>(), H, D, S,
                       heads, scale = scale_, T = (long)(qkv.size() / (3L * H))]() {
