@@ -96,11 +96,12 @@ class PrefixCache:
         self.stats["hit_tokens"] += hit_blocks * self.block_size
 
     # -- publish --------------------------------------------------------------------
-    def publish(self, key: str, cache: list) -> dict:
-        """Snapshot the block just computed into `cache`; returns its payload."""
+    def publish(self, key: str, cache: list, back: int = 0) -> dict:
+        """Snapshot the block that ends `back` tokens before the end of `cache` (a
+        chunk-invariant prefill computes several blocks per forward); returns its payload."""
         payload = {}
         for i, (handler, layer) in enumerate(zip(self.handlers, cache)):
-            for name, a in handler.extract(layer, self.block_size).items():
+            for name, a in handler.extract(layer, self.block_size, back).items():
                 payload[f"{i}.{name}"] = a
         mx.eval(payload)
         self.hot.put(key, payload)

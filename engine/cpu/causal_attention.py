@@ -36,16 +36,18 @@ def _binds() -> bool:
         return False
 
 
+def visible(mask: mx.array, batch: int, rows: int, keys: int) -> mx.array:
+    """A boolean attention mask (broadcastable to [batch, 1, rows, keys]) in the kernel's
+    form: uint8 [batch, rows, keys]."""
+    return mx.broadcast_to(mask, (batch, 1, rows, keys)).reshape(batch, rows, keys).astype(mx.uint8)
+
+
 def causal_attention(queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
                      mask: mx.array | None = None, causal: bool = False, ring: int = 0) -> mx.array:
     """queries [B, Hq, L, D], keys/values [B, Hkv, N, D] (float32) -> [B, Hq, L, Dv].
 
-    Which keys a query sees: `mask` (bool, broadcastable to [B, 1, L, N]), else `causal`
-    (query i: keys up to N - L + i), else all. `ring`: the buffer index of the oldest key
-    (a rotating cache that decoded in place), so keys are taken in time order.
+    Which keys a query sees: `mask` (`visible()`'s form), else `causal` (query i: keys up
+    to N - L + i), else all. `ring`: the buffer index of the oldest key (a rotating cache
+    that decoded in place), so keys are taken in time order.
     """
-    if mask is not None:
-        batch, _, rows, _ = queries.shape
-        mask = mx.broadcast_to(mask, (batch, 1, rows, keys.shape[2])).reshape(batch, rows, -1)
-        mask = mask.astype(mx.uint8)
     return _native.causal_attention(queries, keys, values, mask, causal, ring, scale)
