@@ -1,7 +1,8 @@
 """One small handler per kind of per-layer cache: prefix-cache blocks and spec rollback.
 
 A block payload holds, per layer, what is needed to rebuild that layer's cache
-exactly as block-by-block prefill leaves it:
+exactly as block-by-block prefill leaves it (a chunk-invariant prefill leaves more
+sliding-window keys, but its later queries see the same window, in the same order):
   full       the block's own keys/values; a prefix is their concatenation;
   sliding    the block's own keys/values too; a prefix keeps the trailing
              tokens a RotatingKVCache holds after a block-sized chunk;

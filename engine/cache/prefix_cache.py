@@ -1,8 +1,8 @@
 """The two-tier prefix KV cache: hot blocks in RAM, cold blocks on SSD.
 
-Prompts are cut into fixed-size blocks; prefill always computes whole blocks
-per forward pass, so the state after block k is the same whether it was
-computed or restored. A request restores its longest cached prefix (RAM first,
+Prompts are cut into fixed-size blocks, and the state after block k is the same
+whether it was computed or restored: prefill computes whole blocks per forward
+pass, or, on a chunk-invariant model, any chunk (core/engine_core.py). A request restores its longest cached prefix (RAM first,
 then SSD) and computes only the rest; each block it computes is published to
 RAM at once and queued for the SSD writer.
 All methods run on the MLX thread except the budget setters and info().

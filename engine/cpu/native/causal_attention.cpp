@@ -92,30 +92,49 @@ void visible_run(const Problem& p, int b, int i, int& first, int& end, bool& hol
   }
 }
 
+// The 16 lane sums of v[0..15] as one vector, lane j = sum of v[j]'s lanes, every v[j]
+// through the same tree: lanes (l, l + 2) then (l, l + 1) within each 128-bit block, then
+// blocks (0 + 1) + (2 + 3). One score's bits thus do not depend on its slot.
+KX_TARGET inline __m512 lane_sums16(const __m512 v[16]) {
+  __m512 w[8], x[4], u[2];
+  for (int i = 0; i < 8; i++)  // per block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++)  // per block: the block sums of v[4i .. 4i + 3]
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; i++)  // blocks 0 + 1 and 2 + 3 of x[2i], then of x[2i + 1]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 // scores[r][t - base] = scale * q_r . k_t for kScoreRows rows and keys t in [lo, hi).
 KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* const q[kScoreRows], int rows,
                           int lo, int hi, int base, float* scores, long stride) {
+  static_assert(kScoreRows * kScoreKeys == 16, "one lane_sums16 per pass");
   const int dvecs = (p.D + 15) / 16;
   const __mmask16 tail = lanes(p.D - (dvecs - 1) * 16);
+  const __m512 scale = _mm512_set1_ps(p.scale);
   for (int t = lo; t < hi; t += kScoreKeys) {
     const float* kp[kScoreKeys];
     for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.D;
-    __m512 acc[kScoreRows][kScoreKeys];
-    for (int r = 0; r < kScoreRows; r++)
-      for (int c = 0; c < kScoreKeys; c++) acc[r][c] = _mm512_setzero_ps();
+    __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int dv = 0; dv < dvecs; dv++) {
       const __mmask16 m = dv == dvecs - 1 ? tail : (__mmask16)0xffff;
       __m512 kv[kScoreKeys];
       for (int c = 0; c < kScoreKeys; c++) kv[c] = _mm512_maskz_loadu_ps(m, kp[c] + dv * 16);
       for (int r = 0; r < kScoreRows; r++) {
         const __m512 qv = _mm512_maskz_loadu_ps(m, q[r] + dv * 16);
-        for (int c = 0; c < kScoreKeys; c++) acc[r][c] = _mm512_fmadd_ps(qv, kv[c], acc[r][c]);
+        for (int c = 0; c < kScoreKeys; c++) acc[4 * r + c] = _mm512_fmadd_ps(qv, kv[c], acc[4 * r + c]);
       }
     }
+    alignas(64) float sums[16];  // 4r + c: row r, key t + c
+    _mm512_store_ps(sums, _mm512_mul_ps(lane_sums16(acc), scale));
     const int keys = std::min(kScoreKeys, hi - t);
     for (int r = 0; r < rows; r++)
-      for (int c = 0; c < keys; c++)
-        scores[r * stride + (t + c - base)] = _mm512_reduce_add_ps(acc[r][c]) * p.scale;
+      for (int c = 0; c < keys; c++) scores[r * stride + (t + c - base)] = sums[4 * r + c];
   }
 }
 
