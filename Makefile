@@ -41,7 +41,7 @@ $(NATIVE): $(STAMP) $(wildcard engine/cpu/native/*.cpp engine/cpu/native/*.h) en
 		$(VENV)/bin/cmake -S engine/cpu/native -B build/cpu-native -DPython_EXECUTABLE=$(abspath $(PY)) >build/native.log 2>&1 && \
 		$(VENV)/bin/cmake --build build/cpu-native -j 2 >>build/native.log 2>&1 && \
 		for f in build/cpu-native/_row_matmul*.so build/cpu-native/_quant_matmul*.so \
-			build/cpu-native/_bf16_matmul*.so build/cpu-native/_short_attention*.so \
+			build/cpu-native/_bf16_matmul*.so build/cpu-native/_short_attention*.so build/cpu-native/_causal_attention*.so \
 			build/cpu-native/_row_ops*.so; do cp $$f engine/cpu/.$${f##*/}.tmp && \
 			mv engine/cpu/.$${f##*/}.tmp engine/cpu/$${f##*/}; done && echo "built the CPU kernels (engine/cpu/native)" || \
 		echo "kernelext: the CPU kernels did not build (build/native.log); decode uses MKL alone"; fi

@@ -27,16 +27,17 @@ class EngineConfig:
     max_context: int | None = None
     # Show tqdm progress bars while converting/loading.
     progress: bool = True
-    # Prefix KV cache. Prompts are cut into blocks of `block_size` tokens and
-    # prefill computes whole blocks per forward pass, so cached and computed
-    # prefixes leave identical states. 32: an agent's next turn recomputes only the
-    # conversation's last partial block and its new message (98% of prompt tokens
-    # reused in bench_prefix_cache.py's agent session, 96.7% at 64); the cost is a
-    # slower cold prefill (more, smaller forwards: 2,048 tokens of Gemma 3 270M on the
-    # CPU took 5.65 s at 32 against 4.53 s at 128, best of 4; 1.6x in a noisier run).
-    # Reusing the partial block instead would need prefill to be chunk-invariant, and
-    # it is not: a block computed in two pieces gave other KV bits on every tiny family
-    # (float products depend on the row count) and on Gemma 3 270M past its window.
+    # Prefix KV cache. Prompts are cut into blocks of `block_size` tokens, and the
+    # state after each block is the same computed or restored: a chunk-invariant model
+    # (the quantized CPU path: every row computed from itself alone, models/loader.py)
+    # prefills up to the step budget per forward and cuts its blocks from the result;
+    # any other model computes one whole block per forward (float products depend on the
+    # row count). 32: an agent's next turn recomputes only the conversation's last
+    # partial block and its new message (98% of prompt tokens reused in
+    # bench_prefix_cache.py's agent session, 96.7% at 64); on the per-block path the
+    # cost is a slower cold prefill (more, smaller forwards: 2,048 tokens of Gemma 3 270M
+    # took 5.65 s at 32 against 4.53 s at 128, best of 4, before its quantized path became
+    # chunk-invariant).
     prefix_cache: bool = True
     block_size: int = 32
     hot_cache_bytes: int = 1 << 30  # RAM tier budget

@@ -1,7 +1,8 @@
 """One small handler per kind of per-layer cache: prefix-cache blocks and spec rollback.
 
 A block payload holds, per layer, what is needed to rebuild that layer's cache
-exactly as block-by-block prefill leaves it:
+exactly as block-by-block prefill leaves it (a chunk-invariant prefill leaves more
+sliding-window keys, but its later queries see the same window, in the same order):
   full       the block's own keys/values; a prefix is their concatenation;
   sliding    the block's own keys/values too; a prefix keeps the trailing
              tokens a RotatingKVCache holds after a block-sized chunk;
@@ -26,8 +27,8 @@ from ..errors import UnsupportedModelError
 class FullAttentionHandler:
     kind = "full"
 
-    def extract(self, cache: KVCache, n: int) -> dict:
-        end = cache.offset
+    def extract(self, cache: KVCache, n: int, back: int = 0) -> dict:
+        end = cache.offset - back
         return {"k": mx.contiguous(cache.keys[..., end - n:end, :]),
                 "v": mx.contiguous(cache.values[..., end - n:end, :])}
 
@@ -45,10 +46,15 @@ class FullAttentionHandler:
 class SlidingWindowHandler:
     kind = "sliding"
 
-    def extract(self, cache: RotatingKVCache, n: int) -> dict:
-        # A multi-token update leaves the buffer in temporal order, newest last.
-        return {"k": mx.contiguous(cache.keys[..., -n:, :]),
-                "v": mx.contiguous(cache.values[..., -n:, :])}
+    def extract(self, cache: RotatingKVCache, n: int, back: int = 0) -> dict:
+        # In temporal order, newest last (a multi-token update leaves the buffer so; a
+        # one-token one leaves a ring). A chunk of L tokens leaves all L held.
+        keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+        if n + back > keys.shape[2]:
+            raise ValueError(f"the sliding-window cache no longer holds the block ending {back} tokens back")
+        end = keys.shape[2] - back
+        return {"k": mx.contiguous(keys[..., end - n:end, :]),
+                "v": mx.contiguous(values[..., end - n:end, :])}
 
     def restore(self, template: RotatingKVCache, payloads: list[dict],
                 block_size: int) -> RotatingKVCache:
@@ -75,7 +81,9 @@ class SlidingWindowHandler:
 class RecurrentStateHandler:
     kind = "recurrent"
 
-    def extract(self, cache: ArraysCache, n: int) -> dict:
+    def extract(self, cache: ArraysCache, n: int, back: int = 0) -> dict:
+        if back:
+            raise ValueError("a recurrent state is held only after the last token")
         return {f"s{i}": state for i, state in enumerate(cache.cache)}
 
     def restore(self, template: ArraysCache, payloads: list[dict], block_size: int) -> ArraysCache:

@@ -1,8 +1,8 @@
 """The two-tier prefix KV cache: hot blocks in RAM, cold blocks on SSD.
 
-Prompts are cut into fixed-size blocks; prefill always computes whole blocks
-per forward pass, so the state after block k is the same whether it was
-computed or restored. A request restores its longest cached prefix (RAM first,
+Prompts are cut into fixed-size blocks, and the state after block k is the same
+whether it was computed or restored: prefill computes whole blocks per forward
+pass, or, on a chunk-invariant model, any chunk (core/engine_core.py). A request restores its longest cached prefix (RAM first,
 then SSD) and computes only the rest; each block it computes is published to
 RAM at once and queued for the SSD writer.
 All methods run on the MLX thread except the budget setters and info().
@@ -96,11 +96,12 @@ class PrefixCache:
         self.stats["hit_tokens"] += hit_blocks * self.block_size
 
     # -- publish --------------------------------------------------------------------
-    def publish(self, key: str, cache: list) -> dict:
-        """Snapshot the block just computed into `cache`; returns its payload."""
+    def publish(self, key: str, cache: list, back: int = 0) -> dict:
+        """Snapshot the block that ends `back` tokens before the end of `cache` (a
+        chunk-invariant prefill computes several blocks per forward); returns its payload."""
         payload = {}
         for i, (handler, layer) in enumerate(zip(self.handlers, cache)):
-            for name, a in handler.extract(layer, self.block_size).items():
+            for name, a in handler.extract(layer, self.block_size, back).items():
                 payload[f"{i}.{name}"] = a
         mx.eval(payload)
         self.hot.put(key, payload)

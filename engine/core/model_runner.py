@@ -10,6 +10,11 @@ With an MTP draft head, each request's cache list is the trunk's layers
 followed by the head's own layer(s), so the prefix cache and the batch treat
 the head's KV like any other layer; forwards then also keep the trunk's final
 hidden states, which the head consumes.
+
+A chunk-invariant model (models/loader.py's `chunk_invariant`: quantized CPU kernels and
+exact attention) leaves the same KV bits however a prompt is split into prefill calls, so
+the engine may prefill it in large chunks; with a draft head it may not (the head's float
+products depend on the row count).
 """
 
 from __future__ import annotations
@@ -18,15 +23,18 @@ import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, make_prompt_cache
 
 from ..cache.handlers import rollback
+from ..models import row_attention
 from ..models.loader import decode_products
 from ..spec.mtp_head import trunk_forward
 from ..cache.recurrent_capture import RecurrentCapture
 
 
 class ModelRunner:
-    def __init__(self, model, head=None):
+    def __init__(self, model, head=None, chunk_invariant: bool = False):
         self.model = model
         self.head = head
+        self._exact_prefill = chunk_invariant
+        self.chunk_invariant = chunk_invariant and head is None
         self.n_trunk = len(make_prompt_cache(model))  # trunk layers come first in every cache list
         self.batch_cache: list | None = None  # one batch cache per layer
         self.hidden: mx.array | None = None  # trunk hidden states of the last decode/verify
@@ -45,7 +53,8 @@ class ModelRunner:
 
     def prefill(self, cache: list, tokens: list[int], next_tokens: list[int]) -> None:
         """Compute `tokens` into `cache`; `next_tokens` (each token's successor) feed the head."""
-        self._forward(mx.array(tokens)[None], cache)
+        with row_attention.exact(self.model if self._exact_prefill else None):
+            self._forward(mx.array(tokens)[None], cache)
         if self.head is not None:
             self.head(self.hidden, mx.array(next_tokens)[None], cache[self.n_trunk:])
         mx.eval([c.state for c in cache])

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
+from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokenizer
 
 from ..cpu import fused_layers, quant_linear, row_kernels
@@ -34,6 +35,9 @@ class LoadedModel:
     row_kernel_bytes: int = 0  # RAM held by the row kernels' blocked weights (engine/cpu/row_kernels.py)
     quantized_weight_bytes: int = 0  # RAM of weights kept quantized for the CPU kernels (cpu/quant_linear.py)
     parameter_bytes: int = 0  # RAM of the model's MLX parameters (quantized kernels' weights are not among them)
+    # A forward gives every row the same bits however the prompt is cut into chunks
+    # (`chunk_invariant()`): prefill may then run chunks larger than a prefix-cache block.
+    chunk_invariant: bool = False
 
     @property
     def weight_bytes(self) -> int:
@@ -169,6 +173,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         if fused_layers.enabled():
             fused_layers.install(model)
     overlapped_layers.install(model)
+    invariant = chunk_invariant(model)
     release_freed_memory()
     if progress:
         progress("weights")
@@ -184,7 +189,23 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         vocab_size=int(text_config.get("vocab_size") or len(tokenizer.vocab)),
         row_kernel_bytes=row_bytes, quantized_weight_bytes=quant_bytes,
         parameter_bytes=sum(p.nbytes for _, p in tree_flatten(model.parameters())),
+        chunk_invariant=invariant,
     )
+
+
+def chunk_invariant(model) -> bool:
+    """Make the model's attention exact per query where its weights run in the quantized
+    kernels (models/row_attention.py); returns whether its forwards are then chunk-invariant.
+
+    Every part of such a forward then computes a row from that row alone: products
+    (cpu/quant_linear.py), norms, RoPE and activations (cpu/fused_layers.py), attention.
+    Not with float weights (MKL's products depend on the row count), nor with recurrent
+    layers (their state is not kept per block), nor without the native attention kernel.
+    """
+    if not getattr(model, "_kernelext_quantized", False):
+        return False
+    native = row_attention.install(model)
+    return native and all(type(c) in (KVCache, RotatingKVCache) for c in make_prompt_cache(model))
 
 
 # -- the output projection on the CPU --------------------------------------------------
@@ -270,10 +291,9 @@ def packed_output_bytes(model) -> int:
 def decode_products(model):
     """Within (decode and verify forwards): the products use the row kernels where
     installed; else logits of 2 to 8 rows use the packed projection, evaluated at once.
-    With quantized kernels, verify windows attend row by row (models/row_attention.py)."""
+    With quantized kernels, rows attend exactly per query (models/row_attention.py)."""
     frozen = _frozen_output(model)
-    quantized = getattr(model, "_kernelext_quantized", False)
-    with row_kernels.decode_products(), row_attention.row_by_row(quantized), overlapped_layers.overlapped():
+    with row_kernels.decode_products(), row_attention.exact(model), overlapped_layers.overlapped():
         if frozen is None or frozen.packed is None:
             yield
             return

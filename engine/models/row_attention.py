@@ -1,40 +1,126 @@
-"""Attention computed row by row, as a lone decode step computes it.
+"""Attention whose result for a query does not depend on the call it is part of.
 
-With quantized kernels (engine/cpu/quant_linear.py) every product is exactly the same for
-a row whatever rows run beside it, but MLX's fused attention is not: a batch pads the
-rows' keys to one length and a verify window asks for L queries at once, and both change
-the kernel's summation order (1e-6 differences here). With float32 weights those bits
-never change a token; with int8 activations a last-bit difference can move a value
-across a rounding boundary, and a row then differs visibly: batching and speculation
-would change outputs. So, inside `row_by_row()`, attention is one fused call per batch
-row and query, over exactly the keys its mask allows, when those are one contiguous run
-(a lone decode step of that row at that position sees the same keys, in the same order,
-and the same all-true mask). Rotating (sliding-window) caches can hand a row its keys
-wrapped around their ring; such rows keep the batched call and may differ in the last
-bits. Prefill is unaffected: its chunks are block-aligned, so cold and cached prompts
-already compute alike.
+With quantized kernels (engine/cpu/quant_linear.py) every product, norm and activation
+gives a row the same bits whatever rows run beside it, but MLX's fused attention does not:
+a batch pads the rows' keys to one length, a verify window or a prefill chunk asks for L
+queries at once, and a sliding-window cache that decodes in place hands over its keys as
+a ring; each changes the kernel's summation order (1e-6 differences here). With float32
+weights those bits never change a token; with int8 activations a last-bit difference can
+move a value across a rounding boundary, and a row then differs visibly. So inside
+`exact(model)`, the attention layers of a model set up by `install()` run
+engine/cpu/causal_attention.py's kernel: each query over its visible keys in time order,
+in one fixed order of operations. Then a query gets the same bits in a decode step, a
+batch, a verify window and a prefill chunk of any size: prefill is chunk-invariant, and a
+prompt's KV is the same however it was split (the engine then prefills in large forwards
+while the prefix cache keeps small blocks: core/engine_core.py).
+
+The kernel needs to know where a rotating cache's ring starts, which only the cache
+knows, so the hook replaces mlx-lm's `scaled_dot_product_attention` (which receives the
+cache) in the modules of the model's classes, not `mx.fast`'s.
+
+Without the native kernel (no AVX-512), decode and verify rows fall back to one fused call
+per query over its contiguous keys, which a lone decode step matches; prefill then stays
+in prefix-cache blocks (not chunk-invariant).
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
+from mlx_lm.models import base
+from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
 
+from ..cpu import causal_attention
+
+_mlx_lm_attention = base.scaled_dot_product_attention
 _fused = mx.fast.scaled_dot_product_attention
-_active = [0]
-_spans: dict = {}  # id(mask) -> (mask, spans): one host read per mask, shared by the layers
-# (kept until row_by_row() exits: Gemma's sliding and global layers alternate two masks,
-# and each read on the host waits for the MLX stream)
+_local = threading.local()  # .model: the model whose forward is running exactly; .masks
+
+
+def install(model: nn.Module) -> bool:
+    """Route the attention of the model's layers through `_attention`; returns whether the
+    native kernel serves them (else the per-query fallback does, for decode and verify)."""
+    patched = 0
+    for _, module in model.named_modules():
+        namespace = sys.modules.get(type(module).__module__)
+        if getattr(namespace, "scaled_dot_product_attention", None) in (_mlx_lm_attention, _attention):
+            namespace.scaled_dot_product_attention = _attention
+            patched += 1
+    model._kernelext_exact_attention = True  # plain attribute: not a parameter
+    return patched > 0 and causal_attention.available()
+
+
+@contextlib.contextmanager
+def exact(model: nn.Module):
+    """Within: the forward of `model` (if install()ed; None: no model) attends per query."""
+    outer = getattr(_local, "model", None)
+    _local.model = model if getattr(model, "_kernelext_exact_attention", False) else None
+    _local.masks = {}
+    try:
+        yield
+    finally:
+        _local.model, _local.masks = outer, {}
+
+
+def _attention(queries, keys, values, cache, scale, mask, sinks=None):
+    if (getattr(_local, "model", None) is None or sinks is not None or hasattr(cache, "bits")
+            or queries.dtype != mx.float32 or keys.dtype != mx.float32
+            or (isinstance(mask, mx.array) and mask.dtype != mx.bool_)):
+        return _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks)
+    if not causal_attention.available():
+        return _per_query_fused(queries, keys, values, scale, mask)
+    causal = isinstance(mask, str)
+    return causal_attention.causal_attention(
+        queries, keys, values, scale=scale, causal=causal, ring=_ring_start(cache, keys.shape[2]),
+        mask=None if causal or mask is None else _visible(mask, queries.shape[0], queries.shape[2], keys.shape[2]))
+
+
+def _ring_start(cache, n: int) -> int:
+    """Buffer index of the oldest of the n keys a cache just returned. A rotating cache
+    that decoded in place (one token) holds a ring and writes at `_idx` next; after a
+    multi-token update it holds them in time order (`_idx` == n), as other caches do."""
+    if isinstance(cache, RotatingKVCache) or (isinstance(cache, BatchRotatingKVCache) and cache.rotated):
+        return cache._idx if cache._idx < n else 0
+    return 0
+
+
+def _visible(mask, batch: int, rows: int, keys: int):
+    """One conversion per mask per forward (Gemma's layers share two masks)."""
+    key = (id(mask), batch, rows, keys)
+    hit = _local.masks.get(key)
+    if hit is None or hit[0] is not mask:
+        hit = _local.masks[key] = (mask, causal_attention.visible(mask, batch, rows, keys))
+    return hit[1]
+
+
+# -- without the native kernel ---------------------------------------------------------------
+def _per_query_fused(queries, keys, values, scale, mask):
+    """One fused call per batch row and query over exactly the keys its mask allows, when
+    those are one contiguous run of the buffer (a lone decode step of that row at that
+    position sees the same keys, in the same order, with no mask); else the batched call."""
+    batch, _, rows, _ = queries.shape
+    if batch == 1 and rows == 1 and (mask is None or isinstance(mask, str)):
+        return _fused(queries, keys, values, scale=scale, mask=mask)
+    spans = _row_spans(mask, batch, rows, keys.shape[2])
+    if spans is None:
+        return _fused(queries, keys, values, scale=scale, mask=mask)
+    out = [_fused(queries[b:b + 1, :, i:i + 1], keys[b:b + 1, :, first:end],
+                  values[b:b + 1, :, first:end], scale=scale, mask=None)
+           for b, i, first, end in spans]
+    return mx.concatenate([mx.concatenate(out[b * rows:(b + 1) * rows], axis=2) for b in range(batch)])
 
 
 def _row_spans(mask, batch: int, rows: int, keys: int):
     """[(b, i, first, end)] for each batch row b and query i, or None if some row's keys
-    are not one contiguous run."""
+    are not one contiguous run (one host read per mask and forward)."""
     if mask is None or isinstance(mask, str):  # no mask, or causal: keys up to the row
         return [(b, i, 0, keys - rows + 1 + i) for b in range(batch) for i in range(rows)]
-    hit = _spans.get(id(mask))
+    hit = _local.masks.get(id(mask))
     if hit is not None and hit[0] is mask:
         return hit[1]
     allowed = np.broadcast_to(np.array(mask), (batch, 1, rows, keys))[:, 0]
@@ -43,37 +129,8 @@ def _row_spans(mask, batch: int, rows: int, keys: int):
         for i in range(rows):
             idx = np.flatnonzero(allowed[b, i])
             if len(idx) == 0 or idx[-1] - idx[0] + 1 != len(idx):
-                spans = None
-                break
+                _local.masks[id(mask)] = (mask, None)
+                return None
             spans.append((b, i, int(idx[0]), int(idx[-1]) + 1))
-        if spans is None:
-            break
-    _spans[id(mask)] = (mask, spans)
+    _local.masks[id(mask)] = (mask, spans)
     return spans
-
-
-def _attention(queries, keys, values, *, scale, mask=None, **kwargs):
-    batch, _, rows, _ = queries.shape
-    if not _active[0] or (batch == 1 and rows == 1 and (mask is None or isinstance(mask, str))):
-        return _fused(queries, keys, values, scale=scale, mask=mask, **kwargs)
-    spans = _row_spans(mask, batch, rows, keys.shape[2])
-    if spans is None:
-        return _fused(queries, keys, values, scale=scale, mask=mask, **kwargs)
-    out = [_fused(queries[b:b + 1, :, i:i + 1], keys[b:b + 1, :, first:end],
-                  values[b:b + 1, :, first:end], scale=scale, mask=None, **kwargs)
-           for b, i, first, end in spans]
-    return mx.concatenate([mx.concatenate(out[b * rows:(b + 1) * rows], axis=2) for b in range(batch)])
-
-
-mx.fast.scaled_dot_product_attention = _attention  # mlx-lm's models call it through mx.fast
-
-
-@contextlib.contextmanager
-def row_by_row(enabled: bool = True):
-    _active[0] += int(enabled)
-    try:
-        yield
-    finally:
-        _active[0] -= int(enabled)
-        if not _active[0]:
-            _spans.clear()

@@ -23,6 +23,7 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
+#include "exp_avx512.h"
 #include "primitive.h"
 #include "workers.h"
 
@@ -35,26 +36,6 @@ namespace {
 #define KX_TARGET __attribute__((target("avx512f,avx512dq,fma")))
 
 constexpr int kQueries = 4;  // query rows per pass: 4 x 4 score accumulators
-
-// exp by range reduction and a degree-7 polynomial, the formula of engine/embed/bert.py's
-// _exp_parts (within 3e-7 of exp), vectorized.
-KX_TARGET inline __m512 exp_poly(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.4426950408889634f), _mm512_set1_ps(0.5f)),
-                                  _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f))),
-                           _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.f));
-  __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
 
 struct Scratch {
   std::vector<float> kt;      // [D][width]: the sequence's keys of one head, transposed
@@ -153,7 +134,7 @@ KX_TARGET void attend(const float* qkv, float* out, int H, int D, int h, long t0
       for (int b = 0; b < blocks; b++) {
         int valid = std::min(16, n - b * 16);
         __mmask16 m = valid == 16 ? (__mmask16)0xffff : (__mmask16)((1u << valid) - 1);
-        __m512 e = _mm512_maskz_mov_ps(m, exp_poly(_mm512_sub_ps(_mm512_loadu_ps(sr + b * 16), top)));
+        __m512 e = _mm512_maskz_mov_ps(m, kernelext::exp_poly(_mm512_sub_ps(_mm512_loadu_ps(sr + b * 16), top)));
         _mm512_storeu_ps(sr + b * 16, e);
         sum = _mm512_add_ps(sum, e);
       }

@@ -1,0 +1,338 @@
+// Attention of decoder queries over their cached keys, with one fixed summation per query
+// (engine/models/row_attention.py says where and why).
+//
+// Inputs: q [B, Hq, L, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (float32, query head h reads
+// KV head h / (Hq / Hkv)), and which keys each query sees: a mask [B, L, N] (uint8), or
+// "causal" (query i sees keys 0 .. N - L + i), or none (all N). Keys are visited in the
+// order t = 0 .. N - 1 at buffer index (t + ring) % N: a sliding-window cache that decodes
+// in place keeps its keys in a ring whose oldest entry is at `ring`, so t is their order in
+// time, as a prefilled cache holds them.
+//
+// Exactness: what a query computes depends only on its own q and the keys it sees, in
+// time order, never on the other queries of the call (chunk size, batch rows, verify
+// window), the buffer layout, its place in a tile or the thread split:
+//  - a score is one FMA chain per lane over the head dimension in order (lane l holds
+//    dims l, l + 16, ...), then the lanes summed by one fixed tree, times scale;
+//  - the softmax's maximum is exact; exp is lane by lane; the sum of the weights runs in
+//    16 lanes indexed from the query's first key, then one fixed tree;
+//  - the output is one FMA chain per output element over the query's keys in time order,
+//    times 1 / sum.
+// A query whose visible keys are one run in time order (causal, sliding windows, left
+// padding: every mask mlx-lm makes) thus gives the bits a lone decode step of it gives.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/variant.h>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "exp_avx512.h"
+#include "primitive.h"
+#include "workers.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+#define KX_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+
+constexpr int kTileRows = 16;   // query rows (positions x the heads of one KV head) per task
+constexpr int kScoreRows = 4;   // score pass: 4 rows x 4 keys
+constexpr int kScoreKeys = 4;
+constexpr int kValueRows = 6;   // weighted-value pass: 6 rows x 64 output dims
+constexpr int kValueVecs = 4;
+
+struct Problem {
+  const float *q, *k, *v;
+  const uint8_t* mask;  // [B, L, N] or null
+  float* out;           // [B, Hq, L, Dv]
+  int B, Hq, Hkv, G, L, N, D, Dv, ring, positions;  // positions: query positions per task
+  bool causal;
+  float scale;
+  long key(int t) const {  // buffer index of the t-th key in time order
+    int j = t + ring;
+    return j >= N ? j - N : j;
+  }
+};
+
+inline __mmask16 lanes(int n) {  // the first n (0..16) lanes
+  return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+// The keys query i of batch row b sees: [first, end) in time order; `holes` when the
+// mask hides keys inside that run (no mask mlx-lm makes does; they then weigh exactly 0).
+void visible_run(const Problem& p, int b, int i, int& first, int& end, bool& holes) {
+  holes = false;
+  if (p.mask != nullptr) {
+    const uint8_t* m = p.mask + ((long)b * p.L + i) * p.N;
+    int count = 0;
+    first = -1, end = 0;
+    for (int t = 0; t < p.N; t++)
+      if (m[p.key(t)]) {
+        if (first < 0) first = t;
+        end = t + 1;
+        count++;
+      }
+    if (first < 0) first = 0;
+    holes = count != end - first;
+  } else if (p.causal) {
+    first = 0, end = std::clamp(p.N - p.L + i + 1, 0, p.N);
+  } else {
+    first = 0, end = p.N;
+  }
+}
+
+// The 16 lane sums of v[0..15] as one vector, lane j = sum of v[j]'s lanes, every v[j]
+// through the same tree: lanes (l, l + 2) then (l, l + 1) within each 128-bit block, then
+// blocks (0 + 1) + (2 + 3). One score's bits thus do not depend on its slot.
+KX_TARGET inline __m512 lane_sums16(const __m512 v[16]) {
+  __m512 w[8], x[4], u[2];
+  for (int i = 0; i < 8; i++)  // per block: [a0+a2, b0+b2, a1+a3, b1+b3]
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; i++)  // per block: the block sums of v[4i .. 4i + 3]
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 2; i++)  // blocks 0 + 1 and 2 + 3 of x[2i], then of x[2i + 1]
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// scores[r][t - base] = scale * q_r . k_t for kScoreRows rows and keys t in [lo, hi).
+KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* const q[kScoreRows], int rows,
+                          int lo, int hi, int base, float* scores, long stride) {
+  static_assert(kScoreRows * kScoreKeys == 16, "one lane_sums16 per pass");
+  const int dvecs = (p.D + 15) / 16;
+  const __mmask16 tail = lanes(p.D - (dvecs - 1) * 16);
+  const __m512 scale = _mm512_set1_ps(p.scale);
+  for (int t = lo; t < hi; t += kScoreKeys) {
+    const float* kp[kScoreKeys];
+    for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.D;
+    __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
+    for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+    for (int dv = 0; dv < dvecs; dv++) {
+      const __mmask16 m = dv == dvecs - 1 ? tail : (__mmask16)0xffff;
+      __m512 kv[kScoreKeys];
+      for (int c = 0; c < kScoreKeys; c++) kv[c] = _mm512_maskz_loadu_ps(m, kp[c] + dv * 16);
+      for (int r = 0; r < kScoreRows; r++) {
+        const __m512 qv = _mm512_maskz_loadu_ps(m, q[r] + dv * 16);
+        for (int c = 0; c < kScoreKeys; c++) acc[4 * r + c] = _mm512_fmadd_ps(qv, kv[c], acc[4 * r + c]);
+      }
+    }
+    alignas(64) float sums[16];  // 4r + c: row r, key t + c
+    _mm512_store_ps(sums, _mm512_mul_ps(lane_sums16(acc), scale));
+    const int keys = std::min(kScoreKeys, hi - t);
+    for (int r = 0; r < rows; r++)
+      for (int c = 0; c < keys; c++) scores[r * stride + (t + c - base)] = sums[4 * r + c];
+  }
+}
+
+// Softmax weights of one row in place over its n scores; returns 1 / their sum. `visible`
+// (null: all) marks the keys a mask with holes lets through.
+KX_TARGET float softmax_row(float* s, int n, const uint8_t* visible) {
+  if (n <= 0) return 0.f;
+  if (visible != nullptr)
+    for (int j = 0; j < n; j++)
+      if (!visible[j]) s[j] = -INFINITY;
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int j = 0; j < n; j += 16) top = _mm512_mask_max_ps(top, lanes(n - j), top, _mm512_loadu_ps(s + j));
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < n; j += 16) {
+    __mmask16 m = lanes(n - j);
+    if (visible != nullptr)
+      for (int l = 0; l < 16 && j + l < n; l++)
+        if (!visible[j + l]) m &= (__mmask16)~(1u << l);
+    const __m512 e = _mm512_maskz_mov_ps(m, kernelext::exp_poly(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), mx)));
+    _mm512_mask_storeu_ps(s + j, lanes(n - j), e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+// out_r[d0 .. d0 + 64) = inv_r * sum over t in [first_r, end_r) of w_r[t] v_t, t ascending,
+// for up to kValueRows rows: one load of v_t serves them all.
+KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* const w[kValueRows],
+                            const int* first, const int* end, const float* inv, float* const dst[kValueRows],
+                            int rows, int lo, int hi, int d0) {
+  const int nd = std::min(kValueVecs * 16, p.Dv - d0);
+  __mmask16 lm[kValueVecs];
+  for (int c = 0; c < kValueVecs; c++) lm[c] = lanes(nd - c * 16);
+  __m512 acc[kValueRows][kValueVecs];
+  for (int r = 0; r < kValueRows; r++)
+    for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_setzero_ps();
+  for (int t = lo; t < hi; t++) {
+    const float* vr = vbase + p.key(t) * p.Dv + d0;
+    __m512 vv[kValueVecs];
+    for (int c = 0; c < kValueVecs; c++) vv[c] = _mm512_maskz_loadu_ps(lm[c], vr + c * 16);
+    for (int r = 0; r < kValueRows; r++) {
+      // rows outside their run, or missing, add nothing (no 0 * v term either)
+      const __mmask16 on = r < rows && t >= first[r] && t < end[r] ? (__mmask16)0xffff : (__mmask16)0;
+      const __m512 wt = _mm512_set1_ps(w[r][t]);
+      for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_mask3_fmadd_ps(wt, vv[c], acc[r][c], on);
+    }
+  }
+  for (int r = 0; r < rows; r++) {
+    const __m512 scale = _mm512_set1_ps(inv[r]);
+    for (int c = 0; c < kValueVecs; c++)
+      if (lm[c]) _mm512_mask_storeu_ps(dst[r] + d0 + c * 16, lm[c], _mm512_mul_ps(acc[r][c], scale));
+  }
+}
+
+struct Scratch {
+  std::vector<float> scores;  // [rows][stride]
+  std::vector<uint8_t> visible;
+};
+
+// Query positions [i0, i0 + positions) of batch row b, the G query heads of KV head g.
+KX_TARGET void attend_tile(const Problem& p, int b, int g, int i0, Scratch& s) {
+  const int positions = std::min(p.positions, p.L - i0), rows = positions * p.G;
+  int first[kTileRows * 8], end[kTileRows * 8];
+  bool holes[kTileRows * 8];
+  int lo = p.N, hi = 0;
+  for (int pi = 0; pi < positions; pi++) {
+    visible_run(p, b, i0 + pi, first[pi], end[pi], holes[pi]);
+    if (end[pi] > first[pi]) lo = std::min(lo, first[pi]), hi = std::max(hi, end[pi]);
+  }
+  const long stride = std::max(0, hi - lo) + 16;
+  s.scores.resize((size_t)rows * stride);
+  const float* kbase = p.k + ((long)b * p.Hkv + g) * p.N * p.D;
+  const float* vbase = p.v + ((long)b * p.Hkv + g) * p.N * p.Dv;
+  auto qrow = [&](int r) {  // row r = position r / G, head g * G + r % G
+    return p.q + (((long)b * p.Hq + g * p.G + r % p.G) * p.L + i0 + r / p.G) * p.D;
+  };
+  // Row r's weights are w[r][t] = scores[r * stride + t - lo]; keys outside its run unused.
+  std::vector<int> rfirst(rows), rend(rows);
+  std::vector<float> inv(rows);
+  for (int r = 0; r < rows; r++) rfirst[r] = first[r / p.G], rend[r] = std::max(first[r / p.G], end[r / p.G]);
+  for (int r0 = 0; r0 < rows; r0 += kScoreRows) {
+    const int n = std::min(kScoreRows, rows - r0);
+    const float* q[kScoreRows];
+    int glo = p.N, ghi = 0;
+    for (int r = 0; r < kScoreRows; r++) {
+      const int rr = r0 + std::min(r, n - 1);
+      q[r] = qrow(rr);
+      if (rend[rr] > rfirst[rr]) glo = std::min(glo, rfirst[rr]), ghi = std::max(ghi, rend[rr]);
+    }
+    if (glo < ghi) score_rows(p, kbase, q, n, glo, ghi, lo, s.scores.data() + r0 * stride, stride);
+  }
+  for (int r = 0; r < rows; r++) {
+    const int pi = r / p.G, n = rend[r] - rfirst[r];
+    const uint8_t* visible = nullptr;
+    if (holes[pi]) {
+      s.visible.resize(n);
+      const uint8_t* m = p.mask + ((long)b * p.L + i0 + pi) * p.N;
+      for (int j = 0; j < n; j++) s.visible[j] = m[p.key(rfirst[r] + j)];
+      visible = s.visible.data();
+    }
+    inv[r] = softmax_row(s.scores.data() + r * stride + (rfirst[r] - lo), n, visible);
+  }
+  for (int r0 = 0; r0 < rows; r0 += kValueRows) {
+    const int n = std::min(kValueRows, rows - r0);
+    const float* w[kValueRows];
+    float* dst[kValueRows];
+    int f[kValueRows], e[kValueRows], glo = p.N, ghi = 0;
+    float iv[kValueRows];
+    for (int r = 0; r < kValueRows; r++) {
+      const int rr = r0 + std::min(r, n - 1);
+      w[r] = s.scores.data() + rr * stride - lo;
+      dst[r] = p.out + (((long)b * p.Hq + g * p.G + rr % p.G) * p.L + i0 + rr / p.G) * p.Dv;
+      f[r] = rfirst[rr], e[r] = rend[rr], iv[r] = inv[rr];
+      if (r < n && e[r] > f[r]) glo = std::min(glo, f[r]), ghi = std::max(ghi, e[r]);
+    }
+    if (glo >= ghi) {  // no key at all: zeros
+      for (int r = 0; r < n; r++) std::fill(dst[r], dst[r] + p.Dv, 0.f);
+      continue;
+    }
+    for (int d0 = 0; d0 < p.Dv; d0 += kValueVecs * 16) weigh_values(p, vbase, w, f, e, iv, dst, n, glo, ghi, d0);
+  }
+}
+
+bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+
+class CausalAttention : public mx::Primitive {
+ public:
+  CausalAttention(mx::Stream stream, float scale, int ring, bool causal)
+      : mx::Primitive(stream), scale_(scale), ring_(ring), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &q = inputs[0], &k = inputs[1], &v = inputs[2];
+    mx::array& out = outputs[0];
+    auto& encoder = kernelext::start_eval(stream(), inputs, out);
+    Problem p{};
+    p.q = q.data<float>(), p.k = k.data<float>(), p.v = v.data<float>(), p.out = out.data<float>();
+    p.mask = inputs.size() > 3 ? inputs[3].data<uint8_t>() : nullptr;
+    p.B = q.shape(0), p.Hq = q.shape(1), p.L = q.shape(2), p.D = q.shape(3);
+    p.Hkv = k.shape(1), p.N = k.shape(2), p.Dv = v.shape(3), p.G = p.Hq / p.Hkv;
+    p.ring = p.N > 0 ? ((ring_ % p.N) + p.N) % p.N : 0;
+    p.causal = causal_, p.scale = scale_;
+    p.positions = std::max(1, kTileRows / p.G);
+    encoder.dispatch([p]() {
+      if (p.N == 0) {
+        std::fill(p.out, p.out + (long)p.B * p.Hq * p.L * p.Dv, 0.f);
+        return;
+      }
+      const int tiles = (p.L + p.positions - 1) / p.positions;
+      auto task = [&](int c) {
+        thread_local Scratch scratch;
+        const int tile = c % tiles, bg = c / tiles;
+        attend_tile(p, bg / p.Hkv, bg % p.Hkv, tile * p.positions, scratch);
+      };
+      kernelext::workers().run(task, p.B * p.Hkv * tiles);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("causal_attention runs on the CPU only");
+  }
+  const char* name() const override { return "CausalAttention"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const CausalAttention&>(other);
+    return scale_ == o.scale_ && ring_ == o.ring_ && causal_ == o.causal_;
+  }
+
+ private:
+  float scale_;
+  int ring_;
+  bool causal_;
+};
+
+mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,
+                           const std::optional<mx::array>& mask, bool causal, int ring, float scale,
+                           mx::StreamOrDevice s) {
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.dtype() != mx::float32 || k.dtype() != mx::float32 ||
+      v.dtype() != mx::float32)
+    throw std::invalid_argument("causal_attention: q, k, v float32 [B, heads, length, dims]");
+  const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), Hkv = k.shape(1), N = k.shape(2);
+  if (k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hkv || v.shape(2) != N || k.shape(3) != q.shape(3) ||
+      Hkv < 1 || Hq % Hkv != 0 || Hq / Hkv > 8 * kTileRows)
+    throw std::invalid_argument("causal_attention: shapes do not match (query heads a multiple of KV heads)");
+  if (mask && (mask->dtype() != mx::uint8 || mask->ndim() != 3 || mask->shape(0) != B || mask->shape(1) != L ||
+               mask->shape(2) != N))
+    throw std::invalid_argument("causal_attention: mask uint8 [B, L, N]");
+  if (!supported()) throw std::runtime_error("causal_attention: this CPU lacks AVX-512");
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  std::vector<mx::array> inputs = {mx::contiguous(q, false, stream), mx::contiguous(k, false, stream),
+                                   mx::contiguous(v, false, stream)};
+  if (mask) inputs.push_back(mx::contiguous(*mask, false, stream));
+  return mx::array({B, Hq, L, v.shape(3)}, mx::float32,
+                   std::make_shared<CausalAttention>(stream, scale, ring, causal && !mask), inputs);
+}
+
+}  // namespace
+
+NB_MODULE(_causal_attention, m) {
+  m.doc() = "decoder attention with one fixed summation per query (kernelext)";
+  m.def("causal_attention", &causal_attention, "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "causal"_a = false,
+        "ring"_a = 0, "scale"_a = 1.0f, nb::kw_only(), "stream"_a = nb::none());
+  m.def("supported", &supported);
+}
