@@ -24,7 +24,7 @@ import numpy as np
 
 from ..cache.block_keys import model_fingerprint
 from ..cache.prefix_cache import PrefixCache
-from ..cache.reply_fill import fill_job
+from ..cache.reply_fill import fill_job, publish_from_decode
 from ..config import EngineConfig, default_kv_cache_dir
 from ..distributed import launch as distributed
 from ..cpu import backend
@@ -291,6 +291,13 @@ class EngineCore:
                 seq.blocks.append(self.prefix_cache.publish(seq.block_keys[stop // block - 1], seq.cache,
                                                             back=end - stop))
 
+    def _publish_reply(self, seq: Sequence, job: Sequence, row: int) -> bool:
+        """A chunk-invariant model's finished row holds the KV its cache fill would compute:
+        publish the reply's blocks from it (cache/reply_fill.py); False: run the fill."""
+        if not self.chunk_invariant or self.runner.batch_cache is None:
+            return False
+        return publish_from_decode(job, self.runner.row_cache(row), self.prefix_cache, len(seq.prompt_ids))
+
     def _decode(self, rows: list[Sequence]) -> None:
         names = [s.params.drafter or self.drafter.name for s in rows]
         depths = self.speculation.depths(rows, [self._drafter_named(n) for n in names])
@@ -376,9 +383,9 @@ class EngineCore:
 
     def _drop_finished(self) -> None:
         if self.prefix_cache is not None and self.config.cache_replies:
-            for seq in self.scheduler.running:
+            for row, seq in enumerate(self.scheduler.running):
                 job = fill_job(seq, self.config.block_size) if seq.status is SeqStatus.FINISHED else None
-                if job is not None:
+                if job is not None and not self._publish_reply(seq, job, row):
                     self.scheduler.add(job)
         was_waiting = len(self.scheduler.waiting)
         keep = self.scheduler.remove_finished()

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -57,6 +58,8 @@ struct Problem {
   const uint8_t* mask;  // [B, L, N] or null
   float* out;           // [B, Hq, L, Dv]
   int B, Hq, Hkv, G, L, N, D, Dv, ring, positions;  // positions: query positions per task
+  long ks[3], vs[3];  // element strides of k and v over batch, head, key (a cache's keys are
+                      // often a slice of a longer buffer: read in place, not copied)
   bool causal;
   float scale;
   long key(int t) const {  // buffer index of the t-th key in time order
@@ -118,7 +121,7 @@ KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* con
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int t = lo; t < hi; t += kScoreKeys) {
     const float* kp[kScoreKeys];
-    for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.D;
+    for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.ks[2];
     __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int dv = 0; dv < dvecs; dv++) {
@@ -173,7 +176,7 @@ KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* c
   for (int r = 0; r < kValueRows; r++)
     for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_setzero_ps();
   for (int t = lo; t < hi; t++) {
-    const float* vr = vbase + p.key(t) * p.Dv + d0;
+    const float* vr = vbase + p.key(t) * p.vs[2] + d0;
     __m512 vv[kValueVecs];
     for (int c = 0; c < kValueVecs; c++) vv[c] = _mm512_maskz_loadu_ps(lm[c], vr + c * 16);
     for (int r = 0; r < kValueRows; r++) {
@@ -207,8 +210,8 @@ KX_TARGET void attend_tile(const Problem& p, int b, int g, int i0, Scratch& s) {
   }
   const long stride = std::max(0, hi - lo) + 16;
   s.scores.resize((size_t)rows * stride);
-  const float* kbase = p.k + ((long)b * p.Hkv + g) * p.N * p.D;
-  const float* vbase = p.v + ((long)b * p.Hkv + g) * p.N * p.Dv;
+  const float* kbase = p.k + b * p.ks[0] + g * p.ks[1];
+  const float* vbase = p.v + b * p.vs[0] + g * p.vs[1];
   auto qrow = [&](int r) {  // row r = position r / G, head g * G + r % G
     return p.q + (((long)b * p.Hq + g * p.G + r % p.G) * p.L + i0 + r / p.G) * p.D;
   };
@@ -259,6 +262,21 @@ KX_TARGET void attend_tile(const Problem& p, int b, int g, int i0, Scratch& s) {
   }
 }
 
+std::shared_ptr<std::vector<float>> dense_copy(const mx::array& a) {
+  return a.strides()[3] == 1 ? nullptr : std::make_shared<std::vector<float>>(a.size());
+}
+
+const float* fill_dense(const mx::array& a, std::vector<float>& dst) {
+  const float* src = a.data<float>();
+  long i = 0;
+  for (int d0 = 0; d0 < a.shape(0); d0++)
+    for (int d1 = 0; d1 < a.shape(1); d1++)
+      for (int d2 = 0; d2 < a.shape(2); d2++)
+        for (int d3 = 0; d3 < a.shape(3); d3++)
+          dst[i++] = src[d0 * a.strides()[0] + d1 * a.strides()[1] + d2 * a.strides()[2] + d3 * a.strides()[3]];
+  return dst.data();
+}
+
 bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
 
 class CausalAttention : public mx::Primitive {
@@ -275,9 +293,16 @@ class CausalAttention : public mx::Primitive {
     p.B = q.shape(0), p.Hq = q.shape(1), p.L = q.shape(2), p.D = q.shape(3);
     p.Hkv = k.shape(1), p.N = k.shape(2), p.Dv = v.shape(3), p.G = p.Hq / p.Hkv;
     p.ring = p.N > 0 ? ((ring_ % p.N) + p.N) % p.N : 0;
+    for (int i = 0; i < 3; i++) p.ks[i] = k.strides()[i], p.vs[i] = v.strides()[i];
     p.causal = causal_, p.scale = scale_;
     p.positions = std::max(1, kTileRows / p.G);
-    encoder.dispatch([p]() {
+    // A last dimension that is not dense (never from mlx-lm's caches) is copied first.
+    auto dense_k = dense_copy(k), dense_v = dense_copy(v);
+    if (dense_k) p.ks[0] = (long)p.Hkv * p.N * p.D, p.ks[1] = (long)p.N * p.D, p.ks[2] = p.D;
+    if (dense_v) p.vs[0] = (long)p.Hkv * p.N * p.Dv, p.vs[1] = (long)p.N * p.Dv, p.vs[2] = p.Dv;
+    encoder.dispatch([p, k, v, dense_k, dense_v]() mutable {
+      if (dense_k) p.k = fill_dense(k, *dense_k);
+      if (dense_v) p.v = fill_dense(v, *dense_v);
       if (p.N == 0) {
         std::fill(p.out, p.out + (long)p.B * p.Hq * p.L * p.Dv, 0.f);
         return;
@@ -321,8 +346,9 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
     throw std::invalid_argument("causal_attention: mask uint8 [B, L, N]");
   if (!supported()) throw std::runtime_error("causal_attention: this CPU lacks AVX-512");
   auto stream = mx::to_stream(s, mx::Device::cpu);
-  std::vector<mx::array> inputs = {mx::contiguous(q, false, stream), mx::contiguous(k, false, stream),
-                                   mx::contiguous(v, false, stream)};
+  // k and v are read through their strides; eval_cpu needs only their last dimension dense,
+  // which a cache's slice always is (checked there: strides are known only once evaluated).
+  std::vector<mx::array> inputs = {mx::contiguous(q, false, stream), k, v};
   if (mask) inputs.push_back(mx::contiguous(*mask, false, stream));
   return mx::array({B, Hq, L, v.shape(3)}, mx::float32,
                    std::make_shared<CausalAttention>(stream, scale, ring, causal && !mask), inputs);
