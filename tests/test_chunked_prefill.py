@@ -122,3 +122,50 @@ def test_large_prefill_forwards_publish_exact_blocks(family, tmp_path, monkeypat
     for a, b in zip(large, small):
         assert a.keys() == b.keys()
         assert all(np.array_equal(np.array(a[name]), np.array(b[name])) for name in a)
+
+
+def reply_blocks_published(path, cache_dir, from_decode, monkeypatch):
+    """The reply's block payloads a finished request (decoded beside a longer one, so
+    left-padded) leaves in the cache, and the cache-fill tokens spent on them."""
+    with make_engine(path, cache_dir=str(cache_dir)) as eng:
+        if not from_decode:
+            monkeypatch.setattr(eng.core, "_publish_reply", lambda *a: False)
+        ids = eng.encode(TEXT * 2)[:40]
+        handles = [eng.submit(ids, max_tokens=40), eng.submit(eng.encode(TEXT * 3)[:90], max_tokens=50)]
+        reply = handles[0].result().token_ids
+        handles[1].result()
+        keys = eng.prefix_cache.keys((ids + reply)[:(len(ids) + len(reply) - 1) // 16 * 16])
+        eng.call(lambda: None)  # the fill jobs (if any) have run
+        return [eng.prefix_cache.hot.get(k) for k in keys[(len(ids) - 1) // 16:]], eng.metrics()["cache_fill_tokens"]
+
+
+def test_reply_blocks_from_decode_equal_a_fill(tmp_path, monkeypatch):
+    path = tiny_gguf_model("llama")
+    decoded, filled_a = reply_blocks_published(path, tmp_path / "a", True, monkeypatch)
+    prefilled, filled_b = reply_blocks_published(path, tmp_path / "b", False, monkeypatch)
+    assert filled_a == 0 < filled_b and len(decoded) == len(prefilled) >= 2 and None not in decoded + prefilled
+    for a, b in zip(decoded, prefilled):
+        assert all(np.array_equal(np.array(a[name]), np.array(b[name])) for name in b)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_a_reply_is_published_from_its_own_decode_kv(family, tmp_path):
+    """Decode gives a token the bits prefill gives, so a finished reply's blocks are cut
+    from the row's own cache, with no cache fill, and the next turn that sends the reply
+    back hits them and returns what the cache-off engine returns. Tiny gemma3_text's
+    8-token window no longer holds the reply's first blocks: it falls back to a fill."""
+    path = tiny_gguf_model(family)
+    with make_engine(path, cache_dir=str(tmp_path / "kv")) as eng:
+        ids = eng.encode(TEXT * 2)[:40]
+        # beside a longer request: the reply's row is left-padded in the decode batch
+        handles = [eng.submit(ids, max_tokens=40), eng.submit(eng.encode(TEXT * 3)[:90], max_tokens=50)]
+        first = handles[0].result()
+        follow_up = ids + first.token_ids + eng.encode("next turn, please")
+        second = eng.generate(follow_up, max_tokens=12)
+        handles[1].result()
+        filled = eng.metrics()["cache_fill_tokens"]
+    with make_engine(path, prefix_cache=False) as plain:
+        assert plain.generate(follow_up, max_tokens=12).token_ids == second.token_ids
+    reply_blocks = (len(ids) + len(first.token_ids) - 1) // 16
+    assert second.usage.cached_tokens == reply_blocks * 16 > (len(ids) - 1) // 16 * 16
+    assert (filled == 0) == (family == "llama")

@@ -99,17 +99,27 @@ class PrefixCache:
     def publish(self, key: str, cache: list, back: int = 0) -> dict:
         """Snapshot the block that ends `back` tokens before the end of `cache` (a
         chunk-invariant prefill computes several blocks per forward); returns its payload."""
+        payload = self.extract(cache, back)
+        self.put(key, payload)
+        return payload
+
+    def extract(self, cache: list, back: int = 0) -> dict:
+        """The payload of the block that ends `back` tokens before the end of `cache`
+        (ValueError if a layer no longer holds it)."""
         payload = {}
         for i, (handler, layer) in enumerate(zip(self.handlers, cache)):
             for name, a in handler.extract(layer, self.block_size, back).items():
                 payload[f"{i}.{name}"] = a
         mx.eval(payload)
+        return payload
+
+    def put(self, key: str, payload: dict) -> None:
+        """Store a block's payload: in RAM at once, queued for the SSD writer."""
         self.hot.put(key, payload)
         if self.ssd is not None and not self.ssd.writing_disabled:
             arrays, dtypes = _to_numpy(payload)
             self.ssd.write_async(key, arrays, self.block_size, dtypes)
         self.stats["published_blocks"] += 1
-        return payload
 
     # -- control -----------------------------------------------------------------------
     def set_budgets(self, hot_bytes: int | None = None, ssd_bytes: int | None = None) -> None:

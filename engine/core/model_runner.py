@@ -68,6 +68,10 @@ class ModelRunner:
             for mine, new in zip(self.batch_cache, merged):
                 mine.extend(new)
 
+    def row_cache(self, row: int) -> list:
+        """Batch row `row` as single-row caches (its keys in time order, no padding)."""
+        return [c.extract(row) for c in self.batch_cache]
+
     def keep_rows(self, rows: list[int]) -> None:
         if not rows:
             self.batch_cache = None

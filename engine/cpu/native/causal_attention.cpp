@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -57,6 +58,8 @@ struct Problem {
   const uint8_t* mask;  // [B, L, N] or null
   float* out;           // [B, Hq, L, Dv]
   int B, Hq, Hkv, G, L, N, D, Dv, ring, positions;  // positions: query positions per task
+  long ks[3], vs[3];  // element strides of k and v over batch, head, key (a cache's keys are
+                      // often a slice of a longer buffer: read in place, not copied)
   bool causal;
   float scale;
   long key(int t) const {  // buffer index of the t-th key in time order
@@ -118,7 +121,7 @@ KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* con
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int t = lo; t < hi; t += kScoreKeys) {
     const float* kp[kScoreKeys];
-    for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.D;
+    for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.ks[2];
     __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int dv = 0; dv < dvecs; dv++) {
@@ -173,7 +176,7 @@ KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* c
   for (int r = 0; r < kValueRows; r++)
     for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_setzero_ps();
   for (int t = lo; t < hi; t++) {
-    const float* vr = vbase + p.key(t) * p.Dv + d0;
+    const float* vr = vbase + p.key(t) * p.vs[2] + d0;
     __m512 vv[kValueVecs];
     for (int c = 0; c < kValueVecs; c++) vv[c] = _mm512_maskz_loadu_ps(lm[c], vr + c * 16);
     for (int r = 0; r < kValueRows; r++) {
@@ -190,73 +193,132 @@ KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* c
   }
 }
 
-struct Scratch {
-  std::vector<float> scores;  // [rows][stride]
-  std::vector<uint8_t> visible;
+// One tile: query positions [i0, i0 + positions) of batch row b, the G query heads of KV
+// head g (row r = position r / G, head g * G + r % G). Its three phases touch disjoint
+// parts (scores of a key range, softmax of a row, outputs of a dimension range), and each
+// element's arithmetic is the same however the phases are split: a call with many tiles
+// runs each tile whole on one thread, keeping its scores in cache (`attend_tile`); one
+// with few (a decode step) splits them over the threads (`attend_split`).
+struct Tile {
+  int b = 0, g = 0, i0 = 0, rows = 0, lo = 0, hi = 0;
+  long stride = 0;                  // scores per row; row r's weight of key t: scores[r * stride + t - lo]
+  std::vector<int> first, end;      // per row: its visible keys [first, end) in time order
+  std::vector<uint8_t> holes;       // per row: the mask hides keys inside that run
+  std::vector<float> scores, inv;   // inv: 1 / the row's softmax sum
 };
 
-// Query positions [i0, i0 + positions) of batch row b, the G query heads of KV head g.
-KX_TARGET void attend_tile(const Problem& p, int b, int g, int i0, Scratch& s) {
-  const int positions = std::min(p.positions, p.L - i0), rows = positions * p.G;
-  int first[kTileRows * 8], end[kTileRows * 8];
-  bool holes[kTileRows * 8];
-  int lo = p.N, hi = 0;
+void tile_runs(const Problem& p, int b, int g, int i0, Tile& t) {
+  const int positions = std::min(p.positions, p.L - i0);
+  t.b = b, t.g = g, t.i0 = i0, t.rows = positions * p.G, t.lo = p.N, t.hi = 0;
+  t.first.resize(t.rows), t.end.resize(t.rows), t.holes.resize(t.rows), t.inv.resize(t.rows);
   for (int pi = 0; pi < positions; pi++) {
-    visible_run(p, b, i0 + pi, first[pi], end[pi], holes[pi]);
-    if (end[pi] > first[pi]) lo = std::min(lo, first[pi]), hi = std::max(hi, end[pi]);
+    int first, end;
+    bool holes;
+    visible_run(p, b, i0 + pi, first, end, holes);
+    end = std::max(first, end);
+    if (end > first) t.lo = std::min(t.lo, first), t.hi = std::max(t.hi, end);
+    for (int h = 0; h < p.G; h++) t.first[pi * p.G + h] = first, t.end[pi * p.G + h] = end, t.holes[pi * p.G + h] = holes;
   }
-  const long stride = std::max(0, hi - lo) + 16;
-  s.scores.resize((size_t)rows * stride);
-  const float* kbase = p.k + ((long)b * p.Hkv + g) * p.N * p.D;
-  const float* vbase = p.v + ((long)b * p.Hkv + g) * p.N * p.Dv;
-  auto qrow = [&](int r) {  // row r = position r / G, head g * G + r % G
-    return p.q + (((long)b * p.Hq + g * p.G + r % p.G) * p.L + i0 + r / p.G) * p.D;
-  };
-  // Row r's weights are w[r][t] = scores[r * stride + t - lo]; keys outside its run unused.
-  std::vector<int> rfirst(rows), rend(rows);
-  std::vector<float> inv(rows);
-  for (int r = 0; r < rows; r++) rfirst[r] = first[r / p.G], rend[r] = std::max(first[r / p.G], end[r / p.G]);
-  for (int r0 = 0; r0 < rows; r0 += kScoreRows) {
-    const int n = std::min(kScoreRows, rows - r0);
+  t.stride = std::max(0, t.hi - t.lo) + 16;
+  t.scores.resize((size_t)t.rows * t.stride);
+}
+
+// Scores of keys [k0, k1) for every row of the tile.
+KX_TARGET void tile_scores(const Problem& p, Tile& t, int k0, int k1) {
+  const float* kbase = p.k + t.b * p.ks[0] + t.g * p.ks[1];
+  for (int r0 = 0; r0 < t.rows; r0 += kScoreRows) {
+    const int n = std::min(kScoreRows, t.rows - r0);
     const float* q[kScoreRows];
     int glo = p.N, ghi = 0;
     for (int r = 0; r < kScoreRows; r++) {
       const int rr = r0 + std::min(r, n - 1);
-      q[r] = qrow(rr);
-      if (rend[rr] > rfirst[rr]) glo = std::min(glo, rfirst[rr]), ghi = std::max(ghi, rend[rr]);
+      q[r] = p.q + (((long)t.b * p.Hq + t.g * p.G + rr % p.G) * p.L + t.i0 + rr / p.G) * p.D;
+      if (t.end[rr] > t.first[rr]) glo = std::min(glo, t.first[rr]), ghi = std::max(ghi, t.end[rr]);
     }
-    if (glo < ghi) score_rows(p, kbase, q, n, glo, ghi, lo, s.scores.data() + r0 * stride, stride);
+    glo = std::max(glo, k0), ghi = std::min(ghi, k1);
+    if (glo < ghi) score_rows(p, kbase, q, n, glo, ghi, t.lo, t.scores.data() + r0 * t.stride, t.stride);
   }
-  for (int r = 0; r < rows; r++) {
-    const int pi = r / p.G, n = rend[r] - rfirst[r];
-    const uint8_t* visible = nullptr;
-    if (holes[pi]) {
-      s.visible.resize(n);
-      const uint8_t* m = p.mask + ((long)b * p.L + i0 + pi) * p.N;
-      for (int j = 0; j < n; j++) s.visible[j] = m[p.key(rfirst[r] + j)];
-      visible = s.visible.data();
-    }
-    inv[r] = softmax_row(s.scores.data() + r * stride + (rfirst[r] - lo), n, visible);
+}
+
+void tile_softmax(const Problem& p, Tile& t, int r, std::vector<uint8_t>& visible) {
+  const int n = t.end[r] - t.first[r];
+  const uint8_t* shown = nullptr;
+  if (t.holes[r]) {
+    visible.resize(n);
+    const uint8_t* m = p.mask + ((long)t.b * p.L + t.i0 + r / p.G) * p.N;
+    for (int j = 0; j < n; j++) visible[j] = m[p.key(t.first[r] + j)];
+    shown = visible.data();
   }
-  for (int r0 = 0; r0 < rows; r0 += kValueRows) {
-    const int n = std::min(kValueRows, rows - r0);
+  t.inv[r] = softmax_row(t.scores.data() + r * t.stride + (t.first[r] - t.lo), n, shown);
+}
+
+// Outputs [d0, d1) (multiples of 64 but the last) of every row of the tile.
+KX_TARGET void tile_values(const Problem& p, Tile& t, int d0, int d1) {
+  const float* vbase = p.v + t.b * p.vs[0] + t.g * p.vs[1];
+  for (int r0 = 0; r0 < t.rows; r0 += kValueRows) {
+    const int n = std::min(kValueRows, t.rows - r0);
     const float* w[kValueRows];
     float* dst[kValueRows];
     int f[kValueRows], e[kValueRows], glo = p.N, ghi = 0;
     float iv[kValueRows];
     for (int r = 0; r < kValueRows; r++) {
       const int rr = r0 + std::min(r, n - 1);
-      w[r] = s.scores.data() + rr * stride - lo;
-      dst[r] = p.out + (((long)b * p.Hq + g * p.G + rr % p.G) * p.L + i0 + rr / p.G) * p.Dv;
-      f[r] = rfirst[rr], e[r] = rend[rr], iv[r] = inv[rr];
+      w[r] = t.scores.data() + rr * t.stride - t.lo;
+      dst[r] = p.out + (((long)t.b * p.Hq + t.g * p.G + rr % p.G) * p.L + t.i0 + rr / p.G) * p.Dv;
+      f[r] = t.first[rr], e[r] = t.end[rr], iv[r] = t.inv[rr];
       if (r < n && e[r] > f[r]) glo = std::min(glo, f[r]), ghi = std::max(ghi, e[r]);
     }
     if (glo >= ghi) {  // no key at all: zeros
-      for (int r = 0; r < n; r++) std::fill(dst[r], dst[r] + p.Dv, 0.f);
+      for (int r = 0; r < n; r++) std::fill(dst[r] + d0, dst[r] + d1, 0.f);
       continue;
     }
-    for (int d0 = 0; d0 < p.Dv; d0 += kValueVecs * 16) weigh_values(p, vbase, w, f, e, iv, dst, n, glo, ghi, d0);
+    for (int d = d0; d < d1; d += kValueVecs * 16) weigh_values(p, vbase, w, f, e, iv, dst, n, glo, ghi, d);
   }
+}
+
+void attend_tile(const Problem& p, int b, int g, int i0) {
+  thread_local Tile t;
+  thread_local std::vector<uint8_t> visible;
+  tile_runs(p, b, g, i0, t);
+  tile_scores(p, t, 0, p.N);
+  for (int r = 0; r < t.rows; r++) tile_softmax(p, t, r, visible);
+  tile_values(p, t, 0, p.Dv);
+}
+
+constexpr int kSplitKeys = 256;  // keys per scoring task when a call's tiles are split
+
+void attend_split(const Problem& p, int tiles_per_bg) {
+  const int tiles = p.B * p.Hkv * tiles_per_bg;
+  std::vector<Tile> ts(tiles);
+  auto& pool = kernelext::workers();
+  for (int c = 0; c < tiles; c++) {
+    const int bg = c / tiles_per_bg;
+    tile_runs(p, bg / p.Hkv, bg % p.Hkv, c % tiles_per_bg * p.positions, ts[c]);
+  }
+  const int key_chunks = (p.N + kSplitKeys - 1) / kSplitKeys, dim_chunks = (p.Dv + 63) / 64;
+  pool.run([&](int c) { tile_scores(p, ts[c / key_chunks], c % key_chunks * kSplitKeys,
+                                    std::min(p.N, (c % key_chunks + 1) * kSplitKeys)); }, tiles * key_chunks);
+  for (auto& t : ts) {
+    thread_local std::vector<uint8_t> visible;
+    for (int r = 0; r < t.rows; r++) tile_softmax(p, t, r, visible);
+  }
+  pool.run([&](int c) { tile_values(p, ts[c / dim_chunks], c % dim_chunks * 64,
+                                    std::min(p.Dv, (c % dim_chunks + 1) * 64)); }, tiles * dim_chunks);
+}
+
+std::shared_ptr<std::vector<float>> dense_copy(const mx::array& a) {
+  return a.strides()[3] == 1 ? nullptr : std::make_shared<std::vector<float>>(a.size());
+}
+
+const float* fill_dense(const mx::array& a, std::vector<float>& dst) {
+  const float* src = a.data<float>();
+  long i = 0;
+  for (int d0 = 0; d0 < a.shape(0); d0++)
+    for (int d1 = 0; d1 < a.shape(1); d1++)
+      for (int d2 = 0; d2 < a.shape(2); d2++)
+        for (int d3 = 0; d3 < a.shape(3); d3++)
+          dst[i++] = src[d0 * a.strides()[0] + d1 * a.strides()[1] + d2 * a.strides()[2] + d3 * a.strides()[3]];
+  return dst.data();
 }
 
 bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
@@ -275,20 +337,25 @@ class CausalAttention : public mx::Primitive {
     p.B = q.shape(0), p.Hq = q.shape(1), p.L = q.shape(2), p.D = q.shape(3);
     p.Hkv = k.shape(1), p.N = k.shape(2), p.Dv = v.shape(3), p.G = p.Hq / p.Hkv;
     p.ring = p.N > 0 ? ((ring_ % p.N) + p.N) % p.N : 0;
+    for (int i = 0; i < 3; i++) p.ks[i] = k.strides()[i], p.vs[i] = v.strides()[i];
     p.causal = causal_, p.scale = scale_;
     p.positions = std::max(1, kTileRows / p.G);
-    encoder.dispatch([p]() {
+    // A last dimension that is not dense (never from mlx-lm's caches) is copied first.
+    auto dense_k = dense_copy(k), dense_v = dense_copy(v);
+    if (dense_k) p.ks[0] = (long)p.Hkv * p.N * p.D, p.ks[1] = (long)p.N * p.D, p.ks[2] = p.D;
+    if (dense_v) p.vs[0] = (long)p.Hkv * p.N * p.Dv, p.vs[1] = (long)p.N * p.Dv, p.vs[2] = p.Dv;
+    encoder.dispatch([p, k, v, dense_k, dense_v]() mutable {
+      if (dense_k) p.k = fill_dense(k, *dense_k);
+      if (dense_v) p.v = fill_dense(v, *dense_v);
       if (p.N == 0) {
         std::fill(p.out, p.out + (long)p.B * p.Hq * p.L * p.Dv, 0.f);
         return;
       }
       const int tiles = (p.L + p.positions - 1) / p.positions;
-      auto task = [&](int c) {
-        thread_local Scratch scratch;
-        const int tile = c % tiles, bg = c / tiles;
-        attend_tile(p, bg / p.Hkv, bg % p.Hkv, tile * p.positions, scratch);
-      };
-      kernelext::workers().run(task, p.B * p.Hkv * tiles);
+      kernelext::Workers& pool = kernelext::workers();
+      if (p.B * p.Hkv * tiles < pool.size() && p.N > kSplitKeys) return attend_split(p, tiles);
+      pool.run([&](int c) { attend_tile(p, c / tiles / p.Hkv, c / tiles % p.Hkv, c % tiles * p.positions); },
+               p.B * p.Hkv * tiles);
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -321,8 +388,9 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
     throw std::invalid_argument("causal_attention: mask uint8 [B, L, N]");
   if (!supported()) throw std::runtime_error("causal_attention: this CPU lacks AVX-512");
   auto stream = mx::to_stream(s, mx::Device::cpu);
-  std::vector<mx::array> inputs = {mx::contiguous(q, false, stream), mx::contiguous(k, false, stream),
-                                   mx::contiguous(v, false, stream)};
+  // k and v are read through their strides; eval_cpu needs only their last dimension dense,
+  // which a cache's slice always is (checked there: strides are known only once evaluated).
+  std::vector<mx::array> inputs = {mx::contiguous(q, false, stream), k, v};
   if (mask) inputs.push_back(mx::contiguous(*mask, false, stream));
   return mx::array({B, Hq, L, v.shape(3)}, mx::float32,
                    std::make_shared<CausalAttention>(stream, scale, ring, causal && !mask), inputs);
