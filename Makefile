@@ -81,4 +81,5 @@ bench: $(STAMP) $(NATIVE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info engine/cpu/_row_matmul*.so engine/cpu/_quant_matmul*.so \
-		engine/cpu/_bf16_matmul*.so engine/cpu/_short_attention*.so engine/cpu/_row_ops*.so
+		engine/cpu/_bf16_matmul*.so engine/cpu/_short_attention*.so engine/cpu/_row_ops*.so \
+		engine/cpu/_causal_attention*.so

@@ -169,3 +169,38 @@ def test_a_reply_is_published_from_its_own_decode_kv(family, tmp_path):
     reply_blocks = (len(ids) + len(first.token_ids) - 1) // 16
     assert second.usage.cached_tokens == reply_blocks * 16 > (len(ids) - 1) // 16 * 16
     assert (filled == 0) == (family == "llama")
+
+
+def test_without_the_attention_kernel_decode_rows_stay_exact(monkeypatch):
+    """No AVX-512 (the kernel unavailable): prefill stays in blocks, and decode rows attend
+    one query at a time through MLX (models/row_attention.py's fallback), so a row's
+    logits in a padded batch are the bits it gets alone."""
+    monkeypatch.setattr(causal_attention, "available", lambda: False)
+    loaded = loader.load(tiny_gguf_model("llama"))
+    assert not loaded.chunk_invariant
+    runner = ModelRunner(loaded.model)
+    caches, last = [], []
+    for n in (13, 40):
+        ids = prompt(loaded, n)
+        caches.append(runner.new_cache())
+        runner.prefill(caches[-1], ids[:-1], ids[1:])
+        last.append(ids[-1])
+    alone = []
+    for cache, token in zip(caches, last):
+        runner.add_rows([cache])
+        alone.append(np.array(runner.decode([token])[0]))
+        runner.reset()
+    runner.add_rows(caches)
+    batched = np.array(runner.decode(last))
+    assert all(np.array_equal(batched[i], alone[i]) for i in range(2))
+    # a verify window of 4 positions per row against the same tokens decoded one by one
+    runner.reset()
+    window = [[5, 9, 11, 3], [7, 2, 8, 4]]
+    runner.add_rows(caches)
+    verified = np.array(runner.verify(window))
+    runner.commit([4, 4], 4)
+    runner.reset()
+    runner.add_rows(caches)
+    for j in range(4):
+        stepped = np.array(runner.decode([w[j] for w in window]))
+        assert all(np.array_equal(verified[i, j], stepped[i]) for i in range(2)), j
