@@ -106,8 +106,11 @@ def _scored_logits(model, x, first: int):
     output projection (262k wide on Gemma) only on the scored half."""
     import mlx.core as mx
 
+    from engine.models import row_attention
+
     lm = getattr(model, "language_model", model)
-    hidden = lm.model(x)[:, first:N_CTX - 1]
+    with row_attention.exact(model):  # the engine's attention where it has its own (else MLX's)
+        hidden = lm.model(x)[:, first:N_CTX - 1]
     if getattr(lm, "lm_head", None) is not None and not getattr(lm, "tie_word_embeddings", False):
         logits = lm.lm_head(hidden)
     else:

@@ -105,8 +105,8 @@ class Follower:
     def restore(self, cid, payload_ids):
         self.objects[cid] = self.cache.restore([self.objects[i] for i in payload_ids])
 
-    def publish(self, pid, key, cid):
-        self.objects[pid] = self.cache.publish(key, self.objects[cid])
+    def publish(self, pid, key, cid, back=0):
+        self.objects[pid] = self.cache.publish(key, self.objects[cid], back)
 
     def set_budgets(self, hot_bytes, ssd_bytes):
         self.cache.set_budgets(hot_bytes, ssd_bytes)

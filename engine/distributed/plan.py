@@ -147,9 +147,9 @@ class PlanPrefixCache:
         self.objects.send("restore", cache.id, [p.id for p in payloads])
         return cache
 
-    def publish(self, key: str, cache: RankCache) -> KeyedPayload:
-        payload = self.objects.name(KeyedPayload(self.cache.publish(key, cache)))
-        self.objects.send("publish", payload.id, key, cache.id)
+    def publish(self, key: str, cache: RankCache, back: int = 0) -> KeyedPayload:
+        payload = self.objects.name(KeyedPayload(self.cache.publish(key, cache, back)))
+        self.objects.send("publish", payload.id, key, cache.id, back)
         return payload
 
     def set_budgets(self, hot_bytes: int | None = None, ssd_bytes: int | None = None) -> None:
