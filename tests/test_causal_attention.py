@@ -41,6 +41,11 @@ def test_matches_a_float64_reference(dims):
     allowed = allowed[None] & (np.arange(keys)[None, None] >= pad[:, None, None])
     got = ca.causal_attention(q, k, v, scale=0.1, mask=ca.visible(mx.array(allowed[:, None]), batch, rows, keys))
     assert np.abs(np.array(got) - reference(q, k, v, 0.1, allowed)).max() < 2e-5
+    # holes inside a query's run (no mask mlx-lm makes has them): those keys weigh nothing
+    holes = allowed & (np.random.default_rng(3).random(allowed.shape) < 0.7)
+    holes[:, :, -1] = True
+    got = ca.causal_attention(q, k, v, scale=0.1, mask=ca.visible(mx.array(holes[:, None]), batch, rows, keys))
+    assert np.abs(np.array(got) - reference(q, k, v, 0.1, holes)).max() < 2e-5
 
 
 def test_a_query_gets_the_same_bits_in_any_call():

@@ -205,7 +205,8 @@ def chunk_invariant(model) -> bool:
     if not getattr(model, "_kernelext_quantized", False):
         return False
     native = row_attention.install(model)
-    return native and all(type(c) in (KVCache, RotatingKVCache) for c in make_prompt_cache(model))
+    return native and all(type(c) in (KVCache, RotatingKVCache) and not getattr(c, "keep", 0)
+                          for c in make_prompt_cache(model))
 
 
 # -- the output projection on the CPU --------------------------------------------------

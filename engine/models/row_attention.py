@@ -74,6 +74,8 @@ def _attention(queries, keys, values, cache, scale, mask, sinks=None):
         return _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks)
     if not causal_attention.available():
         return _per_query_fused(queries, keys, values, scale, mask)
+    if getattr(cache, "keep", 0):  # a ring after `keep` pinned tokens: not one rotation
+        return _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks)
     causal = isinstance(mask, str)
     return causal_attention.causal_attention(
         queries, keys, values, scale=scale, causal=causal, ring=_ring_start(cache, keys.shape[2]),
