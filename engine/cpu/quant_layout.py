@@ -6,7 +6,7 @@ A quantized checkpoint stores each weight as a small integer u with a scale per 
 that form with a scale per 32 weights (per 16 for Q6_K), an offset per 32 or none, and
 u of at most 8 bits. So they are repacked once, at load, into one layout that the
 kernels stream, and every value the checkpoint encodes is kept exactly (the repacked
-values equal gguf's own dequantization bit for bit; tests/test_quant_layout.py):
+values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py):
 
   tiles of 16 outputs; per tile, per group of 32 inputs:
     values   8 "steps" of [output][k%4] (64 bytes: the operand of one vpdpbusd per 4 k),
