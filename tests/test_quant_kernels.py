@@ -112,7 +112,7 @@ def test_mlx_affine_products_match_float64(bits, group_size):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
 def test_avx2_path_gives_the_same_bits(qtype, monkeypatch):
     if not quant_linear._native.has_avx2():
         pytest.skip("no AVX2")
@@ -148,6 +148,32 @@ def test_one_thread_and_all_threads_agree(tmp_path):
                        cwd=os.path.dirname(os.path.dirname(__file__)))
         results.append(np.load(out))
     assert np.array_equal(results[0], results[1])
+
+
+# Bits per weight as packed: the values' own width (4-bit nibbles, bit planes above), and
+# float32 scales (and offsets) per 32 weights, per 16 for Q6_K.
+PACKED_BITS = {"Q4_0": 5, "Q5_0": 6, "Q8_0": 9, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8}
+
+
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_packed_size_is_close_to_the_files(qtype):
+    raw = _gguf_matrix(qtype, 64, 512)
+    w = quant_linear.QuantWeight.repacked(64, 512, lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype))
+    assert w.nbytes * 8 / (64 * 512) == PACKED_BITS[qtype]
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [2, 3, 5])
+def test_mlx_affine_odd_widths_pack_and_multiply(bits):
+    """Values of 2-3 bits go into nibbles, 5 into nibbles and a bit plane."""
+    n, k = 40, 256
+    w = mx.random.normal((n, k), key=mx.random.key(bits))
+    q, s, b = mx.quantize(w, group_size=64, bits=bits)
+    qn, sn, bn = np.array(q), np.array(s), np.array(b)
+    packed = _packed(lambda a, c: quant_layout.unpack_mlx_affine(qn[a:c], sn[a:c], bn[a:c], bits, 64), n, k)
+    dense = np.array(mx.dequantize(q, s, b, group_size=64, bits=bits))
+    _check_product(packed, dense, rows=9)
+    assert np.array_equal(np.array(packed.rows(mx.arange(n))), dense)
 
 
 @needs_kernels

@@ -6,16 +6,18 @@ A quantized checkpoint stores each weight as a small integer u with a scale per 
 that form with a scale per 32 weights (per 16 for Q6_K), an offset per 32 or none, and
 u of at most 8 bits. So they are repacked once, at load, into one layout that the
 kernels stream, and every value the checkpoint encodes is kept exactly (the repacked
-values equal gguf's own dequantization bit for bit; tests/test_quant_layout.py):
+values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py):
 
   tiles of 16 outputs; per tile, per group of 32 inputs:
-    512 bytes   u8 values as [k/4][output][k%4] (the operand of one vpdpbusd per 4 k)
-    64 * subs   float32 scales [subs][16], subs = 1 (per 32 k) or 2 (per 16 k)
-    64          float32 offsets [16], if the format has them (K-quant mins, mlx biases)
+    values   8 "steps" of [output][k%4] (64 bytes: the operand of one vpdpbusd per 4 k),
+             as bytes (512 a group) for values of 7-8 bits, else as nibbles (two steps a
+             64-byte vector, 256 a group) plus a 64-byte bit plane per bit above 4
+    64*subs  float32 scales [subs][16], subs = 1 (per 32 k) or 2 (per 16 k)
+    64       float32 offsets [16], if the format has them (K-quant mins, mlx biases)
 
-That is 9 bits per weight for Q4_0/Q5_0/Q8_0 and 10 for the K-quants and mlx affine
-(4-bit-packed layouts, closer to the files' own size, are a later step). Rows are
-repacked a few thousand at a time into the final buffer, so a load never holds a
+So a weight costs Q4_0 5 bits, Q5_0 6, Q8_0 9, Q4_K 6, Q5_K 7, Q6_K 8 (the file: 4.5,
+5.5, 8.5, 4.5, 5.5, 6.56): a decode step streams every weight once, so bytes are time.
+Rows are repacked a few thousand at a time into the final buffer, so a load never holds a
 float32 copy, nor more than one extra chunk.
 
 numpy only: imported without MLX.
@@ -50,10 +52,20 @@ class QuantFormat:
     offsets: bool  # an offset per output per group
     zero: int
     wide: bool  # u uses all 8 bits (the AVX2 path multiplies those in signed form)
+    bits: int = 8  # 4, 5, 6: nibbles and bit planes; 8: bytes
+
+    @property
+    def value_bytes(self) -> int:
+        return 512 if self.bits == 8 else 256 + (self.bits - 4) * 64
 
     @property
     def group_bytes(self) -> int:
-        return 512 + 64 * self.subs + (64 if self.offsets else 0)
+        return self.value_bytes + 64 * self.subs + (64 if self.offsets else 0)
+
+
+def stored_bits(bits: int) -> int:
+    """The packed width of values of `bits` bits."""
+    return 4 if bits <= 4 else 8 if bits >= 7 else bits
 
 
 @dataclass
@@ -91,19 +103,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _unpack_q8_0(b, n):
     d, q = b[..., :2], b[..., 2:]
-    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True)
+    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True, 8)
 
 
 def _unpack_q4_0(b, n):
     d, qs = b[..., :2], b[..., 2:]
-    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False)
+    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False, 4)
 
 
 def _unpack_q5_0(b, n):
     d, qh, qs = b[..., :2], b[..., 2:6], b[..., 6:]
     high = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j: element j's fifth bit
     u = _nibbles(qs).reshape(*qs.shape[:-1], 32) | (high << 4)
-    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False)
+    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False, 5)
 
 
 def _k_scales(b):
@@ -121,7 +133,7 @@ def _k_scales(b):
 def _unpack_q4_k(b, n):
     scales, offsets = _k_scales(b)
     u = _nibbles(b[..., 16:].reshape(*b.shape[:-1], 4, 32))  # [.., 4, 2, 32]: sub-blocks 2c, 2c+1
-    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False)
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 4)
 
 
 def _unpack_q5_k(b, n):
@@ -130,7 +142,7 @@ def _unpack_q5_k(b, n):
     low = _nibbles(qs.reshape(*b.shape[:-1], 4, 32)).reshape(*b.shape[:-1], 8, 32)
     high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # bit i: sub-block i
     u = low | (high << 4)
-    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False)
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 5)
 
 
 def _unpack_q6_k(b, n):
@@ -141,7 +153,7 @@ def _unpack_q6_k(b, n):
     high = (qh.reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
     u = low | (high.reshape(*lead, 8, 32) << 4)
     scales = _f16(d) * np.ascontiguousarray(sc).view(np.int8).astype(np.float32)  # per 16
-    return u.reshape(n, -1), scales.reshape(n, -1), None, QuantFormat(2, False, 32, False)
+    return u.reshape(n, -1), scales.reshape(n, -1), None, QuantFormat(2, False, 32, False, 6)
 
 
 _UNPACK_GGUF = {
@@ -181,7 +193,7 @@ def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray
     repeat = group_size // GROUP
     scales = np.repeat(scales.astype(np.float32), repeat, axis=1)
     biases = np.repeat(biases.astype(np.float32), repeat, axis=1)
-    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8))
+    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8, stored_bits(bits)))
 
 
 def gguf_as_mlx_affine(qtype: str) -> int | None:
@@ -221,13 +233,23 @@ def pack_tiles(part: Unpacked, out: np.ndarray) -> None:
     def padded(a):
         return np.pad(a, [(0, pad), (0, 0)]) if pad else a
 
+    # [tiles, groups, step (8), output (16), k%4 (4)]
     u = padded(part.values).reshape(tiles, TILE, groups, 8, 4).transpose(0, 2, 3, 1, 4)
-    out[:, :, :512] = u.reshape(tiles, groups, 512)
+    u = u.reshape(tiles, groups, 8, 64)
+    if fmt.bits == 8:
+        values = u.reshape(tiles, groups, 512)
+    else:
+        nibbles = (u[:, :, 0::2] & 0x0F) | ((u[:, :, 1::2] & 0x0F) << 4).astype(np.uint8)  # steps 2p, 2p+1 in vector p
+        planes = [np.packbits((u >> (4 + b)) & 1, axis=-1, bitorder="little")  # [.., 8 steps, 8]
+                  for b in range(fmt.bits - 4)]
+        values = np.concatenate([a.reshape(tiles, groups, -1) for a in [nibbles, *planes]], axis=-1)
+    parts = [values]
     s = padded(part.scales).astype("<f4").reshape(tiles, TILE, groups, fmt.subs).transpose(0, 2, 3, 1)
-    out[:, :, 512:512 + 64 * fmt.subs] = np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups, -1)
+    parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups, -1))
     if fmt.offsets:
         o = padded(part.offsets).astype("<f4").reshape(tiles, TILE, groups).transpose(0, 2, 1)
-        out[:, :, 512 + 64 * fmt.subs:] = np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1)
+        parts.append(np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1))
+    out[:] = np.concatenate(parts, axis=-1)
 
 
 def repack(rows: int, unpack, out_for) -> QuantFormat:

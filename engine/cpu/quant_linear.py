@@ -3,7 +3,7 @@
 A float32 copy of a quantized model costs 4 bytes per weight and turns every product
 into a stream of 4 bytes per weight, where the file had 0.5 to 1: on a small model the
 vocabulary projection alone was 671 MB, and a 4B model would not fit. Here the weights
-stay in their integer blocks (quant_layout.py), and `native/quant_matmul.cpp` multiplies
+stay in their integer blocks (quant_layout.py: at about the file's bits per weight), and `native/quant_matmul.cpp` multiplies
 them directly: activations quantized per row per 32 inputs to int8, integer dot products
 (AVX-512 VNNI, or AVX2), one float step per scale block in a fixed order. Every row's
 result is independent of the rows beside it, of the thread split and of the path, so
@@ -60,7 +60,7 @@ def _binds() -> bool:
     try:
         fmt = QuantFormat(1, False, 0, False)
         mx.eval(_native.quant_matmul(mx.zeros((1, 32)), mx.zeros((1, 1, fmt.group_bytes), mx.uint8),
-                                     1, 1, False, 0, False, path() == "avx2"))
+                                     1, 1, False, 0, False, fmt.bits, path() == "avx2"))
         return True
     except TypeError:
         warnings.warn("kernelext: engine/cpu/_quant_matmul was built for another mlx; run `make native` "
@@ -69,7 +69,7 @@ def _binds() -> bool:
 
 
 class QuantWeight:
-    """A [n, k] matrix in the packed layout (uint8 [ceil(n/16), k/32, group_bytes])."""
+    """A [n, k] matrix in the packed layout (uint8 [ceil(n/16), k/32, group_bytes]; quant_layout.py)."""
 
     def __init__(self, packed: mx.array, n: int, k: int, fmt: QuantFormat):
         self.packed, self.n, self.k, self.format = packed, n, k, fmt
@@ -106,12 +106,12 @@ class QuantWeight:
         """x [..., k] @ W.T, float32."""
         f = self.format
         return _native.quant_matmul(x.astype(mx.float32), self.packed, self.n, f.subs, f.offsets,
-                                    f.zero, f.wide, path() == "avx2")
+                                    f.zero, f.wide, f.bits, path() == "avx2")
 
     def rows(self, ids: mx.array) -> mx.array:
         """W[ids], float32 [..., k]."""
         f = self.format
-        return _native.quant_rows(ids, self.packed, self.n, f.subs, f.offsets, f.zero)
+        return _native.quant_rows(ids, self.packed, self.n, f.subs, f.offsets, f.zero, f.bits)
 
 
 class QuantLinear(nn.Module):

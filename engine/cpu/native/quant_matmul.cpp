@@ -1,11 +1,19 @@
 // Products with quantized weights on the CPU, straight from their integer blocks (see
-// engine/cpu/quant.py for the layout and why).
+// engine/cpu/quant_layout.py for the layout and why).
 //
 // Weights: tiles of 16 outputs; per tile, per group of 32 inputs (k), `group_bytes`:
-//   [0, 512)      u8 values, [k/4 (8)][output (16)][k%4 (4)]: one 64-byte vector holds 4
-//                 consecutive k of 16 outputs, the operand layout of vpdpbusd
-//   then          float32 scales [subs][16]: subs = 1 (one per 32 k) or 2 (one per 16 k)
-//   then          float32 offsets [16] when the format has them (K-quant minimums, mlx biases)
+//   values    8 "steps" of 4 consecutive k for 16 outputs, [output (16)][k%4 (4)] = 64
+//             bytes a step, the operand layout of vpdpbusd:
+//               8 bits:   512 bytes, step after step
+//               4-6 bits: 256 bytes of nibbles, steps 2p and 2p+1 in the low and high
+//                         nibbles of vector p, then one 64-byte bit plane per bit above 4
+//                         (bit i of a step's 8 bytes: byte i of that step)
+//   then      float32 scales [subs][16]: subs = 1 (one per 32 k) or 2 (one per 16 k)
+//   then      float32 offsets [16] when the format has them (K-quant minimums, mlx biases)
+// Every part is a multiple of 64 bytes, so each vector load is aligned, and a product
+// reads one sequential stream (a layout with a tile's scales apart from its values, at
+// float16, saved 6% more bytes but ran large products 30% slower: the hardware
+// prefetcher follows one stream well and two poorly).
 // A weight is scale * (u - zero) + offset.
 //
 // Activations are quantized per row per 32 k to int8 (scale amax / 127, as llama.cpp's
@@ -13,7 +21,8 @@
 //   acc_j += float(isum_j - zero * xsum) * scale_j * dx  (+ offset_j * (dx * xsum))
 // with the integer dot product isum exact, and the float steps in a fixed order over k:
 // a row's bits never depend on the other rows of the call, on the number of rows or
-// threads, or on the instruction set (the AVX2 path reaches the same integers).
+// threads, on the instruction set (the AVX2 path reaches the same integers), or on how
+// the values are packed (nibbles give the bits bytes gave).
 #include <immintrin.h>
 
 #include <array>
@@ -50,8 +59,15 @@ struct Format {
   bool offsets;    // a float offset per output per group
   int zero;        // subtracted from every u8 value
   bool wide;       // values use all 8 bits (the AVX2 path then multiplies in signed form)
-  int group_bytes() const { return 512 + 64 * subs + (offsets ? 64 : 0); }
+  int bits;        // 4, 5, 6 (nibbles and bit planes) or 8 (bytes)
+  int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
+  int group_bytes() const { return value_bytes() + 64 * subs + (offsets ? 64 : 0); }
 };
+
+bool same_format(const Format& a, const Format& b) {
+  return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
+         a.bits == b.bits;
+}
 
 // Activations of M rows, quantized per 32 k.
 struct Acts {
@@ -115,15 +131,42 @@ struct Acts {
 
 // ---- AVX-512 VNNI ------------------------------------------------------------------
 
-// SUBS and OFFSETS are compile-time so the k loop unrolls; two integer accumulators per
-// row (even and odd k/4 steps) halve the vpdpbusd dependency chain (integer sums are
+// The 64 values of steps 2p and 2p+1 of a group (BITS 4-6: from nibble vector p and the
+// bit planes; a bit plane's 8 bytes of a step are one AVX-512 byte mask).
+template <int BITS>
+__attribute__((target("avx512f,avx512bw"), always_inline))
+inline void step_pair_vnni(const uint8_t* w, int p, __m512i& w0, __m512i& w1) {
+  if constexpr (BITS == 8) {
+    w0 = _mm512_loadu_si512(w + 2 * p * 64);
+    w1 = _mm512_loadu_si512(w + (2 * p + 1) * 64);
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    __m512i nib = _mm512_loadu_si512(w + p * 64);
+    w0 = _mm512_and_si512(nib, low4);
+    w1 = _mm512_and_si512(_mm512_srli_epi16(nib, 4), low4);
+    for (int b = 0; b < BITS - 4; b++) {
+      const uint8_t* plane = w + 256 + b * 64 + 2 * p * 8;
+      uint64_t m0, m1;
+      std::memcpy(&m0, plane, 8);
+      std::memcpy(&m1, plane + 8, 8);
+      const __m512i bit = _mm512_set1_epi8((char)(16 << b));
+      w0 = _mm512_or_si512(w0, _mm512_maskz_mov_epi8(_cvtu64_mask64(m0), bit));
+      w1 = _mm512_or_si512(w1, _mm512_maskz_mov_epi8(_cvtu64_mask64(m1), bit));
+    }
+  }
+}
+
+// SUBS, OFFSETS and BITS are compile-time so the k loop unrolls; two integer accumulators
+// per row (even and odd steps) halve the vpdpbusd dependency chain (integer sums are
 // exact, so this changes no bit).
-template <int R, int SUBS, bool OFFSETS>
+template <int R, int SUBS, bool OFFSETS, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
-  constexpr int kSteps = 8 / SUBS;  // k/4 steps per scale
-  const int gb = f.group_bytes(), groups = a.groups, zero = f.zero;
+  constexpr int kPairs = 4 / SUBS;  // step pairs per scale
+  constexpr int kValueBytes = BITS == 8 ? 512 : 256 + (BITS - 4) * 64;
+  constexpr int kGroupBytes = kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
+  const int groups = a.groups, zero = f.zero;
   const int8_t* xq[R];
   const float* dx[R];
   const float* dxsum[R];
@@ -137,21 +180,25 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int g = 0; g < groups; g++) {
-    const uint8_t* w = tile + (size_t)g * gb;
-    _mm_prefetch((const char*)(w + 4 * gb), _MM_HINT_T0);
-    _mm_prefetch((const char*)(w + 4 * gb + 64 * 4), _MM_HINT_T0);
-    const float* scales = (const float*)(w + 512);
+    const uint8_t* w = tile + (size_t)g * kGroupBytes;
+    const float* scales = (const float*)(w + kValueBytes);
+    _mm_prefetch((const char*)(w + 4 * kGroupBytes), _MM_HINT_T0);
+    _mm_prefetch((const char*)(w + 4 * kGroupBytes + 256), _MM_HINT_T0);
 #pragma GCC unroll 2
     for (int s = 0; s < SUBS; s++) {
       __m512i ia[R][2];
       for (int r = 0; r < R; r++) ia[r][0] = ia[r][1] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-      for (int t = 0; t < kSteps; t++) {
-        __m512i wv = _mm512_loadu_si512(w + (s * kSteps + t) * 64);
+#pragma GCC unroll 4
+      for (int pp = 0; pp < kPairs; pp++) {
+        const int p = s * kPairs + pp;
+        __m512i w0, w1;
+        step_pair_vnni<BITS>(w, p, w0, w1);
         for (int r = 0; r < R; r++) {
-          int32_t x4;
-          std::memcpy(&x4, xq[r] + g * kGroup + (s * kSteps + t) * 4, 4);
-          ia[r][t & 1] = _mm512_dpbusd_epi32(ia[r][t & 1], wv, _mm512_set1_epi32(x4));
+          int32_t x0, x1;
+          std::memcpy(&x0, xq[r] + g * kGroup + p * 8, 4);
+          std::memcpy(&x1, xq[r] + g * kGroup + p * 8 + 4, 4);
+          ia[r][0] = _mm512_dpbusd_epi32(ia[r][0], w0, _mm512_set1_epi32(x0));
+          ia[r][1] = _mm512_dpbusd_epi32(ia[r][1], w1, _mm512_set1_epi32(x1));
         }
       }
       __m512 sv = _mm512_loadu_ps(scales + s * 16);
@@ -178,11 +225,31 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 // with q's sign moved onto it, as llama.cpp does, and 128 * xsum added back; the integer
 // sums, and so the results, equal the VNNI path's.
 
+// The 32 values of step t for outputs 8h..8h+7 (bit planes: 32 bits to 32 bytes, as
+// llama.cpp's bytes_from_bits_32).
+__attribute__((target("avx2"), always_inline))
+inline __m256i step_half_avx2(const uint8_t* w, int bits, int t, int h) {
+  if (bits == 8) return _mm256_loadu_si256((const __m256i*)(w + t * 64 + h * 32));
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256i nib = _mm256_loadu_si256((const __m256i*)(w + (t / 2) * 64 + h * 32));
+  __m256i u = _mm256_and_si256(t & 1 ? _mm256_srli_epi16(nib, 4) : nib, low4);
+  const __m256i spread = _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303);
+  const __m256i bit_of_byte = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+  for (int b = 0; b < bits - 4; b++) {
+    int32_t m;
+    std::memcpy(&m, w + 256 + b * 64 + t * 8 + h * 4, 4);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(m), spread);  // byte i: byte i/8 of m
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit_of_byte), bit_of_byte);
+    u = _mm256_or_si256(u, _mm256_and_si256(v, _mm256_set1_epi8((char)(16 << b))));
+  }
+  return u;
+}
+
 template <int R>
 __attribute__((target("avx2,fma")))
 void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
-  const int gb = f.group_bytes();
+  const int vb = f.value_bytes(), gb = f.group_bytes();
   const int steps = 8 / f.subs;
   const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
   for (int half = 0; half < 2; half++) {  // outputs 0-7, then 8-15
@@ -190,12 +257,12 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < a.groups; g++) {
       const uint8_t* w = tile + (size_t)g * gb;
-      const float* scales = (const float*)(w + 512);
+      const float* scales = (const float*)(w + vb);
       for (int s = 0; s < f.subs; s++) {
         __m256i ia[R];
         for (int r = 0; r < R; r++) ia[r] = _mm256_setzero_si256();
         for (int t = s * steps; t < (s + 1) * steps; t++) {
-          __m256i wv = _mm256_loadu_si256((const __m256i*)(w + t * 64 + half * 32));
+          __m256i wv = step_half_avx2(w, f.bits, t, half);
           __m256i signed_w = _mm256_xor_si256(wv, flip);
           __m256i mag = f.wide ? _mm256_abs_epi8(signed_w) : wv;
           for (int r = 0; r < R; r++) {
@@ -234,15 +301,20 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 
 using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
 
-template <int S, bool O>
+template <int S, bool O, int B>
 constexpr std::array<TileFn, kRows + 1> vnni_table() {
-  return {nullptr,          tile_vnni<1, S, O>, tile_vnni<2, S, O>, tile_vnni<3, S, O>,
-          tile_vnni<4, S, O>, tile_vnni<5, S, O>, tile_vnni<6, S, O>, tile_vnni<7, S, O>,
-          tile_vnni<8, S, O>};
+  return {nullptr,             tile_vnni<1, S, O, B>, tile_vnni<2, S, O, B>, tile_vnni<3, S, O, B>,
+          tile_vnni<4, S, O, B>, tile_vnni<5, S, O, B>, tile_vnni<6, S, O, B>, tile_vnni<7, S, O, B>,
+          tile_vnni<8, S, O, B>};
 }
-// [subs - 1][offsets][rows]
-const std::array<TileFn, kRows + 1> vnni_fns[2][2] = {{vnni_table<1, false>(), vnni_table<1, true>()},
-                                                       {vnni_table<2, false>(), vnni_table<2, true>()}};
+template <int S, bool O>
+constexpr std::array<std::array<TileFn, kRows + 1>, 4> vnni_tables() {
+  return {vnni_table<S, O, 4>(), vnni_table<S, O, 5>(), vnni_table<S, O, 6>(), vnni_table<S, O, 8>()};
+}
+int bits_index(int bits) { return bits == 8 ? 3 : bits - 4; }
+// [subs - 1][offsets][bits_index][rows]
+const std::array<std::array<TileFn, kRows + 1>, 4> vnni_fns[2][2] = {
+    {vnni_tables<1, false>(), vnni_tables<1, true>()}, {vnni_tables<2, false>(), vnni_tables<2, true>()}};
 const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
                                     tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
 
@@ -256,7 +328,7 @@ bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_support
 // block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
 void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
                     long t0, long t1, bool avx2) {
-  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.subs - 1][f.offsets].data();
+  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.subs - 1][f.offsets][bits_index(f.bits)].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
   for (int rb = 0; rb < a.M; rb += kRowBlock) {
     int re = std::min(a.M, rb + kRowBlock);
@@ -312,8 +384,7 @@ class QuantMatmul : public mx::Primitive {
   const char* name() const override { return "QuantMatmul"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantMatmul&>(other);
-    return n_ == o.n_ && f_.subs == o.f_.subs && f_.offsets == o.f_.offsets &&
-           f_.zero == o.f_.zero && f_.wide == o.f_.wide && avx2_ == o.avx2_;
+    return n_ == o.n_ && same_format(f_, o.f_) && avx2_ == o.avx2_;
   }
 
  private:
@@ -333,7 +404,7 @@ class QuantRows : public mx::Primitive {
     auto& encoder = kernelext::start_eval(stream(), inputs, out);
     encoder.dispatch([ip = ids.data<int32_t>(), count = ids.size(), wp = w.data<uint8_t>(),
                       op = out.data<float>(), groups = w.shape(1), n = n_, f = f_]() {
-      size_t gb = f.group_bytes(), tile_bytes = (size_t)groups * gb;
+      size_t vb = f.value_bytes(), gb = f.group_bytes(), tile_bytes = (size_t)groups * gb;
       long K = (long)groups * kGroup;
       for (size_t i = 0; i < count; i++) {
         long id = ip[i];
@@ -346,9 +417,18 @@ class QuantRows : public mx::Primitive {
         int j = (int)(id % kTile);
         for (long g = 0; g < groups; g++) {
           const uint8_t* gw = tile + g * gb;
-          const float* scales = (const float*)(gw + 512);
+          const float* scales = (const float*)(gw + vb);
           for (int k = 0; k < kGroup; k++) {
-            int u = gw[(k / 4) * 64 + j * 4 + k % 4];
+            int t = k / 4, byte = j * 4 + k % 4;  // step, byte of the step
+            int u;
+            if (f.bits == 8) {
+              u = gw[t * 64 + byte];
+            } else {
+              int nib = gw[(t / 2) * 64 + byte];
+              u = t & 1 ? nib >> 4 : nib & 15;
+              for (int b = 0; b < f.bits - 4; b++)
+                u |= ((gw[256 + b * 64 + t * 8 + byte / 8] >> (byte % 8)) & 1) << (4 + b);
+            }
             float s = scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
             float v = (float)(u - f.zero) * s;
             if (f.offsets) v = v + scales[f.subs * 16 + j];
@@ -364,7 +444,7 @@ class QuantRows : public mx::Primitive {
   const char* name() const override { return "QuantRows"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const QuantRows&>(other);
-    return n_ == o.n_ && f_.subs == o.f_.subs && f_.offsets == o.f_.offsets && f_.zero == o.f_.zero;
+    return n_ == o.n_ && same_format(f_, o.f_);
   }
 
  private:
@@ -372,9 +452,12 @@ class QuantRows : public mx::Primitive {
   Format f_;
 };
 
-Format make_format(int subs, bool offsets, int zero, bool wide) {
+Format make_format(int subs, bool offsets, int zero, bool wide, int bits) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
-  return Format{subs, offsets, zero, wide};
+  if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
+  if (wide && bits != 8) throw std::invalid_argument("quant format: wide values need 8 bits");
+  return Format{subs, offsets, zero, wide, bits};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
@@ -385,8 +468,8 @@ void check_weights(const mx::array& w, long n, const Format& f, const char* what
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, bool avx2, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide);
+                       int zero, bool wide, int bits, bool avx2, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide, bits);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -400,8 +483,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 }
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
-                     int zero, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false);
+                     int zero, int bits, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false, bits);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -413,11 +496,11 @@ mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs,
 }  // namespace
 
 NB_MODULE(_quant_matmul, m) {
-  m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant.py)";
+  m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+        "wide"_a, "bits"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        nb::kw_only(), "stream"_a = nb::none());
+        "bits"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
   m.def("has_avx2", &has_avx2);
 }
