@@ -147,6 +147,70 @@ def test_compact_tokenizer_json_keeps_merges_with_spaces_as_lists(tmp_path):
     assert Tokenizer.from_file(str(tmp_path / "t.json")).encode("a ab").ids == backend.encode("a ab").ids
 
 
+def test_tokenizer_config_carries_the_added_tokens(default_dir, default_loaded, tmp_path):
+    """The converter lists tokenizer.json's added tokens in tokenizer_config.json, so that
+    transformers does not parse the whole tokenizer.json in Python to find them (97 MB of
+    load peak); the tokenizer must come out the same as when transformers reads them there."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((default_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = json.loads((default_dir / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert config["added_tokens_decoder"] == {str(t.pop("id")): t for t in added}
+    assert len(added) > 6000  # Gemma's <unusedN>, <start_of_turn>, ...
+
+    legacy = tmp_path / "legacy"  # the tokenizer files as converter version 3 wrote them
+    legacy.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (legacy / name).write_bytes((default_dir / name).read_bytes())
+    del config["added_tokens_decoder"]
+    (legacy / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours, theirs = default_loaded[1]._tokenizer, AutoTokenizer.from_pretrained(legacy)
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == \
+        {i: str(t) for i, t in theirs.added_tokens_decoder.items()}
+    assert ours.all_special_ids == theirs.all_special_ids
+    text = "Ünïcödé 日本語 🤖\t  <start_of_turn>user\nHi<end_of_turn> <unused5><eos>"
+    assert ours.encode(text) == theirs.encode(text)
+    ids = list(range(0, 262144, 7))
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+
+
+def test_packed_detokenizer_streams_like_mlx_lm(default_loaded):
+    """The engine's SPM detokenizer keeps the token map as one blob (engine/models/tokenizer.py):
+    it must stream the same text as mlx-lm's list of bytes, token by token."""
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+
+    from engine.models.tokenizer import PackedTokens
+
+    wrapper = default_loaded[1]
+    ours = wrapper.detokenizer
+    theirs = SPMStreamingDetokenizer(wrapper._tokenizer, trim_space=ours.trim_space)
+    assert isinstance(ours.tokenmap, PackedTokens) and len(ours.tokenmap) == len(theirs.tokenmap)
+    assert all(ours.tokenmap[i] == theirs.tokenmap[i] for i in range(len(theirs.tokenmap)))
+    text = " Ünïcödé 日本語 🤖 \u2581 <0x41>\n\n  def f(x):\n    return x <start_of_turn>"
+    # Byte tokens too: "é" as <0xC3> <0xA9>, held back until the character is whole.
+    byte_tokens = wrapper._tokenizer.convert_tokens_to_ids(["<0x41>", "<0xC3>", "<0xA9>", "<0x0A>"])
+    tokens = wrapper.encode(text, add_special_tokens=False) + byte_tokens + [1, 2, 106, 262143]
+    for token in tokens:
+        ours.add_token(token)
+        theirs.add_token(token)
+        assert (ours.text, ours.last_segment) == (theirs.text, theirs.last_segment)
+    ours.finalize()
+    theirs.finalize()
+    assert ours.text == theirs.text
+    with pytest.raises(IndexError):
+        ours.tokenmap[len(theirs.tokenmap)]
+
+
+def test_loaded_model_keeps_no_mlx_buffer_cache_on_the_cpu(default_loaded):
+    """On the CPU freed MLX buffers go back to malloc (engine/cpu/memory.py)."""
+    assert loader.on_cpu()
+    previous = mx.set_cache_limit(0)
+    assert previous == 0
+
+
 def test_second_resolve_reuses_the_conversion(default_dir, cache):
     weights = default_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
