@@ -533,6 +533,20 @@ def test_gguf_without_tokenizer(tmp_path):
     check_error(path, tmp_path / "cache", ModelLoadError, str(path), "has no tokenizer")
 
 
+def test_tokenizer_arrays_are_taken_out_of_the_reader(tmp_path):
+    """The converter reads the tokenizer's arrays once, as lists, and drops the reader's
+    per-element numpy views of them (293 MB on the default model); scalars stay readable."""
+    path = write_gguf(tmp_path / "tok.gguf", "llama", gguf_tensors("llama", hf_weights("llama")))
+    meta = gguf_convert._Metadata(gguf_convert._open(path), path)
+    tokenizer = gguf_convert._take_tokenizer_metadata(meta)
+    fresh = gguf_convert._Metadata(gguf_convert._open(path), path)
+    assert tokenizer["tokens"] == fresh.get("tokenizer.ggml.tokens") == TOKENS
+    assert tokenizer["merges"] == ["h e"] and tokenizer["token_type"] == [1] * 257 + [3, 3]
+    assert not any(k in meta for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                       "tokenizer.ggml.token_type"))
+    assert tokenizer["bos_token_id"] == meta.get("tokenizer.ggml.bos_token_id") == BOS
+
+
 def test_tensor_type_without_dequantizer(tmp_path):
     tensors = gguf_tensors("qwen3", hf_weights("qwen3"))
     tensors["blk.1.ffn_down.weight"] = np.zeros((H, 256), np.float32)  # Q8_K rows hold 256 values
