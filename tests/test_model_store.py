@@ -204,13 +204,6 @@ def test_packed_detokenizer_streams_like_mlx_lm(default_loaded):
         ours.tokenmap[len(theirs.tokenmap)]
 
 
-def test_loaded_model_keeps_no_mlx_buffer_cache_on_the_cpu(default_loaded):
-    """On the CPU freed MLX buffers go back to malloc (engine/cpu/memory.py)."""
-    assert loader.on_cpu()
-    previous = mx.set_cache_limit(0)
-    assert previous == 0
-
-
 def test_second_resolve_reuses_the_conversion(default_dir, cache):
     weights = default_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns

@@ -1,15 +1,16 @@
-"""Memory the CPU path gives back: glibc's freed heap, and MLX's buffer cache.
+"""Memory the CPU path gives back: glibc's freed heap.
 
-Peak RSS on the CPU is the model's weights plus whatever the process keeps of its
-transients. Two keepers hold them without need:
-- glibc keeps freed heap pages as the process's RSS (a load frees a few hundred MB of
-  JSON and repacking chunks in small blocks): `release_freed_memory` hands them back.
-- MLX keeps freed buffers in its own cache for reuse, up to its limit (by default most
-  of the RAM). On a GPU that saves costly allocations; on the CPU a buffer is a malloc,
-  and glibc already reuses freed blocks, so MLX's cache only adds RSS: 32 MB after a
-  512-token prefill of Gemma 3 270M (the 4 MB MLP and attention intermediates of every
-  size that was freed), and 44 MB of peak RSS in bench/bench_llama_cpp.py's 512+128 run
-  (603 -> 559 MB, prefill and decode tok/s unchanged within noise, interleaved runs).
+glibc keeps freed heap pages as the process's RSS: a model load frees a few hundred MB of
+JSON and repacking chunks in small blocks, a GGUF conversion more. `release_freed_memory`
+hands them back to the OS.
+
+MLX's own cache of freed buffers is left at MLX's default on purpose. Without it
+(`mx.set_cache_limit(0)`) glibc reuses the freed blocks without page faults, and while the
+prompt was prefilled in 32-token forwards the 512 + 128 run of bench/bench_llama_cpp.py
+peaked 44 MB lower (603 -> 559 MB: the cache held 32 MB of buffers of every size the
+forwards freed). Since a chunk-invariant prefill runs the 512 tokens as one forward, its
+own activations set the peak (567 vs 570 MB), while 8 HTTP clients x 128 tokens ran ~8%
+slower without the cache (298-327 vs 329-337 tok/s, interleaved) for 13 MB less.
 """
 
 from __future__ import annotations
@@ -36,12 +37,3 @@ def _glibc():
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
-
-
-def keep_no_buffer_cache() -> None:
-    """Freed MLX buffers go straight back to malloc (CPU only: on a GPU the cache is
-    what makes allocation cheap, and MLX's default stays)."""
-    import mlx.core as mx
-
-    if mx.default_device() == mx.cpu:
-        mx.set_cache_limit(0)

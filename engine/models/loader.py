@@ -15,7 +15,7 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, dequantize_model, load_model
 
 from ..cpu import fused_layers, quant_linear, row_kernels
-from ..cpu.memory import keep_no_buffer_cache, release_freed_memory
+from ..cpu.memory import release_freed_memory
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import quantized as quantized_weights
@@ -104,7 +104,6 @@ def resident_model(path: Path, dtype: str) -> nn.Module | None:
 def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str = "tensor") -> LoadedModel:
     """`group`: an mx.distributed group to shard the weights across, in `layout`
     ("tensor" or "pipeline", distributed/sharding.py)."""
-    keep_no_buffer_cache()
     model, config = load_mlx_lm(path)
     # The tokenizer first: parsing its JSON is the load's largest transient (hundreds of MB
     # for a 262k vocabulary), and once it is freed and handed back, the weights fill the
