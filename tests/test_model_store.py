@@ -147,6 +147,63 @@ def test_compact_tokenizer_json_keeps_merges_with_spaces_as_lists(tmp_path):
     assert Tokenizer.from_file(str(tmp_path / "t.json")).encode("a ab").ids == backend.encode("a ab").ids
 
 
+def test_tokenizer_config_carries_the_added_tokens(default_dir, default_loaded, tmp_path):
+    """The converter lists tokenizer.json's added tokens in tokenizer_config.json, so that
+    transformers does not parse the whole tokenizer.json in Python to find them (97 MB of
+    load peak); the tokenizer must come out the same as when transformers reads them there."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((default_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = json.loads((default_dir / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]
+    assert config["added_tokens_decoder"] == {str(t.pop("id")): t for t in added}
+    assert len(added) > 6000  # Gemma's <unusedN>, <start_of_turn>, ...
+
+    legacy = tmp_path / "legacy"  # the tokenizer files as converter version 3 wrote them
+    legacy.mkdir()
+    for name in ("tokenizer.json", "special_tokens_map.json", "config.json"):
+        (legacy / name).write_bytes((default_dir / name).read_bytes())
+    del config["added_tokens_decoder"]
+    (legacy / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    ours, theirs = default_loaded[1]._tokenizer, AutoTokenizer.from_pretrained(legacy)
+    assert {i: str(t) for i, t in ours.added_tokens_decoder.items()} == \
+        {i: str(t) for i, t in theirs.added_tokens_decoder.items()}
+    assert ours.all_special_ids == theirs.all_special_ids
+    text = "Ünïcödé 日本語 🤖\t  <start_of_turn>user\nHi<end_of_turn> <unused5><eos>"
+    assert ours.encode(text) == theirs.encode(text)
+    ids = list(range(0, 262144, 7))
+    assert ours.decode(ids) == theirs.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)
+
+
+def test_packed_detokenizer_streams_like_mlx_lm(default_loaded):
+    """The engine's SPM detokenizer keeps the token map as one blob (engine/models/tokenizer.py):
+    it must stream the same text as mlx-lm's list of bytes, token by token."""
+    from mlx_lm.tokenizer_utils import SPMStreamingDetokenizer
+
+    from engine.models.tokenizer import PackedTokens
+
+    wrapper = default_loaded[1]
+    ours = wrapper.detokenizer
+    theirs = SPMStreamingDetokenizer(wrapper._tokenizer, trim_space=ours.trim_space)
+    assert isinstance(ours.tokenmap, PackedTokens) and len(ours.tokenmap) == len(theirs.tokenmap)
+    assert all(ours.tokenmap[i] == theirs.tokenmap[i] for i in range(len(theirs.tokenmap)))
+    text = " Ünïcödé 日本語 🤖 \u2581 <0x41>\n\n  def f(x):\n    return x <start_of_turn>"
+    # Byte tokens too: "é" as <0xC3> <0xA9>, held back until the character is whole.
+    byte_tokens = wrapper._tokenizer.convert_tokens_to_ids(["<0x41>", "<0xC3>", "<0xA9>", "<0x0A>"])
+    tokens = wrapper.encode(text, add_special_tokens=False) + byte_tokens + [1, 2, 106, 262143]
+    for token in tokens:
+        ours.add_token(token)
+        theirs.add_token(token)
+        assert (ours.text, ours.last_segment) == (theirs.text, theirs.last_segment)
+    ours.finalize()
+    theirs.finalize()
+    assert ours.text == theirs.text
+    with pytest.raises(IndexError):
+        ours.tokenmap[len(theirs.tokenmap)]
+
+
 def test_second_resolve_reuses_the_conversion(default_dir, cache):
     weights = default_dir / "model.safetensors"
     mtime = weights.stat().st_mtime_ns
@@ -467,6 +524,20 @@ def test_gguf_without_tokenizer(tmp_path):
     tensors = gguf_tensors("llama", hf_weights("llama"))
     path = write_gguf(tmp_path / "notok.gguf", "llama", tensors, tokenizer=False)
     check_error(path, tmp_path / "cache", ModelLoadError, str(path), "has no tokenizer")
+
+
+def test_tokenizer_arrays_are_taken_out_of_the_reader(tmp_path):
+    """The converter reads the tokenizer's arrays once, as lists, and drops the reader's
+    per-element numpy views of them (293 MB on the default model); scalars stay readable."""
+    path = write_gguf(tmp_path / "tok.gguf", "llama", gguf_tensors("llama", hf_weights("llama")))
+    meta = gguf_convert._Metadata(gguf_convert._open(path), path)
+    tokenizer = gguf_convert._take_tokenizer_metadata(meta)
+    fresh = gguf_convert._Metadata(gguf_convert._open(path), path)
+    assert tokenizer["tokens"] == fresh.get("tokenizer.ggml.tokens") == TOKENS
+    assert tokenizer["merges"] == ["h e"] and tokenizer["token_type"] == [1] * 257 + [3, 3]
+    assert not any(k in meta for k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                       "tokenizer.ggml.token_type"))
+    assert tokenizer["bos_token_id"] == meta.get("tokenizer.ggml.bos_token_id") == BOS
 
 
 def test_tensor_type_without_dequantizer(tmp_path):

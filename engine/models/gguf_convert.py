@@ -24,11 +24,12 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from ..cpu.memory import release_freed_memory
 from ..cpu.quant_layout import GGUF_BLOCKS
 from ..errors import ModelLoadError, UnsupportedModelError
 
 # Bump whenever the output of a conversion changes: cached conversions of older versions are redone.
-CONVERTER_VERSION = 3  # 3: compact tokenizer.json (_save_compact)
+CONVERTER_VERSION = 4  # 3: compact tokenizer.json (_save_compact); 4: added tokens in tokenizer_config.json
 _SHARD_BYTES = 2 * 1024**3
 # GGUF architecture -> (mlx-lm model_type, HF architecture)
 _ARCHITECTURES = {
@@ -123,14 +124,21 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     tensors = {t.name: t for t in reader.tensors}
     names = {name: _hf_name(name, arch, path) for name in tensors if name != "rope_freqs.weight"}
     config = _model_config(meta, arch, tensors)
-    tokenizer = _tokenizer_metadata(meta)  # fails before the slow part on a tokenizer-less file
+    tokenizer = _take_tokenizer_metadata(meta)  # fails before the slow part on a tokenizer-less file
     kept = {names[n]: [t.tensor_type.name, *_hf_shape(t)] for n, t in tensors.items() if n in names and _keeps_blocks(t)}
     if kept:
         config[QUANTIZATION_KEY] = kept
 
     out.mkdir(parents=True, exist_ok=True)
-    _write_weights(tensors, names, arch, config, out, path, progress)
+    # The tokenizer before the weights: its conversion is the largest transient (~300 MB of
+    # Python objects for Gemma's 262k vocabulary), and done first it does not add to the
+    # weights' pages that writing them makes resident. With its arrays taken out of the
+    # reader (_take_tokenizer_metadata), converting the default model peaked at 509 MB of
+    # RSS instead of 1,041.
     special = _write_tokenizer(tokenizer, meta, arch, config, out)
+    del tokenizer
+    release_freed_memory()
+    _write_weights(tensors, names, arch, config, out, path, progress)
     config.update(special)
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", special)
@@ -375,16 +383,21 @@ def _undo_rope_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tokenizer_metadata(meta: _Metadata) -> dict:
+def _take_tokenizer_metadata(meta: _Metadata) -> dict:
+    """The tokenizer's metadata as Python values, its arrays taken out of the reader: gguf's
+    reader keeps every element of an array field as numpy views of its own (293 MB for the
+    default model's 262k tokens, scores and token types), which the lists returned replace."""
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
 
     if "tokenizer.ggml.tokens" not in meta:
         raise ModelLoadError(f"{meta.path} has no tokenizer (no tokenizer.ggml.tokens metadata)")
-    return {
-        name: meta.get(f"tokenizer.{key}")
-        for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
-        if f"tokenizer.{key}" in meta
-    }
+    keys = {f"tokenizer.{key}": name for key, name in GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+            if f"tokenizer.{key}" in meta}
+    values = {name: meta.get(key) for key, name in keys.items()}
+    for key, name in keys.items():
+        if isinstance(values[name], list):
+            del meta.fields[key]
+    return values
 
 
 def _write_tokenizer(tok: dict, meta: _Metadata, arch: str, config: dict, out: Path) -> dict:
@@ -424,6 +437,7 @@ def _write_tokenizer(tok: dict, meta: _Metadata, arch: str, config: dict, out: P
     }
     if chat_template:
         tokenizer_config["chat_template"] = chat_template
+    tokenizer_config["added_tokens_decoder"] = _added_tokens_decoder(backend)
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     _write_json(out / "special_tokens_map.json", {k: v for k, v in strings.items() if v is not None})
 
@@ -433,6 +447,18 @@ def _write_tokenizer(tok: dict, meta: _Metadata, arch: str, config: dict, out: P
         eos_ids.append(tokens.index("<end_of_turn>"))
     eos_ids = list(dict.fromkeys(i for i in eos_ids if i is not None))
     return {"bos_token_id": ids["bos_token"], "eos_token_id": eos_ids, "pad_token_id": ids["pad_token"]}
+
+
+def _added_tokens_decoder(backend) -> dict:
+    """tokenizer.json's added tokens, as transformers' save_pretrained writes them into
+    tokenizer_config.json. Without them there, transformers reads them from tokenizer.json
+    by parsing the whole file in Python and holds that (87 MB for Gemma's vocabulary) while
+    the Rust tokenizer loads: the tokenizer's load peaked 97 MB higher."""
+    return {
+        str(i): {"content": t.content, "single_word": t.single_word, "lstrip": t.lstrip,
+                 "rstrip": t.rstrip, "normalized": t.normalized, "special": t.special}
+        for i, t in sorted(backend.get_added_tokens_decoder().items())
+    }
 
 
 def _save_compact(backend, path: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -13,13 +12,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.utils import _get_classes, dequantize_model, load_model, load_tokenizer
+from mlx_lm.utils import _get_classes, dequantize_model, load_model
 
 from ..cpu import fused_layers, quant_linear, row_kernels
+from ..cpu.memory import release_freed_memory
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import quantized as quantized_weights
 from . import overlapped_layers, row_attention
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -93,37 +94,6 @@ def to_dtype(model: nn.Module, config: dict, dtype: str) -> nn.Module:
 _resident: "weakref.WeakValueDictionary[tuple[str, str], nn.Module]" = weakref.WeakValueDictionary()
 
 
-def _load_tokenizer(path: Path, config: dict):
-    try:
-        eos = config.get("eos_token_id")
-        return load_tokenizer(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
-    except Exception as e:  # transformers raises many kinds here
-        raise ModelLoadError(f"cannot load the tokenizer of {path}: {type(e).__name__}: {e}") from e
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the OS (glibc keeps them by default). A load
-    frees a few hundred MB of transients in small blocks (JSON, repacking chunks) that glibc
-    would otherwise keep as the process's RSS for its whole life."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _glibc():
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
 def resident_model(path: Path, dtype: str) -> nn.Module | None:
     """The mlx-lm model an engine in this process already loaded from `path`, if any (not
     one whose weights stay quantized for the native kernels: those run decode only)."""
@@ -138,7 +108,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
     # The tokenizer first: parsing its JSON is the load's largest transient (hundreds of MB
     # for a 262k vocabulary), and once it is freed and handed back, the weights fill the
     # same pages instead of adding to the peak.
-    tokenizer = _load_tokenizer(path, config)
+    tokenizer = load_tokenizer(path, config)
     release_freed_memory()
     if progress:
         progress("tokenizer")
