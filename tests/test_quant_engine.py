@@ -48,6 +48,12 @@ def test_loaded_packed_without_float_matrices(quant_model, monkeypatch):
               if mx.issubdtype(p.dtype, mx.floating) and p.ndim == 2]
     assert floats == []  # only norms, biases (and convolutions) stay float
     assert loaded.quantized and loaded.quantized_weight_bytes > 0 and loaded.row_kernel_bytes == 0
+    # Two activation levels in the trunk, one in the output projection (quant_linear.output_levels).
+    from engine.cpu.quant_linear import quant_weight
+    head = quant_weight(loader.output_projection(loaded.model))
+    levels = {q.levels for _, m in loaded.model.named_modules()
+              if (q := quant_weight(m)) is not None and q is not head}
+    assert head is not None and head.levels == 1 and levels == {2}
     ids = mx.array([loaded.tokenizer.encode(TEXT)[:40]])
     got = np.array(loaded.model(ids)[0])
     # The same checkpoint dequantized to float32 at load (the path without the kernels):

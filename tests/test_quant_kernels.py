@@ -59,9 +59,9 @@ def test_mlx_affine_values_round_trip_exactly(bits, group_size):
     assert np.array_equal(got.dequantize(), want)
 
 
-def _quantized_activations(x: np.ndarray) -> np.ndarray:
+def _quantized_activations(x: np.ndarray, levels: int = 2) -> np.ndarray:
     """x as the kernels see it: per 32 inputs, int8 q at scale d = amax / 127 and int8 q2,
-    the remainder, at d / 254 (float32 arithmetic)."""
+    the remainder, at d / 254 (float32 arithmetic); levels=1: q alone."""
     g = x.reshape(x.shape[0], -1, 32).astype(np.float32)
     amax = np.abs(g).max(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
@@ -72,7 +72,10 @@ def _quantized_activations(x: np.ndarray) -> np.ndarray:
     assert np.abs(q).max() <= 127 and np.abs(q2).max() <= 127
     d = (amax / np.float32(127)).astype(np.float32)
     d2 = (d / np.float32(254)).astype(np.float32)
-    return (q.astype(np.float64) * d.astype(np.float64) + q2.astype(np.float64) * d2.astype(np.float64)).reshape(x.shape)
+    out = q.astype(np.float64) * d.astype(np.float64)
+    if levels == 2:
+        out += q2.astype(np.float64) * d2.astype(np.float64)
+    return out.reshape(x.shape)
 
 
 def _check_product(weight: quant_linear.QuantWeight, dense: np.ndarray, rows: int = 40):
@@ -104,6 +107,27 @@ def test_gguf_products_match_float64(qtype, n, k):
     assert np.array_equal(single, got)
     lookup = np.array(w.rows(mx.array([0, n - 1, n // 2])))
     assert np.array_equal(lookup, gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])[[0, n - 1, n // 2]])
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K"])
+def test_one_level_products(qtype, monkeypatch):
+    """levels=1 (the output projection): int8 activations alone, exact up to float rounding
+    against that reference, the same bits for a row alone or in a batch, on both paths."""
+    raw = _gguf_matrix(qtype, 300, 512, seed=4)
+    w = _packed(lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype), 300, 512)
+    w.levels = 1
+    dense = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).astype(np.float64)
+    x = np.array(mx.random.normal((12, 512), key=mx.random.key(9)))
+    got = np.array(w.matmul(mx.array(x)))
+    want = _quantized_activations(x, levels=1) @ dense.T
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+    two = np.array(_packed(lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype), 300, 512).matmul(mx.array(x)))
+    assert not np.array_equal(two, got)  # the second level changes the result
+    assert np.array_equal(np.array(w.matmul(mx.array(x[3:4])))[0], got[3])
+    if quant_linear._native.has_avx2():
+        monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", "avx2")
+        assert np.array_equal(np.array(w.matmul(mx.array(x))), got)
 
 
 @needs_kernels

@@ -121,6 +121,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         # Quantized weights stay quantized, in the native kernels' layout (no float copy).
         quant_bytes = quantized_weights.repack_model(model, config, Path(path))
         model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
+        quant_linear.output_levels(output_projection(model))
     elif gguf_blocks:
         quantized_weights.unpack_blocks(model, config, mlx_quantized=not on_cpu())
     target = _target_dtype(dtype)

@@ -60,13 +60,14 @@ struct Format {
   int zero;        // subtracted from every u8 value
   bool wide;       // values use all 8 bits (the AVX2 path then multiplies in signed form)
   int bits;        // 4, 5, 6 (nibbles and bit planes) or 8 (bytes)
+  int levels;      // activation levels multiplied (see Acts): 2, or 1 for the output projection
   int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
   int group_bytes() const { return value_bytes() + 64 * subs + (offsets ? 64 : 0); }
 };
 
 bool same_format(const Format& a, const Format& b) {
   return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
-         a.bits == b.bits;
+         a.bits == b.bits && a.levels == b.levels;
 }
 
 // Activations of M rows, quantized per 32 k in two int8 levels: x ~ dx * q + dx2 * q2,
@@ -75,13 +76,14 @@ bool same_format(const Format& a, const Format& b) {
 // float32 model on 20k tokens (the issue asks 98%): most of the disagreements were
 // near-ties that int8 activation noise tipped, and a float-exact trunk gave 98.6%. The
 // second level makes activations ~16-bit (error <= amax / 64,516) for one more vpdpbusd
-// per weight vector, on integer units that a decode step leaves mostly idle.
+// per weight vector. A product multiplies both levels, or the first alone (Format::levels:
+// the output projection, engine/cpu/quant_linear.py output_levels).
 struct Acts {
   int M, K, groups;
   std::vector<int8_t> q, q2;          // [M][K]
   std::vector<float> dx, dx2;         // [M][groups]
   std::vector<int32_t> sum16, sum16b; // [M][groups * 2] sums of q, q2 per 16 k
-  std::vector<float> dxsum;           // [M][groups] dx * sum(q) + dx2 * sum(q2) (for offsets)
+  std::vector<float> dxsum1, dxsum;   // [M][groups] dx * sum(q) (+ dx2 * sum(q2)): offsets
 
   Acts(int M_, int K_) : M(M_), K(K_), groups(K_ / kGroup) {
     q.resize((size_t)M * K);
@@ -90,6 +92,7 @@ struct Acts {
     dx2.resize((size_t)M * groups);
     sum16.resize((size_t)M * groups * 2);
     sum16b.resize((size_t)M * groups * 2);
+    dxsum1.resize((size_t)M * groups);
     dxsum.resize((size_t)M * groups);
   }
   // Rows [r0, r1) of x. Each row on its own: the same bits whatever the split.
@@ -99,8 +102,8 @@ struct Acts {
         size_t i = (size_t)r * groups + g, at = (size_t)r * K + g * kGroup;
         quantize_group(x + at, q.data() + at, q2.data() + at, dx[i], &sum16[i * 2], &sum16b[i * 2]);
         dx2[i] = dx[i] / 254.f;
-        dxsum[i] = dx[i] * (float)(sum16[i * 2] + sum16[i * 2 + 1]) +
-                   dx2[i] * (float)(sum16b[i * 2] + sum16b[i * 2 + 1]);
+        dxsum1[i] = dx[i] * (float)(sum16[i * 2] + sum16[i * 2 + 1]);
+        dxsum[i] = dxsum1[i] + dx2[i] * (float)(sum16b[i * 2] + sum16b[i * 2 + 1]);
       }
   }
 
@@ -180,7 +183,7 @@ inline void step_pair_vnni(const uint8_t* w, int p, __m512i& w0, __m512i& w1) {
 // row and level: two (even and odd steps) for one or two rows, whose dependency chains
 // would otherwise bound a decode step, one for more (registers); integer sums are exact,
 // so this changes no bit.
-template <int R, int SUBS, bool OFFSETS, int BITS>
+template <int R, int SUBS, bool OFFSETS, int BITS, int L>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
@@ -201,7 +204,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     dx[r][1] = a.dx2.data() + row * groups;
     sum16[r][0] = a.sum16.data() + row * groups * 2;
     sum16[r][1] = a.sum16b.data() + row * groups * 2;
-    dxsum[r] = a.dxsum.data() + row * groups;
+    dxsum[r] = (L == 2 ? a.dxsum : a.dxsum1).data() + row * groups;
   }
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -212,9 +215,9 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     _mm_prefetch((const char*)(w + 4 * kGroupBytes + 256), _MM_HINT_T0);
 #pragma GCC unroll 2
     for (int s = 0; s < SUBS; s++) {
-      __m512i ia[R][2][C];
+      __m512i ia[R][L][C];
       for (int r = 0; r < R; r++)
-        for (int l = 0; l < 2; l++)
+        for (int l = 0; l < L; l++)
           for (int c = 0; c < C; c++) ia[r][l][c] = _mm512_setzero_si512();
 #pragma GCC unroll 4
       for (int pp = 0; pp < kPairs; pp++) {
@@ -222,7 +225,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
         __m512i w0, w1;
         step_pair_vnni<BITS>(w, p, w0, w1);
         for (int r = 0; r < R; r++)
-          for (int l = 0; l < 2; l++) {
+          for (int l = 0; l < L; l++) {
             int32_t x0, x1;
             std::memcpy(&x0, xq[r][l] + g * kGroup + p * 8, 4);
             std::memcpy(&x1, xq[r][l] + g * kGroup + p * 8 + 4, 4);
@@ -232,7 +235,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       }
       __m512 sv = _mm512_loadu_ps(scales + s * 16);
       for (int r = 0; r < R; r++)
-        for (int l = 0; l < 2; l++) {
+        for (int l = 0; l < L; l++) {
           const int32_t* s16 = sum16[r][l] + g * 2;
           int32_t xs = SUBS == 2 ? s16[s] : s16[0] + s16[1];
           __m512i i = C == 2 ? _mm512_add_epi32(ia[r][l][0], ia[r][l][C - 1]) : ia[r][l][0];
@@ -291,13 +294,14 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       const float* scales = (const float*)(w + vb);
       for (int s = 0; s < f.subs; s++) {
         __m256i ia[R][2];
+        const int levels = f.levels;
         for (int r = 0; r < R; r++) ia[r][0] = ia[r][1] = _mm256_setzero_si256();
         for (int t = s * steps; t < (s + 1) * steps; t++) {
           __m256i wv = step_half_avx2(w, f.bits, t, half);
           __m256i signed_w = _mm256_xor_si256(wv, flip);
           __m256i mag = f.wide ? _mm256_abs_epi8(signed_w) : wv;
           for (int r = 0; r < R; r++)
-            for (int l = 0; l < 2; l++) {
+            for (int l = 0; l < levels; l++) {
               const int8_t* xq = (l ? a.q2 : a.q).data() + (size_t)(r0 + r) * a.K;
               int32_t x4;
               std::memcpy(&x4, xq + g * kGroup + t * 4, 4);
@@ -309,7 +313,7 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
         }
         __m256 sv = _mm256_loadu_ps(scales + s * 16 + half * 8);
         for (int r = 0; r < R; r++)
-          for (int l = 0; l < 2; l++) {
+          for (int l = 0; l < levels; l++) {
             size_t i = (size_t)(r0 + r) * a.groups + g;
             const int32_t* s16 = (l ? a.sum16b : a.sum16).data() + i * 2;
             int32_t xs = f.subs == 2 ? s16[s] : s16[0] + s16[1];
@@ -322,7 +326,7 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       if (f.offsets) {
         __m256 ov = _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
         for (int r = 0; r < R; r++)
-          acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps(a.dxsum[(size_t)(r0 + r) * a.groups + g]), acc[r]);
+          acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps((f.levels == 2 ? a.dxsum : a.dxsum1)[(size_t)(r0 + r) * a.groups + g]), acc[r]);
       }
     }
     for (int r = 0; r < R; r++) {
@@ -336,20 +340,22 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 
 using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
 
-template <int S, bool O, int B>
+template <int S, bool O, int B, int L>
 constexpr std::array<TileFn, kRows + 1> vnni_table() {
-  return {nullptr,             tile_vnni<1, S, O, B>, tile_vnni<2, S, O, B>, tile_vnni<3, S, O, B>,
-          tile_vnni<4, S, O, B>, tile_vnni<5, S, O, B>, tile_vnni<6, S, O, B>, tile_vnni<7, S, O, B>,
-          tile_vnni<8, S, O, B>};
+  return {nullptr,                tile_vnni<1, S, O, B, L>, tile_vnni<2, S, O, B, L>, tile_vnni<3, S, O, B, L>,
+          tile_vnni<4, S, O, B, L>, tile_vnni<5, S, O, B, L>, tile_vnni<6, S, O, B, L>, tile_vnni<7, S, O, B, L>,
+          tile_vnni<8, S, O, B, L>};
 }
-template <int S, bool O>
-constexpr std::array<std::array<TileFn, kRows + 1>, 4> vnni_tables() {
-  return {vnni_table<S, O, 4>(), vnni_table<S, O, 5>(), vnni_table<S, O, 6>(), vnni_table<S, O, 8>()};
+using RowFns = std::array<TileFn, kRows + 1>;
+template <int S, bool O, int L>
+constexpr std::array<RowFns, 4> vnni_tables() {
+  return {vnni_table<S, O, 4, L>(), vnni_table<S, O, 5, L>(), vnni_table<S, O, 6, L>(), vnni_table<S, O, 8, L>()};
 }
 int bits_index(int bits) { return bits == 8 ? 3 : bits - 4; }
-// [subs - 1][offsets][bits_index][rows]
-const std::array<std::array<TileFn, kRows + 1>, 4> vnni_fns[2][2] = {
-    {vnni_tables<1, false>(), vnni_tables<1, true>()}, {vnni_tables<2, false>(), vnni_tables<2, true>()}};
+// [levels - 1][subs - 1][offsets][bits_index][rows]
+const std::array<RowFns, 4> vnni_fns[2][2][2] = {
+    {{vnni_tables<1, false, 1>(), vnni_tables<1, true, 1>()}, {vnni_tables<2, false, 1>(), vnni_tables<2, true, 1>()}},
+    {{vnni_tables<1, false, 2>(), vnni_tables<1, true, 2>()}, {vnni_tables<2, false, 2>(), vnni_tables<2, true, 2>()}}};
 const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
                                     tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
 
@@ -363,7 +369,7 @@ bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_support
 // block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
 void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
                     long t0, long t1, bool avx2) {
-  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.subs - 1][f.offsets][bits_index(f.bits)].data();
+  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.levels - 1][f.subs - 1][f.offsets][bits_index(f.bits)].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
   for (int rb = 0; rb < a.M; rb += kRowBlock) {
     int re = std::min(a.M, rb + kRowBlock);
@@ -487,12 +493,13 @@ class QuantRows : public mx::Primitive {
   Format f_;
 };
 
-Format make_format(int subs, bool offsets, int zero, bool wide, int bits) {
+Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
   if (wide && bits != 8) throw std::invalid_argument("quant format: wide values need 8 bits");
-  return Format{subs, offsets, zero, wide, bits};
+  if (levels != 1 && levels != 2) throw std::invalid_argument("quant format: levels must be 1 or 2");
+  return Format{subs, offsets, zero, wide, bits, levels};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
@@ -503,8 +510,8 @@ void check_weights(const mx::array& w, long n, const Format& f, const char* what
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, int bits, bool avx2, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide, bits);
+                       int zero, bool wide, int bits, int levels, bool avx2, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide, bits, levels);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -519,7 +526,7 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
                      int zero, int bits, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false, bits);
+  Format f = make_format(subs, offsets, zero, false, bits, 1);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -533,7 +540,7 @@ mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs,
 NB_MODULE(_quant_matmul, m) {
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "bits"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+        "wide"_a, "bits"_a, "levels"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
         "bits"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
