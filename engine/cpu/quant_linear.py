@@ -5,8 +5,9 @@ into a stream of 4 bytes per weight, where the file had 0.5 to 1: on a small mod
 vocabulary projection alone was 671 MB, and a 4B model would not fit. Here the weights
 stay in their integer blocks (quant_layout.py: 5-9 bits per weight), and
 `native/quant_matmul.cpp` multiplies them directly: activations quantized per row per 32
-inputs to two int8 levels (~16-bit), integer dot products (AVX-512 VNNI, or AVX2), one
-float step per scale block and level in a fixed order. Every row's
+inputs to two int8 levels (~16-bit; one in the output projection, `output_levels`),
+integer dot products (AVX-512 VNNI, or AVX2), one float step per scale block and level in
+a fixed order. Every row's
 result is independent of the rows beside it, of the thread split and of the path, so
 decode, verify windows and prefill (all through the same kernel) agree bit for bit on a
 row: batching, prefix-cache hits and speculation stay exact.
