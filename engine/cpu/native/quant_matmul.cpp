@@ -16,7 +16,8 @@
 // prefetcher follows one stream well and two poorly).
 // A weight is scale * (u - zero) + offset.
 //
-// Activations are quantized per row per 32 k to two int8 levels (see Acts). A group's
+// Activations are quantized per row per 32 k to two int8 levels (see Acts; the output
+// projection multiplies the first only). A group's
 // contribution to output j of a row is, level by level,
 //   acc_j += float(isum_j - zero * xsum) * scale_j * dx  (+ offset_j * dxsum)
 // with the integer dot product isum exact, and the float steps in a fixed order over k:
@@ -77,7 +78,8 @@ bool same_format(const Format& a, const Format& b) {
 // near-ties that int8 activation noise tipped, and a float-exact trunk gave 98.6%. The
 // second level makes activations ~16-bit (error <= amax / 64,516) for one more vpdpbusd
 // per weight vector. A product multiplies both levels, or the first alone (Format::levels:
-// the output projection, engine/cpu/quant_linear.py output_levels).
+// the output projection, engine/cpu/quant_linear.py output_levels; 98.7% top-1 on the
+// default model, against 99.98% with two levels there too and 12-15% slower decode).
 struct Acts {
   int M, K, groups;
   std::vector<int8_t> q, q2;          // [M][K]
@@ -179,7 +181,7 @@ inline void step_pair_vnni(const uint8_t* w, int p, __m512i& w0, __m512i& w1) {
   }
 }
 
-// SUBS, OFFSETS and BITS are compile-time so the k loop unrolls. Integer accumulators per
+// SUBS, OFFSETS, BITS and the levels L are compile-time so the k loop unrolls. Integer accumulators per
 // row and level: two (even and odd steps) for one or two rows, whose dependency chains
 // would otherwise bound a decode step, one for more (registers); integer sums are exact,
 // so this changes no bit.
