@@ -7,10 +7,9 @@ stay in their integer blocks (quant_layout.py: 5-9 bits per weight), and
 `native/quant_matmul.cpp` multiplies them directly: activations quantized per row per 32
 inputs to two int8 levels (~16-bit; one in the output projection, `output_levels`),
 integer dot products (AVX-512 VNNI, or AVX2), one float step per scale block and level in
-a fixed order. Every row's
-result is independent of the rows beside it, of the thread split and of the path, so
-decode, verify windows and prefill (all through the same kernel) agree bit for bit on a
-row: batching, prefix-cache hits and speculation stay exact.
+a fixed order. Every row's result is independent of the rows beside it, of the thread
+split and of the path, so decode, verify windows and prefill (all through the same
+kernel) agree bit for bit on a row: batching, prefix-cache hits and speculation stay exact.
 
 The embedding lookup reads rows of the same buffer (`QuantEmbedding`), so a tied output
 projection is held once.
@@ -160,10 +159,10 @@ def held_bytes(model: nn.Module) -> int:
 def output_levels(head) -> None:
     """Let the output projection multiply int8 activations (one level). Its rounding adds
     to the logits once, where a trunk's compounds over every layer: on the default model,
-    one level in the projection and two in the trunk agree with the float32 model's top-1
-    token on 98.7% of 20k tokens (99.98% with two levels there too, at 12-15%
-    lower decode speed), while halving the integer work of its largest
-    matrix (the 262k-row vocabulary), which bounds batched decode."""
+    one level here and two in the trunk agree with the float32 model's top-1 token on
+    98.7% of 20k tokens (99.98% with two levels here too, at 12-15% lower decode speed),
+    and the largest matrix (the 262k-row vocabulary, which bounds batched decode) does
+    half the integer work."""
     weight = quant_weight(head)
     if weight is not None:
         weight.levels = 1
