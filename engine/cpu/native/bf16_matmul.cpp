@@ -271,6 +271,7 @@ mx::array bf16_matmul_norm(const mx::array& x, const mx::array& w, const mx::arr
 }  // namespace
 
 NB_MODULE(_bf16_matmul, m) {
+  kernelext::share_workers(m);
   m.doc() = "x @ W.T + b with W in bfloat16 panels, float32 accumulation (kernelext)";
   m.def("bf16_matmul", &bf16_matmul, "x"_a, "packed"_a, "bias"_a, "n"_a, "gelu"_a, nb::kw_only(),
         "stream"_a = nb::none());

@@ -399,6 +399,7 @@ mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::arr
 }  // namespace
 
 NB_MODULE(_causal_attention, m) {
+  kernelext::share_workers(m);
   m.doc() = "decoder attention with one fixed summation per query (kernelext)";
   m.def("causal_attention", &causal_attention, "q"_a, "k"_a, "v"_a, "mask"_a = nb::none(), "causal"_a = false,
         "ring"_a = 0, "scale"_a = 1.0f, nb::kw_only(), "stream"_a = nb::none());

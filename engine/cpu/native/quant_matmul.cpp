@@ -540,6 +540,7 @@ mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs,
 }  // namespace
 
 NB_MODULE(_quant_matmul, m) {
+  kernelext::share_workers(m);
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
         "wide"_a, "bits"_a, "levels"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -155,6 +155,7 @@ mx::array row_matmul(const mx::array& x, const mx::array& wb, int n, mx::StreamO
 }  // namespace
 
 NB_MODULE(_row_matmul, m) {
+  kernelext::share_workers(m);
   m.doc() = "x @ W for a few rows, W blocked for streaming (kernelext)";
   m.def("row_matmul", &row_matmul, "x"_a, "blocked_weights"_a, "n"_a, nb::kw_only(),
         "stream"_a = nb::none());

@@ -245,6 +245,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float add, float
 }  // namespace
 
 NB_MODULE(_row_ops, m) {
+  kernelext::share_workers(m);
   m.doc() = "per-row elementwise ops on the CPU, vectorized (engine/cpu/fused_layers.py)";
   m.def("gelu_tanh", &gelu_tanh, "x"_a, "up"_a = nb::none(), nb::kw_only(), "stream"_a = nb::none());
   m.def("rms_norm", &rms_norm, "x"_a, "weight"_a, "add"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none());

@@ -204,6 +204,7 @@ mx::array short_attention(const mx::array& qkv, const mx::array& starts, int hea
 }  // namespace
 
 NB_MODULE(_short_attention, m) {
+  kernelext::share_workers(m);
   m.doc() = "attention of short packed sequences, softmax fused (kernelext)";
   m.def("short_attention", &short_attention, "qkv"_a, "starts"_a, "heads"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none());
