@@ -72,3 +72,16 @@ def test_a_query_gets_the_same_bits_in_any_call():
                                    scale=0.06, ring=23)
         straight = ca.causal_attention(q[:, :, i:i + 1], held_k, held_v, scale=0.06)
         assert np.array_equal(np.array(ring), np.array(straight))
+
+
+def test_a_long_decode_step_matches_the_reference_and_its_prefill():
+    """A decode step over 1,100 keys is split over the threads (scores by key ranges, values
+    by dimension halves, each walking its keys in blocks): the same bits as the query in a
+    prefill chunk, where one thread runs the whole tile."""
+    dims, keys, rows = 256, 1100, 5
+    q, k, v = tensors(1, 4, 1, rows, keys, dims, seed=4)
+    chunk = np.array(ca.causal_attention(q, k, v, scale=0.06, causal=True))
+    causal = np.arange(keys)[None] <= np.arange(keys - rows, keys)[:, None]
+    assert np.abs(chunk - reference(q, k, v, 0.06, causal[None])).max() < 2e-5
+    step = ca.causal_attention(q[:, :, -1:], k, v, scale=0.06)
+    assert np.array_equal(np.array(step)[:, :, 0], chunk[:, :, -1])

@@ -52,6 +52,8 @@ constexpr int kScoreRows = 4;   // score pass: 4 rows x 4 keys
 constexpr int kScoreKeys = 4;
 constexpr int kValueRows = 6;   // weighted-value pass: 6 rows x 64 output dims
 constexpr int kValueVecs = 4;
+constexpr int kPrefetchKeys = 16;  // how far ahead the passes prefetch their keys' rows
+constexpr int kValueBlock = 64;    // keys a weighted-value pass takes before its next dimensions
 
 struct Problem {
   const float *q, *k, *v;
@@ -122,6 +124,10 @@ KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* con
   for (int t = lo; t < hi; t += kScoreKeys) {
     const float* kp[kScoreKeys];
     for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.ks[2];
+    for (int c = 0; c < kScoreKeys && t + kPrefetchKeys + c < hi; c++) {
+      const char* ahead = (const char*)(kbase + p.key(t + kPrefetchKeys + c) * p.ks[2]);
+      for (int b = 0; b < p.D * 4; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+    }
     __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int dv = 0; dv < dvecs; dv++) {
@@ -164,33 +170,41 @@ KX_TARGET float softmax_row(float* s, int n, const uint8_t* visible) {
   return 1.f / _mm512_reduce_add_ps(sum);
 }
 
-// out_r[d0 .. d0 + 64) = inv_r * sum over t in [first_r, end_r) of w_r[t] v_t, t ascending,
-// for up to kValueRows rows: one load of v_t serves them all.
+// acc_r[0 .. 64) += sum over t in [lo, hi) of w_r[t] v_t[d0 .. d0 + 64), t ascending, for
+// R <= kValueRows rows (a row adds only its keys [first_r, end_r)): one load of v_t serves
+// them all. acc holds R x 64 floats between calls: a task walks its keys in blocks and its
+// dimensions within each block, so it reads its part of each row at once (the rows of a
+// block stay in cache for the next 64 dimensions), and every output element is still one
+// FMA chain over its keys in time order. `prefetch`: bytes of each row from d0 to fetch
+// kPrefetchKeys keys ahead (0: none; the block's first pass fetches for the others).
+template <int R>
 KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* const w[kValueRows],
-                            const int* first, const int* end, const float* inv, float* const dst[kValueRows],
-                            int rows, int lo, int hi, int d0) {
+                            const int* first, const int* end, float* acc_mem, int rows, int lo, int hi,
+                            int d0, int prefetch) {
   const int nd = std::min(kValueVecs * 16, p.Dv - d0);
   __mmask16 lm[kValueVecs];
   for (int c = 0; c < kValueVecs; c++) lm[c] = lanes(nd - c * 16);
-  __m512 acc[kValueRows][kValueVecs];
-  for (int r = 0; r < kValueRows; r++)
-    for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_setzero_ps();
+  __m512 acc[R][kValueVecs];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_loadu_ps(acc_mem + (r * kValueVecs + c) * 16);
   for (int t = lo; t < hi; t++) {
     const float* vr = vbase + p.key(t) * p.vs[2] + d0;
+    if (prefetch > 0 && t + kPrefetchKeys < hi) {  // a task reads part of each row: a
+      // stride the hardware prefetcher does not follow, so each row would wait on DRAM
+      const char* ahead = (const char*)(vbase + p.key(t + kPrefetchKeys) * p.vs[2] + d0);
+      for (int c = 0; c < prefetch; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
+    }
     __m512 vv[kValueVecs];
     for (int c = 0; c < kValueVecs; c++) vv[c] = _mm512_maskz_loadu_ps(lm[c], vr + c * 16);
-    for (int r = 0; r < kValueRows; r++) {
+    for (int r = 0; r < R; r++) {
       // rows outside their run, or missing, add nothing (no 0 * v term either)
       const __mmask16 on = r < rows && t >= first[r] && t < end[r] ? (__mmask16)0xffff : (__mmask16)0;
       const __m512 wt = _mm512_set1_ps(w[r][t]);
       for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_mask3_fmadd_ps(wt, vv[c], acc[r][c], on);
     }
   }
-  for (int r = 0; r < rows; r++) {
-    const __m512 scale = _mm512_set1_ps(inv[r]);
-    for (int c = 0; c < kValueVecs; c++)
-      if (lm[c]) _mm512_mask_storeu_ps(dst[r] + d0 + c * 16, lm[c], _mm512_mul_ps(acc[r][c], scale));
-  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < kValueVecs; c++) _mm512_storeu_ps(acc_mem + (r * kValueVecs + c) * 16, acc[r][c]);
 }
 
 // One tile: query positions [i0, i0 + positions) of batch row b, the G query heads of KV
@@ -272,7 +286,26 @@ KX_TARGET void tile_values(const Problem& p, Tile& t, int d0, int d1) {
       for (int r = 0; r < n; r++) std::fill(dst[r] + d0, dst[r] + d1, 0.f);
       continue;
     }
-    for (int d = d0; d < d1; d += kValueVecs * 16) weigh_values(p, vbase, w, f, e, iv, dst, n, glo, ghi, d);
+    const int chunks = (d1 - d0 + kValueVecs * 16 - 1) / (kValueVecs * 16), per_chunk = kValueRows * kValueVecs * 16;
+    thread_local std::vector<float> acc;
+    acc.assign((size_t)chunks * per_chunk, 0.f);
+    for (int t0 = glo; t0 < ghi; t0 += kValueBlock) {
+      const int t1 = std::min(ghi, t0 + kValueBlock);
+      for (int c = 0; c < chunks; c++) {
+        const int d = d0 + c * kValueVecs * 16, prefetch = c == 0 ? (d1 - d0) * 4 : 0;
+        if (n <= 4)  // a decode step's rows (4 query heads a KV head): no idle accumulators
+          weigh_values<4>(p, vbase, w, f, e, acc.data() + c * per_chunk, n, t0, t1, d, prefetch);
+        else
+          weigh_values<kValueRows>(p, vbase, w, f, e, acc.data() + c * per_chunk, n, t0, t1, d, prefetch);
+      }
+    }
+    for (int r = 0; r < n; r++) {  // times 1 / the row's softmax sum
+      const __m512 scale = _mm512_set1_ps(iv[r]);
+      for (int d = d0; d < d1; d += 16) {
+        const float* a = acc.data() + (d - d0) / (kValueVecs * 16) * per_chunk + (r * kValueVecs + (d - d0) / 16 % kValueVecs) * 16;
+        _mm512_mask_storeu_ps(dst[r] + d, lanes(d1 - d), _mm512_mul_ps(_mm512_loadu_ps(a), scale));
+      }
+    }
   }
 }
 
@@ -286,6 +319,8 @@ void attend_tile(const Problem& p, int b, int g, int i0) {
 }
 
 constexpr int kSplitKeys = 256;  // keys per scoring task when a call's tiles are split
+constexpr int kSplitDims = 128;  // output dimensions per weighted-value task then: half of a
+                                 // 256-dim row each, read as one run
 
 void attend_split(const Problem& p, int tiles_per_bg) {
   const int tiles = p.B * p.Hkv * tiles_per_bg;
@@ -295,15 +330,15 @@ void attend_split(const Problem& p, int tiles_per_bg) {
     const int bg = c / tiles_per_bg;
     tile_runs(p, bg / p.Hkv, bg % p.Hkv, c % tiles_per_bg * p.positions, ts[c]);
   }
-  const int key_chunks = (p.N + kSplitKeys - 1) / kSplitKeys, dim_chunks = (p.Dv + 63) / 64;
+  const int key_chunks = (p.N + kSplitKeys - 1) / kSplitKeys, dim_chunks = (p.Dv + kSplitDims - 1) / kSplitDims;
   pool.run([&](int c) { tile_scores(p, ts[c / key_chunks], c % key_chunks * kSplitKeys,
                                     std::min(p.N, (c % key_chunks + 1) * kSplitKeys)); }, tiles * key_chunks);
   for (auto& t : ts) {
     thread_local std::vector<uint8_t> visible;
     for (int r = 0; r < t.rows; r++) tile_softmax(p, t, r, visible);
   }
-  pool.run([&](int c) { tile_values(p, ts[c / dim_chunks], c % dim_chunks * 64,
-                                    std::min(p.Dv, (c % dim_chunks + 1) * 64)); }, tiles * dim_chunks);
+  pool.run([&](int c) { tile_values(p, ts[c / dim_chunks], c % dim_chunks * kSplitDims,
+                                    std::min(p.Dv, (c % dim_chunks + 1) * kSplitDims)); }, tiles * dim_chunks);
 }
 
 std::shared_ptr<std::vector<float>> dense_copy(const mx::array& a) {
