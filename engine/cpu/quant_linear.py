@@ -148,12 +148,17 @@ class QuantEmbedding(nn.Module):
 
 
 def quant_weight(module) -> QuantWeight | None:
-    return getattr(module, "_q", None) if isinstance(module, (QuantLinear, QuantEmbedding)) else None
+    """The packed matrix a module multiplies by (for a sibling stacked with others,
+    stacked_products.py: the whole stack)."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        return module._q
+    return getattr(module, "weight_stack", None)
 
 
 def held_bytes(model: nn.Module) -> int:
-    """RAM of the model's packed quantized weights."""
-    return sum(q.nbytes for _, m in model.named_modules() if (q := quant_weight(m)) is not None)
+    """RAM of the model's packed quantized weights (a stack counted once)."""
+    held = {id(q): q for _, m in model.named_modules() if (q := quant_weight(m)) is not None}
+    return sum(q.nbytes for q in held.values())
 
 
 def output_levels(head) -> None:

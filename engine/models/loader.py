@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.utils import _get_classes, dequantize_model, load_model
 
-from ..cpu import fused_layers, quant_linear, row_kernels
+from ..cpu import fused_layers, quant_linear, row_kernels, stacked_products
 from ..cpu.memory import release_freed_memory
 from ..cpu.packed_gemm import MAX_ROWS, PackedMatrix
 from ..errors import ModelLoadError, UnsupportedModelError
@@ -122,6 +122,7 @@ def load(path: Path, dtype: str = "auto", progress=None, group=None, layout: str
         quant_bytes = quantized_weights.repack_model(model, config, Path(path))
         model._kernelext_quantized = quant_bytes > 0  # plain attribute: not a parameter
         quant_linear.output_levels(output_projection(model))
+        stacked_products.stack_siblings(model)
     elif gguf_blocks:
         quantized_weights.unpack_blocks(model, config, mlx_quantized=not on_cpu())
     target = _target_dtype(dtype)
