@@ -21,19 +21,32 @@ from .quant_linear import QuantLinear, QuantWeight
 # Attribute names of siblings that mlx-lm's layers call on the same input, in that order.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _TILE = 16  # outputs per tile of the packed layout
+SHARED_ROWS = 16  # up to this many rows a call shares one product (the kernels' decode rows)
 
 
 class _Stack:
-    """One product for several modules: computed for the first of them to see a new input,
-    then handed out by columns, and dropped once every member has taken its own (so a
-    prefill's outputs are not held past their layer)."""
+    """One product for several modules: for a few rows (decode steps, verify windows)
+    computed for the first member to see a new input, then handed out by columns, and
+    dropped once every member has taken its own. Many rows (prefill) are compute-bound
+    and gain nothing from sharing, while each member's columns would be copied out of the
+    stack: each member multiplies by its own tiles then, a view into the stack."""
 
-    def __init__(self, weight: QuantWeight, members: int):
-        self.weight, self.members = weight, members
+    def __init__(self, weight: QuantWeight, sizes: list[int]):
+        self.weight, self.members = weight, len(sizes)
+        self.parts = []  # each member's rows of the stack, as a matrix of its own (a view)
+        lo = 0
+        for n in sizes:
+            part = QuantWeight(weight.packed[lo // _TILE:(lo + n + _TILE - 1) // _TILE], n, weight.k, weight.format)
+            part.levels = weight.levels
+            self.parts.append(part)
+            lo += n
+        mx.eval([p.packed for p in self.parts])
         self._x = self._y = None
         self._left = 0
 
-    def columns(self, x: mx.array, lo: int, hi: int) -> mx.array:
+    def columns(self, x: mx.array, member: int, lo: int, hi: int) -> mx.array:
+        if x.size // max(1, x.shape[-1]) > SHARED_ROWS:
+            return self.parts[member].matmul(x)
         if self._x is not x:  # identity: a held reference, so no other array can take its id
             self._x, self._y, self._left = x, self.weight.matmul(x), self.members
         y = self._y[..., lo:hi]
@@ -46,9 +59,9 @@ class _Stack:
 class StackedLinear(nn.Module):
     """A sibling's columns [lo, hi) of a stacked product, plus its own bias."""
 
-    def __init__(self, stack: _Stack, lo: int, hi: int, bias: mx.array | None = None):
+    def __init__(self, stack: _Stack, member: int, lo: int, hi: int, bias: mx.array | None = None):
         super().__init__()
-        self._stack, self._lo, self._hi = stack, lo, hi
+        self._stack, self._member, self._lo, self._hi = stack, member, lo, hi
         if bias is not None:
             self.bias = bias
 
@@ -57,7 +70,7 @@ class StackedLinear(nn.Module):
         return self._stack.weight
 
     def __call__(self, x):
-        y = self._stack.columns(x, self._lo, self._hi)
+        y = self._stack.columns(x, self._member, self._lo, self._hi)
         return y + self["bias"] if "bias" in self else y
 
 
@@ -74,10 +87,10 @@ def _stack(module: nn.Module, names: list[str]) -> None:
     mx.eval(packed)
     whole = QuantWeight(packed, sum(w.n for w in weights), weights[0].k, weights[0].format)
     whole.levels = weights[0].levels
-    stack = _Stack(whole, len(names))
+    stack = _Stack(whole, [w.n for w in weights])
     lo = 0
-    for name, linear, w in zip(names, linears, weights):
-        setattr(module, name, StackedLinear(stack, lo, lo + w.n, linear["bias"] if "bias" in linear else None))
+    for member, (name, linear, w) in enumerate(zip(names, linears, weights)):
+        setattr(module, name, StackedLinear(stack, member, lo, lo + w.n, linear["bias"] if "bias" in linear else None))
         lo += w.n
 
 
@@ -85,7 +98,11 @@ def stack_siblings(model: nn.Module) -> int:
     """Stack each run of consecutive siblings that can share a matrix (e.g. q and k when v
     has another quantization type); returns the number of stacks made."""
     made = 0
-    for _, module in list(model.named_modules()):
+    # The layers holding siblings, not every module: the replaced matrices must have no
+    # other reference, so that each stack's members are freed as soon as it is made.
+    parents = [m for _, m in model.named_modules()
+               if any(isinstance(m.get(n), QuantLinear) for names in SIBLINGS for n in names)]
+    for module in parents:
         for names in SIBLINGS:
             present = [n for n in names if isinstance(module.get(n), QuantLinear)]
             if len(present) != len(names):
@@ -97,6 +114,9 @@ def stack_siblings(model: nn.Module) -> int:
                     continue
                 if len(run) > 1:
                     _stack(module, run)
+                    # Give the members' buffers back now (MLX would keep them for reuse, and no
+                    # later buffer has their sizes): else the load's peak grows by the stacks.
+                    mx.clear_cache()
                     made += 1
                 run = [name]
     return made
