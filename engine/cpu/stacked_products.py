@@ -16,6 +16,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .memory import release_freed_memory
 from .quant_linear import QuantLinear, QuantWeight
 
 # Attribute names of siblings that mlx-lm's layers call on the same input, in that order.
@@ -114,9 +115,11 @@ def stack_siblings(model: nn.Module) -> int:
                     continue
                 if len(run) > 1:
                     _stack(module, run)
-                    # Give the members' buffers back now (MLX would keep them for reuse, and no
-                    # later buffer has their sizes): else the load's peak grows by the stacks.
+                    # Give the members' buffers back now: MLX would keep them for reuse (no later
+                    # buffer has their sizes) and glibc would keep the freed heap; else the
+                    # load's peak grew by the stacks (Qwen3-1.7B's shape: 1,639 -> 2,116 MB).
                     mx.clear_cache()
+                    release_freed_memory()
                     made += 1
                 run = [name]
     return made
