@@ -1,6 +1,6 @@
 """kernelext against llama.cpp on the CPU, side by side in one run, on the same GGUF.
 
-    .venv/bin/python bench/bench_llama_cpp.py [--rounds 3] [--skip-accuracy] [--skip-qwen]
+    .venv/bin/python bench/bench_llama_cpp.py [--rounds 3] [--skip-accuracy] [--skip-qwen] [--cpp-threads 2]
     .venv/bin/python bench/bench_llama_cpp.py --agent-loop-only   # the agent loop's rows alone
 
 llama.cpp is built from the sources inside PyPI's llama-cpp-python sdist into build/llama.cpp
@@ -164,8 +164,12 @@ def agent_loop(base: str, system: str, turns: int, reply_tokens: int) -> dict:
 
 # -- the run ---------------------------------------------------------------------------------
 
-def choose_threads(cpp, gguf: Path) -> int:
-    """llama.cpp's faster thread count right now: a short decode at each (bounded in time)."""
+def choose_threads(cpp, gguf: Path, forced: int | None = None) -> int:
+    """llama.cpp's faster thread count right now: a short decode at each (bounded in time);
+    `forced` (--cpp-threads): that count, as the probe can tie on a busy machine."""
+    if forced:
+        print(f"llama.cpp compared at -t {forced} (--cpp-threads)")
+        return forced
     speed = {}
     for threads in llama_cpp_runs.THREAD_CHOICES:
         run = anchor_call(llama_cpp_runs.llama_bench, cpp, gguf, 0, 16, threads, 180)
@@ -206,6 +210,8 @@ def main() -> None:
                     help="agent-loop turns replayed on a cache-off server to check identical output")
     ap.add_argument("--agent-loop-only", action="store_true",
                     help="only the 10-turn agent loop against llama-server (and its cache-off replay)")
+    ap.add_argument("--cpp-threads", type=int, choices=llama_cpp_runs.THREAD_CHOICES,
+                    help="compare llama.cpp at this thread count (default: its faster one in a short probe)")
     ap.add_argument("--serve-worker", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -244,7 +250,7 @@ def main() -> None:
 
     # 1. single stream and prefill: kernelext in this process vs llama-bench, round by round,
     # llama.cpp at its better thread count (see llama_cpp_runs.THREAD_CHOICES).
-    cpp_threads = choose_threads(cpp, gguf) if cpp else llama_cpp_runs.THREADS
+    cpp_threads = choose_threads(cpp, gguf, args.cpp_threads) if cpp else llama_cpp_runs.THREADS
     ids = long_prompt_ids(eng, args.prompt_tokens)
     engine_single(eng, ids[:64], 8)  # warm-up
     ours, best = [], []
@@ -370,7 +376,7 @@ def agent_loop_only(cpp, gguf: Path, args) -> None:
     with Engine.load(engine.DEFAULT_MODEL, EngineConfig(prefix_cache=False, progress=False)) as eng:
         system = agent_system_prompt(lambda text: len(eng.encode(text)))
         system_tokens = len(eng.encode(system))
-    args.cpp_threads = choose_threads(cpp, gguf) if cpp else llama_cpp_runs.THREADS
+    args.cpp_threads = choose_threads(cpp, gguf, args.cpp_threads) if cpp else llama_cpp_runs.THREADS
     cache_dir = tempfile.mkdtemp(prefix="kernelext-bench-kv-")
     ours = start_kernelext_server(cache_dir, True, args.drafter)
     theirs = (llama_cpp_runs.start_llama_server(cpp, gguf, args.streams, 4096, args.cpp_threads)
