@@ -105,21 +105,20 @@ def stack_siblings(model: nn.Module) -> int:
                if any(isinstance(m.get(n), QuantLinear) for names in SIBLINGS for n in names)]
     for module in parents:
         for names in SIBLINGS:
-            present = [n for n in names if isinstance(module.get(n), QuantLinear)]
-            if len(present) != len(names):
+            if not all(isinstance(module.get(n), QuantLinear) for n in names):
                 continue
-            run = [names[0]]
-            for name in names[1:] + (None,):
-                if name is not None and _stackable(module[run[-1]]._q, module[name]._q):
-                    run.append(name)
-                    continue
-                if len(run) > 1:
-                    _stack(module, run)
-                    # Give the members' buffers back now: MLX would keep them for reuse (no later
-                    # buffer has their sizes) and glibc would keep the freed heap; else the
-                    # load's peak grew by the stacks (Qwen3-1.7B's shape: 1,639 -> 2,116 MB).
-                    mx.clear_cache()
-                    release_freed_memory()
-                    made += 1
-                run = [name]
+            runs = [[names[0]]]
+            for prev, name in zip(names, names[1:]):
+                if _stackable(module[prev]._q, module[name]._q):
+                    runs[-1].append(name)
+                else:
+                    runs.append([name])
+            for run in (r for r in runs if len(r) > 1):
+                _stack(module, run)
+                # Give the members' buffers back now: MLX would keep them for reuse (no later
+                # buffer has their sizes) and glibc would keep the freed heap; else the
+                # load's peak grew by the stacks (Qwen3-1.7B's shape: 1,639 -> 2,116 MB).
+                mx.clear_cache()
+                release_freed_memory()
+                made += 1
     return made
