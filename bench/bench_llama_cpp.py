@@ -26,9 +26,11 @@ model of Qwen3-1.7B's shape (Q4_K_M via llama-quantize, and a 4-bit mlx-lm direc
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -330,9 +332,17 @@ def rss_worker(prompt_tokens: str, gen_tokens: str, drafter: str) -> dict:
     return {"load_s": load_s}
 
 
+def scratch_kv_dir() -> str:
+    """A KV cache directory for the bench's servers, removed when the bench exits
+    (~110 MB a run)."""
+    path = tempfile.mkdtemp(prefix="kernelext-bench-kv-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def http_section(cpp, gguf: Path, args, system: str, system_tokens: int) -> dict:
     """Servers in their own processes, as users start them; interleaved workloads."""
-    cache_dir = tempfile.mkdtemp(prefix="kernelext-bench-kv-")
+    cache_dir = scratch_kv_dir()
     ours = start_kernelext_server(cache_dir, True, args.drafter)
     theirs = (llama_cpp_runs.start_llama_server(cpp, gguf, args.streams, 4096, args.cpp_threads)
               if cpp else None)
@@ -377,7 +387,7 @@ def agent_loop_only(cpp, gguf: Path, args) -> None:
         system = agent_system_prompt(lambda text: len(eng.encode(text)))
         system_tokens = len(eng.encode(system))
     args.cpp_threads = choose_threads(cpp, gguf, args.cpp_threads) if cpp else llama_cpp_runs.THREADS
-    cache_dir = tempfile.mkdtemp(prefix="kernelext-bench-kv-")
+    cache_dir = scratch_kv_dir()
     ours = start_kernelext_server(cache_dir, True, args.drafter)
     theirs = (llama_cpp_runs.start_llama_server(cpp, gguf, args.streams, 4096, args.cpp_threads)
               if cpp else None)

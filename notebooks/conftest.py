@@ -14,7 +14,9 @@ tune file, so a test run never reads or writes the user's caches, and the
 repository on PYTHONPATH.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 collect_ignore_glob = ["*.executed.ipynb"]  # `make demo`'s executed copies
 
 _state = Path(tempfile.mkdtemp(prefix="kernelext-nbval-"))
+atexit.register(shutil.rmtree, _state, ignore_errors=True)  # the cells' KV cache, ~40 MB a run
 os.environ["KERNELEXT_KV_CACHE"] = str(_state / "kv")
 os.environ["KERNELEXT_TUNE_FILE"] = str(_state / "tune.json")
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
