@@ -164,20 +164,25 @@ from quant_blocks import random_blocks
 raw = random_blocks("Q5_0", 3000, 1024, np.random.default_rng(5))
 w = quant_linear.QuantWeight.repacked(3000, 1024, lambda a, b: quant_layout.unpack_gguf(raw[a:b], "Q5_0"))
 x = mx.random.normal((9, 1024), key=mx.random.key(6))
-np.save(sys.argv[1], np.array(w.matmul(x)))
+np.save(sys.argv[1], np.concatenate([np.array(w.matmul(x)), np.array(w.matmul(x[:1]))]))
 """
 
 
 @needs_kernels
 def test_one_thread_and_all_threads_agree(tmp_path):
+    # A 2.3 MB matrix: 9 rows split across threads; one row too where workers spin (their
+    # cheap wake lets products from 256 KB split), on the calling thread alone where they
+    # sleep (below 4 MB).
     results = []
-    for threads in ("1", "8"):
-        out = tmp_path / f"t{threads}.npy"
-        env = {**os.environ, "KERNELEXT_KERNEL_THREADS": threads}
+    for threads, spin in (("1", "0"), ("8", "0"), ("8", "100")):
+        out = tmp_path / f"t{threads}-{spin}.npy"
+        env = {**os.environ, "KERNELEXT_KERNEL_THREADS": threads, "KERNELEXT_KERNEL_SPIN_US": spin}
         subprocess.run([sys.executable, "-c", _ONE_THREAD, str(out)], check=True, env=env,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
         results.append(np.load(out))
     assert np.array_equal(results[0], results[1])
+    assert np.array_equal(results[0], results[2])
+    assert np.array_equal(results[0][:1], results[0][9:])  # a row alone: the same bits
 
 
 # Bits per weight as packed: the values' own width (4-bit nibbles, bit planes above), and

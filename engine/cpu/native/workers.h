@@ -57,6 +57,9 @@ class Workers {
     for (auto& t : threads_) t.join();
   }
   int size() const { return (int)threads_.size() + 1; }
+  // Whether idle workers spin before sleeping (see the constructor). Without the spin a
+  // worker's wake-up is a futex round trip, which kernels weigh against a small job.
+  bool spins() const { return spin_.count() > 0; }
 
   // Runs job(chunk) for every chunk in [0, chunks) on the caller and the workers.
   void run(const std::function<void(int)>& job, int chunks) {
@@ -72,6 +75,7 @@ class Workers {
   void run_round(const std::function<void(int)>& job, int chunks) {
     std::lock_guard<std::mutex> caller(run_mutex_);  // one product at a time (any stream)
     chunks = std::max(0, chunks);
+    if (chunks == 1) return job(0);  // nothing to share: waking a worker would only cost
     job_ = &job;
     done_.store(0, std::memory_order_relaxed);
     uint64_t gen = ++generation_ & 0xffffffffu;
