@@ -186,8 +186,11 @@ def test_one_thread_and_all_threads_agree(tmp_path):
 
 
 # Bits per weight as packed: the values' own width (4-bit nibbles, bit planes above), and
-# float32 scales (and offsets) per 32 weights, per 16 for Q6_K.
-PACKED_BITS = {"Q4_0": 5, "Q5_0": 6, "Q8_0": 9, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8}
+# float32 scales (and offsets) per 32 weights, per 16 for Q6_K; the file's float16 scales
+# for Q4_0, Q5_0 and Q8_0 (groups in pairs), float32 ones where a row has an odd number
+# of groups.
+PACKED_BITS = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8}
+PACKED_BITS_ODD_GROUPS = {"Q4_0": 5, "Q5_0": 6, "Q8_0": 9}
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
@@ -195,6 +198,42 @@ def test_packed_size_is_close_to_the_files(qtype):
     raw = _gguf_matrix(qtype, 64, 512)
     w = quant_linear.QuantWeight.repacked(64, 512, lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype))
     assert w.nbytes * 8 / (64 * 512) == PACKED_BITS[qtype]
+    assert w.format.half == (qtype in PACKED_BITS_ODD_GROUPS)
+    if qtype in PACKED_BITS_ODD_GROUPS:
+        raw = _gguf_matrix(qtype, 64, 96)  # 3 groups a row
+        w = quant_linear.QuantWeight.repacked(64, 96, lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype))
+        assert not w.format.half and w.nbytes * 8 / (64 * 96) == PACKED_BITS_ODD_GROUPS[qtype]
+
+
+@needs_kernels
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0"])
+def test_half_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
+    """The same matrix packed with float16 scales in pairs of groups and with float32
+    scales: the same products (1 and 2 activation levels, 1 to 17 rows, both instruction
+    paths) and the same rows, bit for bit."""
+    n, k = 200, 640
+    raw = _gguf_matrix(qtype, n, k, seed=8)
+    part = quant_layout.unpack_gguf(raw, qtype)
+    weights = {}
+    for half in (True, False):
+        fmt = quant_layout.replace(part.format.packed_as(k), half=half)
+        weight, view = quant_linear.QuantWeight.allocate(n, k, fmt)
+        quant_layout.pack_tiles(part, view, fmt)
+        weights[half] = weight
+    assert weights[True].nbytes * PACKED_BITS_ODD_GROUPS[qtype] == weights[False].nbytes * PACKED_BITS[qtype]
+    ids = mx.array([0, 17, n - 1])
+    assert np.array_equal(np.array(weights[True].rows(ids)), np.array(weights[False].rows(ids)))
+    x = mx.random.normal((17, k), key=mx.random.key(3))
+    paths = ["vnni", "avx2"] if quant_linear._native.has_avx2() else ["vnni"]
+    for path in paths:
+        monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", path if path == "avx2" else "auto")
+        for levels in (1, 2):
+            for rows in (1, 5, 17):
+                got = {}
+                for half, weight in weights.items():
+                    weight.levels = levels
+                    got[half] = np.array(weight.matmul(x[:rows]))
+                assert np.array_equal(got[True], got[False]), (path, levels, rows)
 
 
 @needs_kernels

@@ -14,9 +14,14 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
              64-byte vector, 256 a group) plus a 64-byte bit plane per bit above 4
     64*subs  float32 scales [subs][16], subs = 1 (per 32 k) or 2 (per 16 k)
     64       float32 offsets [16], if the format has them (K-quant mins, mlx biases)
+  or, for formats whose file holds one float16 scale per 32 and no offsets (Q4_0, Q5_0,
+  Q8_0) when a row has an even number of groups, "half" scales, groups in pairs:
+    values of group 2p, values of group 2p + 1, then both groups' float16 scales [2][16]
+    (64 bytes: every part of a pair stays a multiple of 64 bytes)
 
-So a weight costs Q4_0 5 bits, Q5_0 6, Q8_0 9, Q4_K 6, Q5_K 7, Q6_K 8 (the file: 4.5,
-5.5, 8.5, 4.5, 5.5, 6.56): a decode step streams every weight once, so bytes are time.
+So a weight costs Q4_0 4.5 bits, Q5_0 5.5, Q8_0 8.5 (with an odd number of groups 5, 6,
+9), Q4_K 6, Q5_K 7, Q6_K 8 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56): a decode step
+streams every weight once, so bytes are time.
 Rows are repacked a few thousand at a time into the final buffer, so a load never holds a
 float32 copy, nor more than one extra chunk.
 
@@ -25,7 +30,7 @@ numpy only: imported without MLX.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -53,6 +58,8 @@ class QuantFormat:
     zero: int
     wide: bool  # u uses all 8 bits (the AVX2 path multiplies those in signed form)
     bits: int = 8  # 4, 5, 6: nibbles and bit planes; 8: bytes
+    f16_scales: bool = False  # the scales are float16 values (GGUF Q4_0, Q5_0, Q8_0)
+    half: bool = False  # packed with float16 scales, groups in pairs (see the top)
 
     @property
     def value_bytes(self) -> int:
@@ -60,7 +67,15 @@ class QuantFormat:
 
     @property
     def group_bytes(self) -> int:
+        """Bytes a group takes in a tile (with half scales: half of a pair's)."""
+        if self.half:
+            return self.value_bytes + 32
         return self.value_bytes + 64 * self.subs + (64 if self.offsets else 0)
+
+    def packed_as(self, k: int) -> QuantFormat:
+        """The layout of a matrix of this format with k inputs: half scales where they fit."""
+        fits = self.f16_scales and self.subs == 1 and not self.offsets and (k // GROUP) % 2 == 0
+        return replace(self, half=fits)
 
 
 def stored_bits(bits: int) -> int:
@@ -103,19 +118,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _unpack_q8_0(b, n):
     d, q = b[..., :2], b[..., 2:]
-    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True, 8)
+    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True, 8, f16_scales=True)
 
 
 def _unpack_q4_0(b, n):
     d, qs = b[..., :2], b[..., 2:]
-    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False, 4)
+    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False, 4, f16_scales=True)
 
 
 def _unpack_q5_0(b, n):
     d, qh, qs = b[..., :2], b[..., 2:6], b[..., 6:]
     high = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j: element j's fifth bit
     u = _nibbles(qs).reshape(*qs.shape[:-1], 32) | (high << 4)
-    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False, 5)
+    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False, 5, f16_scales=True)
 
 
 def _k_scales(b):
@@ -222,11 +237,11 @@ def packed_shape(rows: int, k: int, fmt: QuantFormat) -> tuple[int, int, int]:
     return (-(-rows // TILE), k // GROUP, fmt.group_bytes)
 
 
-def pack_tiles(part: Unpacked, out: np.ndarray) -> None:
+def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) -> None:
     """Write the tiles of `part` (whole tiles, except at the matrix's end) into out
-    [tiles, k/32, group_bytes]."""
+    [tiles, k/32, group_bytes] in layout `fmt` (default: part.format.packed_as(k))."""
     rows, k = part.values.shape
-    fmt = part.format
+    fmt = fmt or part.format.packed_as(k)
     tiles, groups = out.shape[0], k // GROUP
     pad = tiles * TILE - rows
 
@@ -243,6 +258,15 @@ def pack_tiles(part: Unpacked, out: np.ndarray) -> None:
         planes = [np.packbits((u >> (4 + b)) & 1, axis=-1, bitorder="little")  # [.., 8 steps, 8]
                   for b in range(fmt.bits - 4)]
         values = np.concatenate([a.reshape(tiles, groups, -1) for a in [nibbles, *planes]], axis=-1)
+    if fmt.half:
+        halves = part.scales.astype("<f2")
+        if not np.array_equal(halves.astype(np.float32), part.scales, equal_nan=True):
+            raise ValueError("half-scale layout: the scales are not float16 values")
+        s = padded(halves).reshape(tiles, TILE, groups).transpose(0, 2, 1)
+        s = np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups // 2, 64)
+        pairs = np.concatenate([values.reshape(tiles, groups // 2, -1), s], axis=-1)
+        out[:] = pairs.reshape(tiles, groups, -1)
+        return
     parts = [values]
     s = padded(part.scales).astype("<f4").reshape(tiles, TILE, groups, fmt.subs).transpose(0, 2, 3, 1)
     parts.append(np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups, -1))
@@ -260,7 +284,7 @@ def repack(rows: int, unpack, out_for) -> QuantFormat:
     for r0 in range(0, rows, step):
         part = unpack(r0, min(rows, r0 + step))
         if out is None:
-            fmt = part.format
+            fmt = part.format.packed_as(part.values.shape[1])
             out = out_for(fmt)
-        pack_tiles(part, out[r0 // TILE: r0 // TILE + -(-part.values.shape[0] // TILE)])
+        pack_tiles(part, out[r0 // TILE: r0 // TILE + -(-part.values.shape[0] // TILE)], fmt)
     return fmt

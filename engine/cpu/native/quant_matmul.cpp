@@ -10,6 +10,11 @@
 //                         (bit i of a step's 8 bytes: byte i of that step)
 //   then      float32 scales [subs][16]: subs = 1 (one per 32 k) or 2 (one per 16 k)
 //   then      float32 offsets [16] when the format has them (K-quant minimums, mlx biases)
+// Formats whose scales are float16 in the file, with one per 32 k and no offsets (Q4_0,
+// Q5_0, Q8_0), keep them as float16 ("half"), two groups at a time, when a row has an even
+// number of groups: values of group 2p, values of group 2p + 1, then both groups' 16
+// scales (64 bytes). Q8_0 then costs the file's 8.5 bits a weight instead of 9; the
+// scales convert exactly, so the products keep their bits.
 // Every part is a multiple of 64 bytes, so each vector load is aligned, and a product
 // reads one sequential stream (a layout with a tile's scales apart from its values, at
 // float16, saved 6% more bytes but ran large products 30% slower: the hardware
@@ -74,13 +79,15 @@ struct Format {
   bool wide;       // values use all 8 bits (the AVX2 path then multiplies in signed form)
   int bits;        // 4, 5, 6 (nibbles and bit planes) or 8 (bytes)
   int levels;      // activation levels multiplied (see Acts): 2, or 1 for the output projection
+  bool half;       // float16 scales, groups in pairs (subs 1, no offsets; see the top)
   int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
-  int group_bytes() const { return value_bytes() + 64 * subs + (offsets ? 64 : 0); }
+  // Bytes a group: with half scales, half of a pair's (2 * values + 64).
+  int group_bytes() const { return half ? value_bytes() + 32 : value_bytes() + 64 * subs + (offsets ? 64 : 0); }
 };
 
 bool same_format(const Format& a, const Format& b) {
   return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
-         a.bits == b.bits && a.levels == b.levels;
+         a.bits == b.bits && a.levels == b.levels && a.half == b.half;
 }
 
 // Activations of M rows, quantized per 32 k in two int8 levels: x ~ dx * q + dx2 * q2,
@@ -197,13 +204,14 @@ inline void step_pair_vnni(const uint8_t* w, int p, __m512i& w0, __m512i& w1) {
 // row and level: two (even and odd steps) for one or two rows, whose dependency chains
 // would otherwise bound a decode step, one for more (registers); integer sums are exact,
 // so this changes no bit.
-template <int R, int SUBS, bool OFFSETS, int BITS, int L>
+template <int R, int SUBS, bool OFFSETS, int BITS, int L, bool HALF>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
   constexpr int kPairs = 4 / SUBS;  // step pairs per scale
   constexpr int kValueBytes = BITS == 8 ? 512 : 256 + (BITS - 4) * 64;
-  constexpr int kGroupBytes = kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
+  constexpr int kGroupBytes = HALF ? kValueBytes + 32 : kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
+  static_assert(!HALF || (SUBS == 1 && !OFFSETS), "half scales: one per group, no offsets");
   constexpr int C = R <= 2 ? 2 : 1;
   const int groups = a.groups, zero = f.zero;
   const int8_t* xq[R][2];
@@ -225,8 +233,18 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
   for (int g = 0; g < groups; g++) {
     const uint8_t* w = tile + (size_t)g * kGroupBytes;
     const float* scales = (const float*)(w + kValueBytes);
-    for (int line = 0; line < kGroupBytes; line += 64)
-      _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+    const uint16_t* halves = nullptr;
+    if constexpr (HALF) {  // group g of pair g / 2 (see the top)
+      const uint8_t* pair = tile + (size_t)(g / 2) * 2 * kGroupBytes;
+      w = pair + (g & 1) * kValueBytes;
+      halves = (const uint16_t*)(pair + 2 * kValueBytes) + (g & 1) * 16;
+      if (!(g & 1))
+        for (int line = 0; line < 2 * kGroupBytes; line += 64)
+          _mm_prefetch((const char*)(pair + kPrefetchBytes + line), _MM_HINT_T0);
+    } else {
+      for (int line = 0; line < kGroupBytes; line += 64)
+        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+    }
 #pragma GCC unroll 2
     for (int s = 0; s < SUBS; s++) {
       __m512i ia[R][L][C];
@@ -247,7 +265,11 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
             ia[r][l][C - 1] = _mm512_dpbusd_epi32(ia[r][l][C - 1], w1, _mm512_set1_epi32(x1));
           }
       }
-      __m512 sv = _mm512_loadu_ps(scales + s * 16);
+      __m512 sv;
+      if constexpr (HALF)
+        sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)halves));
+      else
+        sv = _mm512_loadu_ps(scales + s * 16);
       for (int r = 0; r < R; r++)
         for (int l = 0; l < L; l++) {
           const int32_t* s16 = sum16[r][l] + g * 2;
@@ -294,7 +316,7 @@ inline __m256i step_half_avx2(const uint8_t* w, int bits, int t, int h) {
 }
 
 template <int R>
-__attribute__((target("avx2,fma")))
+__attribute__((target("avx2,fma,f16c")))
 void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
   const int vb = f.value_bytes(), gb = f.group_bytes();
@@ -306,6 +328,12 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     for (int g = 0; g < a.groups; g++) {
       const uint8_t* w = tile + (size_t)g * gb;
       const float* scales = (const float*)(w + vb);
+      const uint16_t* halves = nullptr;
+      if (f.half) {  // group g of pair g / 2 (see the top)
+        const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
+        w = pair + (g & 1) * vb;
+        halves = (const uint16_t*)(pair + 2 * vb) + (g & 1) * 16;
+      }
       for (int s = 0; s < f.subs; s++) {
         __m256i ia[R][2];
         const int levels = f.levels;
@@ -325,7 +353,8 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
               ia[r][l] = _mm256_add_epi32(ia[r][l], p);
             }
         }
-        __m256 sv = _mm256_loadu_ps(scales + s * 16 + half * 8);
+        __m256 sv = f.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(halves + half * 8)))
+                           : _mm256_loadu_ps(scales + s * 16 + half * 8);
         for (int r = 0; r < R; r++)
           for (int l = 0; l < levels; l++) {
             size_t i = (size_t)(r0 + r) * a.groups + g;
@@ -354,22 +383,25 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 
 using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
 
-template <int S, bool O, int B, int L>
+template <int S, bool O, int B, int L, bool H>
 constexpr std::array<TileFn, kRows + 1> vnni_table() {
-  return {nullptr,                tile_vnni<1, S, O, B, L>, tile_vnni<2, S, O, B, L>, tile_vnni<3, S, O, B, L>,
-          tile_vnni<4, S, O, B, L>, tile_vnni<5, S, O, B, L>, tile_vnni<6, S, O, B, L>, tile_vnni<7, S, O, B, L>,
-          tile_vnni<8, S, O, B, L>};
+  return {nullptr,                      tile_vnni<1, S, O, B, L, H>, tile_vnni<2, S, O, B, L, H>,
+          tile_vnni<3, S, O, B, L, H>, tile_vnni<4, S, O, B, L, H>, tile_vnni<5, S, O, B, L, H>,
+          tile_vnni<6, S, O, B, L, H>, tile_vnni<7, S, O, B, L, H>, tile_vnni<8, S, O, B, L, H>};
 }
 using RowFns = std::array<TileFn, kRows + 1>;
-template <int S, bool O, int L>
+template <int S, bool O, int L, bool H = false>
 constexpr std::array<RowFns, 4> vnni_tables() {
-  return {vnni_table<S, O, 4, L>(), vnni_table<S, O, 5, L>(), vnni_table<S, O, 6, L>(), vnni_table<S, O, 8, L>()};
+  return {vnni_table<S, O, 4, L, H>(), vnni_table<S, O, 5, L, H>(), vnni_table<S, O, 6, L, H>(),
+          vnni_table<S, O, 8, L, H>()};
 }
 int bits_index(int bits) { return bits == 8 ? 3 : bits - 4; }
 // [levels - 1][subs - 1][offsets][bits_index][rows]
 const std::array<RowFns, 4> vnni_fns[2][2][2] = {
     {{vnni_tables<1, false, 1>(), vnni_tables<1, true, 1>()}, {vnni_tables<2, false, 1>(), vnni_tables<2, true, 1>()}},
     {{vnni_tables<1, false, 2>(), vnni_tables<1, true, 2>()}, {vnni_tables<2, false, 2>(), vnni_tables<2, true, 2>()}}};
+// Half scales (one per group, no offsets): [levels - 1][bits_index][rows]
+const std::array<RowFns, 4> vnni_half_fns[2] = {vnni_tables<1, false, 1, true>(), vnni_tables<1, false, 2, true>()};
 const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
                                     tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
 
@@ -377,13 +409,19 @@ bool has_vnni() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
-bool has_avx2() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
+bool has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+__attribute__((target("f16c"))) float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
 
 // Tiles [t0, t1) for all M rows: rows in blocks whose activations stay in cache, each
 // block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
 void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
                     long t0, long t1, bool avx2) {
-  const TileFn* fns = avx2 ? avx2_fns : vnni_fns[f.levels - 1][f.subs - 1][f.offsets][bits_index(f.bits)].data();
+  const TileFn* fns = avx2     ? avx2_fns
+                      : f.half ? vnni_half_fns[f.levels - 1][bits_index(f.bits)].data()
+                               : vnni_fns[f.levels - 1][f.subs - 1][f.offsets][bits_index(f.bits)].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
   for (int rb = 0; rb < a.M; rb += kRowBlock) {
     int re = std::min(a.M, rb + kRowBlock);
@@ -474,6 +512,12 @@ class QuantRows : public mx::Primitive {
         for (long g = 0; g < groups; g++) {
           const uint8_t* gw = tile + g * gb;
           const float* scales = (const float*)(gw + vb);
+          float half_scale = 0.f;
+          if (f.half) {  // group g of pair g / 2 (see the top)
+            const uint8_t* pair = tile + (g / 2) * 2 * gb;
+            gw = pair + (g & 1) * vb;
+            half_scale = half_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j]);
+          }
           for (int k = 0; k < kGroup; k++) {
             int t = k / 4, byte = j * 4 + k % 4;  // step, byte of the step
             int u;
@@ -485,7 +529,7 @@ class QuantRows : public mx::Primitive {
               for (int b = 0; b < f.bits - 4; b++)
                 u |= ((gw[256 + b * 64 + t * 8 + byte / 8] >> (byte % 8)) & 1) << (4 + b);
             }
-            float s = scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
+            float s = f.half ? half_scale : scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
             float v = (float)(u - f.zero) * s;
             if (f.offsets) v = v + scales[f.subs * 16 + j];
             o[g * kGroup + k] = v;
@@ -508,25 +552,28 @@ class QuantRows : public mx::Primitive {
   Format f_;
 };
 
-Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels) {
+Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
   if (wide && bits != 8) throw std::invalid_argument("quant format: wide values need 8 bits");
   if (levels != 1 && levels != 2) throw std::invalid_argument("quant format: levels must be 1 or 2");
-  return Format{subs, offsets, zero, wide, bits, levels};
+  if (half && (subs != 1 || offsets))
+    throw std::invalid_argument("quant format: half scales need one scale per group and no offsets");
+  return Format{subs, offsets, zero, wide, bits, levels, half};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
   if (w.dtype() != mx::uint8 || w.ndim() != 3 || w.shape(2) != f.group_bytes() ||
-      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile)
+      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && w.shape(1) % 2))
     throw std::invalid_argument(std::string(what) +
-                                ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes]");
+                                ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes], an even "
+                                "number of groups with half scales");
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, int bits, int levels, bool avx2, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide, bits, levels);
+                       int zero, bool wide, int bits, int levels, bool half, bool avx2, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide, bits, levels, half);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -540,8 +587,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 }
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
-                     int zero, int bits, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false, bits, 1);
+                     int zero, int bits, bool half, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false, bits, 1, half);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -556,9 +603,9 @@ NB_MODULE(_quant_matmul, m) {
   kernelext::share_workers(m);
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "bits"_a, "levels"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+        "wide"_a, "bits"_a, "levels"_a, "half"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "bits"_a, nb::kw_only(), "stream"_a = nb::none());
+        "bits"_a, "half"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
   m.def("has_avx2", &has_avx2);
 }
