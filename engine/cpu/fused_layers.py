@@ -52,9 +52,18 @@ def _rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
 
 
 @mx.compile
-def _rope(x: mx.array, positions: mx.array, inv_freq: mx.array) -> mx.array:
-    """Rotate-half RoPE (`traditional=False`): x [..., L, dims], positions broadcast to
-    [..., L, 1] in float32."""
+def _rope(x: mx.array, offset: mx.array, inv_freq: mx.array, scale: float) -> mx.array:
+    """Rotate-half RoPE (`traditional=False`): x [B, H, L, dims] at positions offset + 0..L-1
+    times scale; offset an int32 scalar or one per batch row [B]. The positions are built
+    inside the compiled function: outside it they were six more graph ops a call, 36 calls
+    a decode step on Gemma 3 270M, for the same float32 values."""
+    length = x.shape[-2]
+    steps = mx.arange(length, dtype=mx.float32)
+    if offset.ndim == 1:  # one offset per batch row
+        positions = offset.astype(mx.float32).reshape(-1, 1, 1, 1) + steps.reshape(1, 1, length, 1)
+    else:
+        positions = (steps + offset.astype(mx.float32)).reshape(length, 1)
+    positions = positions * scale
     half = inv_freq.shape[-1]
     angles = positions * inv_freq
     cos, sin = mx.cos(angles), mx.sin(angles)
@@ -83,13 +92,9 @@ def _gemma_norm(self, x):
 
 class _CompiledRoPE(nn.RoPE):
     def __call__(self, x, offset=0):
-        length = x.shape[-2]
-        steps = mx.arange(length, dtype=mx.float32)
-        if isinstance(offset, mx.array) and offset.ndim == 1:  # one offset per batch row
-            positions = offset.astype(mx.float32).reshape(-1, 1, 1, 1) + steps.reshape(1, 1, length, 1)
-        else:
-            positions = (steps + offset).reshape(length, 1)
-        return _rope(x, positions * self.scale, self._inv_freq)
+        if not isinstance(offset, mx.array):  # an int would be a constant: one compile per offset
+            offset = mx.array(offset, dtype=mx.int32)
+        return _rope(x, offset, self._inv_freq, float(self.scale))
 
 
 def _rope_table(dims: int, base: float) -> mx.array:
