@@ -186,11 +186,12 @@ def test_one_thread_and_all_threads_agree(tmp_path):
 
 
 # Bits per weight as packed: the values' own width (4-bit nibbles, bit planes above), and
-# float32 scales (and offsets) per 32 weights, per 16 for Q6_K; the file's float16 scales
-# for Q4_0, Q5_0 and Q8_0 (groups in pairs), float32 ones where a row has an odd number
-# of groups.
-PACKED_BITS = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8}
+# the file's float16 scales for Q4_0, Q5_0 and Q8_0 (groups in pairs; float32 ones where a
+# row has an odd number of groups), the K-quants' integer scales (and minimums) on float16
+# bases per 256.
+PACKED_BITS = {"Q4_0": 4.5, "Q5_0": 5.5, "Q8_0": 8.5, "Q4_K": 4.625, "Q5_K": 5.625, "Q6_K": 6.625}
 PACKED_BITS_ODD_GROUPS = {"Q4_0": 5, "Q5_0": 6, "Q8_0": 9}
+PACKED_BITS_FLOAT32 = {**PACKED_BITS_ODD_GROUPS, "Q4_K": 6, "Q5_K": 7, "Q6_K": 8}  # whole float32 scales
 
 
 @pytest.mark.parametrize("qtype", GGUF_TYPES)
@@ -199,6 +200,7 @@ def test_packed_size_is_close_to_the_files(qtype):
     w = quant_linear.QuantWeight.repacked(64, 512, lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype))
     assert w.nbytes * 8 / (64 * 512) == PACKED_BITS[qtype]
     assert w.format.half == (qtype in PACKED_BITS_ODD_GROUPS)
+    assert w.format.ints == (qtype not in PACKED_BITS_ODD_GROUPS)
     if qtype in PACKED_BITS_ODD_GROUPS:
         raw = _gguf_matrix(qtype, 64, 96)  # 3 groups a row
         w = quant_linear.QuantWeight.repacked(64, 96, lambda a, b: quant_layout.unpack_gguf(raw[a:b], qtype))
@@ -206,21 +208,25 @@ def test_packed_size_is_close_to_the_files(qtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0"])
-def test_half_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
-    """The same matrix packed with float16 scales in pairs of groups and with float32
-    scales: the same products (1 and 2 activation levels, 1 to 17 rows, both instruction
-    paths) and the same rows, bit for bit."""
-    n, k = 200, 640
+@pytest.mark.parametrize("qtype", GGUF_TYPES)
+def test_compact_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
+    """The same matrix packed with its compact scales (Q4_0/Q5_0/Q8_0: float16, groups in
+    pairs; the K-quants: integers on float16 bases, superblocks of 8 groups) and with whole
+    float32 scales: the same products (1 and 2 activation levels, 1 to 17 rows, both
+    instruction paths) and the same rows, bit for bit."""
+    n, k = 200, 768
     raw = _gguf_matrix(qtype, n, k, seed=8)
     part = quant_layout.unpack_gguf(raw, qtype)
     weights = {}
-    for half in (True, False):
-        fmt = quant_layout.replace(part.format.packed_as(k), half=half)
+    for compact in (True, False):
+        fmt = part.format.packed_as(k)
+        if not compact:
+            fmt = quant_layout.replace(fmt, half=False, ints=False)
         weight, view = quant_linear.QuantWeight.allocate(n, k, fmt)
         quant_layout.pack_tiles(part, view, fmt)
-        weights[half] = weight
-    assert weights[True].nbytes * PACKED_BITS_ODD_GROUPS[qtype] == weights[False].nbytes * PACKED_BITS[qtype]
+        weights[compact] = weight
+    assert weights[True].format.half or weights[True].format.ints
+    assert weights[True].nbytes * PACKED_BITS_FLOAT32[qtype] == weights[False].nbytes * PACKED_BITS[qtype]
     ids = mx.array([0, 17, n - 1])
     assert np.array_equal(np.array(weights[True].rows(ids)), np.array(weights[False].rows(ids)))
     x = mx.random.normal((17, k), key=mx.random.key(3))
@@ -230,10 +236,22 @@ def test_half_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
         for levels in (1, 2):
             for rows in (1, 5, 17):
                 got = {}
-                for half, weight in weights.items():
+                for compact, weight in weights.items():
                     weight.levels = levels
-                    got[half] = np.array(weight.matmul(x[:rows]))
+                    got[compact] = np.array(weight.matmul(x[:rows]))
                 assert np.array_equal(got[True], got[False]), (path, levels, rows)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
+def test_integer_scales_that_are_not_refuse_to_pack(qtype):
+    """A K-quant matrix whose scales are not integers times its bases (never from a
+    file's blocks) is refused rather than packed wrong."""
+    part = quant_layout.unpack_gguf(_gguf_matrix(qtype, 16, 256), qtype)
+    part.scales[3, 0] *= 1.001
+    fmt = part.format.packed_as(256)
+    assert fmt.ints
+    with pytest.raises(ValueError, match="not integers times their bases"):
+        quant_layout.pack_tiles(part, np.zeros(quant_layout.packed_shape(16, 256, fmt), np.uint8), fmt)
 
 
 @needs_kernels

@@ -18,10 +18,18 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
   Q8_0) when a row has an even number of groups, "half" scales, groups in pairs:
     values of group 2p, values of group 2p + 1, then both groups' float16 scales [2][16]
     (64 bytes: every part of a pair stays a multiple of 64 bytes)
+  or, for the K-quants (Q4_K, Q5_K, Q6_K), whose scales are small integers times a float16
+  base per 256 inputs (and offsets minus integers times a second base), "ints", groups in
+  superblocks of 8:
+    values of the 8 groups, then each group's integer scales [subs][16] (Q6_K: int8;
+    Q4_K/Q5_K: uint8, then their integer minimums [16]: 32 bytes a group), then the
+    bases [16] d and [16] dmin as float16 (64 bytes)
+    The kernels multiply an integer by its base in float32, which is exact (at most 19
+    bits), so the scales and offsets are the float32 ones of the layout above, bit for bit.
 
 So a weight costs Q4_0 4.5 bits, Q5_0 5.5, Q8_0 8.5 (with an odd number of groups 5, 6,
-9), Q4_K 6, Q5_K 7, Q6_K 8 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56): a decode step
-streams every weight once, so bytes are time.
+9), Q4_K 4.625, Q5_K 5.625, Q6_K 6.625 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56): a decode
+step streams every weight once, so bytes are time.
 Rows are repacked a few thousand at a time into the final buffer, so a load never holds a
 float32 copy, nor more than one extra chunk.
 
@@ -36,6 +44,7 @@ import numpy as np
 
 TILE = 16  # outputs per tile
 GROUP = 32  # inputs per group
+SUPER = 8  # groups per superblock of the K-quants' integer scales
 _CHUNK_TILES = 256  # tiles repacked at a time
 
 # GGUF types this layout holds: name -> (weights per block, bytes per block)
@@ -60,6 +69,8 @@ class QuantFormat:
     bits: int = 8  # 4, 5, 6: nibbles and bit planes; 8: bytes
     f16_scales: bool = False  # the scales are float16 values (GGUF Q4_0, Q5_0, Q8_0)
     half: bool = False  # packed with float16 scales, groups in pairs (see the top)
+    int_scales: bool = False  # scales and offsets are integers times bases per 256 (K-quants)
+    ints: bool = False  # packed with integer scales, groups in superblocks of 8 (see the top)
 
     @property
     def value_bytes(self) -> int:
@@ -70,12 +81,16 @@ class QuantFormat:
         """Bytes a group takes in a tile (with half scales: half of a pair's)."""
         if self.half:
             return self.value_bytes + 32
+        if self.ints:  # an eighth of a superblock's (8 values, 8 x 32 integers, 64 of bases)
+            return self.value_bytes + 40
         return self.value_bytes + 64 * self.subs + (64 if self.offsets else 0)
 
     def packed_as(self, k: int) -> QuantFormat:
-        """The layout of a matrix of this format with k inputs: half scales where they fit."""
-        fits = self.f16_scales and self.subs == 1 and not self.offsets and (k // GROUP) % 2 == 0
-        return replace(self, half=fits)
+        """The layout of a matrix of this format with k inputs: half or integer scales
+        where they fit."""
+        half = self.f16_scales and self.subs == 1 and not self.offsets and (k // GROUP) % 2 == 0
+        ints = self.int_scales and k % (SUPER * GROUP) == 0
+        return replace(self, half=half, ints=ints)
 
 
 def stored_bits(bits: int) -> int:
@@ -92,6 +107,9 @@ class Unpacked:
     scales: np.ndarray
     offsets: np.ndarray | None
     format: QuantFormat
+    # K-quants: the float16 bases per 256 inputs, [rows, k/256, 2] (d, dmin) as float32:
+    # scales = d * integer, offsets = -(dmin * integer)
+    bases: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         """float32 [rows, k], in the order the kernels' row lookup uses."""
@@ -148,7 +166,7 @@ def _k_scales(b):
 def _unpack_q4_k(b, n):
     scales, offsets = _k_scales(b)
     u = _nibbles(b[..., 16:].reshape(*b.shape[:-1], 4, 32))  # [.., 4, 2, 32]: sub-blocks 2c, 2c+1
-    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 4)
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 4, int_scales=True)
 
 
 def _unpack_q5_k(b, n):
@@ -157,7 +175,7 @@ def _unpack_q5_k(b, n):
     low = _nibbles(qs.reshape(*b.shape[:-1], 4, 32)).reshape(*b.shape[:-1], 8, 32)
     high = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # bit i: sub-block i
     u = low | (high << 4)
-    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 5)
+    return u.reshape(n, -1), scales.reshape(n, -1), offsets.reshape(n, -1), QuantFormat(1, True, 0, False, 5, int_scales=True)
 
 
 def _unpack_q6_k(b, n):
@@ -168,7 +186,7 @@ def _unpack_q6_k(b, n):
     high = (qh.reshape(*lead, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8)[:, None]) & 3
     u = low | (high.reshape(*lead, 8, 32) << 4)
     scales = _f16(d) * np.ascontiguousarray(sc).view(np.int8).astype(np.float32)  # per 16
-    return u.reshape(n, -1), scales.reshape(n, -1), None, QuantFormat(2, False, 32, False, 6)
+    return u.reshape(n, -1), scales.reshape(n, -1), None, QuantFormat(2, False, 32, False, 6, int_scales=True)
 
 
 _UNPACK_GGUF = {
@@ -187,7 +205,13 @@ def unpack_gguf(raw: np.ndarray, qtype: str) -> Unpacked:
     n = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(n, -1, size)
     values, scales, offsets, fmt = _UNPACK_GGUF[qtype](blocks, n)
-    return Unpacked(values.astype(np.uint8, copy=False), scales, offsets, fmt)
+    bases = None
+    if qtype in ("Q4_K", "Q5_K"):
+        bases = np.stack([_f16(blocks[..., 0:2])[..., 0], _f16(blocks[..., 2:4])[..., 0]], axis=-1)
+    elif qtype == "Q6_K":
+        d = _f16(blocks[..., 208:210])[..., 0]
+        bases = np.stack([d, np.zeros_like(d)], axis=-1)
+    return Unpacked(values.astype(np.uint8, copy=False), scales, offsets, fmt, bases)
 
 
 # -- mlx-lm affine ----------------------------------------------------------------------
@@ -258,6 +282,9 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
         planes = [np.packbits((u >> (4 + b)) & 1, axis=-1, bitorder="little")  # [.., 8 steps, 8]
                   for b in range(fmt.bits - 4)]
         values = np.concatenate([a.reshape(tiles, groups, -1) for a in [nibbles, *planes]], axis=-1)
+    if fmt.ints:
+        out[:] = _superblocks(part, values, padded, tiles, groups).reshape(tiles, groups, -1)
+        return
     if fmt.half:
         halves = part.scales.astype("<f2")
         if not np.array_equal(halves.astype(np.float32), part.scales, equal_nan=True):
@@ -274,6 +301,42 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
         o = padded(part.offsets).astype("<f4").reshape(tiles, TILE, groups).transpose(0, 2, 1)
         parts.append(np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1))
     out[:] = np.concatenate(parts, axis=-1)
+
+
+def _integers(floats: np.ndarray, base: np.ndarray, sign: float, dtype) -> np.ndarray:
+    """The integers i with floats == sign * (base * i) in float32 (else ValueError: the
+    layout could not give the file's values back)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        i = np.where(base != 0, np.rint(sign * floats / base), 0)
+    info = np.iinfo(dtype)
+    if np.isfinite(i).all() and (i >= info.min).all() and (i <= info.max).all():
+        ints = i.astype(dtype)
+        back = (np.float32(sign) * (base * ints.astype(np.float32))).astype(np.float32)
+        # Equal values (the padding rows' +0 offsets come back as -0: never stored)
+        if np.array_equal(back, floats):
+            return ints
+    raise ValueError("integer-scale layout: the scales are not integers times their bases")
+
+
+def _superblocks(part: Unpacked, values: np.ndarray, padded, tiles: int, groups: int) -> np.ndarray:
+    """[tiles, supers, bytes]: per superblock of 8 groups their values, their integer
+    scales (and minimums), then the float16 bases (see the top)."""
+    fmt, supers = part.format, groups // SUPER
+    bases = padded(part.bases.reshape(part.bases.shape[0], -1)).reshape(-1, supers, 2)
+    d = np.repeat(bases[..., 0], SUPER * fmt.subs, axis=1)  # [rows, scales]
+    if fmt.subs == 2:  # Q6_K: int8 scales per 16
+        ints = [_integers(padded(part.scales), d, 1.0, np.int8).view(np.uint8).reshape(-1, groups, 2)]
+    else:
+        ints = [_integers(padded(part.scales), d, 1.0, np.uint8).reshape(-1, groups, 1)]
+    if fmt.offsets:
+        dmin = np.repeat(bases[..., 1], SUPER, axis=1)
+        ints.append(_integers(padded(part.offsets), dmin, -1.0, np.uint8).reshape(-1, groups, 1))
+    # [tiles, groups, 2 (scales then minimums, or Q6_K's two scales), 16 outputs]
+    ints = np.concatenate(ints, axis=-1).reshape(tiles, TILE, groups, 2).transpose(0, 2, 3, 1)
+    ints = np.ascontiguousarray(ints).reshape(tiles, supers, SUPER * 32)
+    halves = bases.astype("<f2").reshape(tiles, TILE, supers, 2).transpose(0, 2, 3, 1)
+    halves = np.ascontiguousarray(halves).view(np.uint8).reshape(tiles, supers, 64)
+    return np.concatenate([values.reshape(tiles, supers, -1), ints, halves], axis=-1)
 
 
 def repack(rows: int, unpack, out_for) -> QuantFormat:

@@ -3,7 +3,7 @@
 A float32 copy of a quantized model costs 4 bytes per weight and turns every product
 into a stream of 4 bytes per weight, where the file had 0.5 to 1: on a small model the
 vocabulary projection alone was 671 MB, and a 4B model would not fit. Here the weights
-stay in their integer blocks (quant_layout.py: 4.5-9 bits per weight), and
+stay in their integer blocks (quant_layout.py: 4.5-8.5 bits per weight for GGUF types), and
 `native/quant_matmul.cpp` multiplies them directly: activations quantized per row per 32
 inputs to two int8 levels (~16-bit; one in the output projection, `output_levels`),
 integer dot products (AVX-512 VNNI, or AVX2), one float step per scale block and level in
@@ -61,7 +61,7 @@ def _binds() -> bool:
     try:
         fmt = QuantFormat(1, False, 0, False)
         mx.eval(_native.quant_matmul(mx.zeros((1, 32)), mx.zeros((1, 1, fmt.group_bytes), mx.uint8),
-                                     1, 1, False, 0, False, fmt.bits, 2, False, path() == "avx2"))
+                                     1, 1, False, 0, False, fmt.bits, 2, False, False, path() == "avx2"))
         return True
     except TypeError:
         warnings.warn("kernelext: engine/cpu/_quant_matmul was built for another mlx; run `make native` "
@@ -111,12 +111,12 @@ class QuantWeight:
         """x [..., k] @ W.T, float32."""
         f = self.format
         return _native.quant_matmul(x.astype(mx.float32), self.packed, self.n, f.subs, f.offsets,
-                                    f.zero, f.wide, f.bits, self.levels, f.half, path() == "avx2")
+                                    f.zero, f.wide, f.bits, self.levels, f.half, f.ints, path() == "avx2")
 
     def rows(self, ids: mx.array) -> mx.array:
         """W[ids], float32 [..., k]."""
         f = self.format
-        return _native.quant_rows(ids, self.packed, self.n, f.subs, f.offsets, f.zero, f.bits, f.half)
+        return _native.quant_rows(ids, self.packed, self.n, f.subs, f.offsets, f.zero, f.bits, f.half, f.ints)
 
 
 class QuantLinear(nn.Module):

@@ -15,6 +15,12 @@
 // number of groups: values of group 2p, values of group 2p + 1, then both groups' 16
 // scales (64 bytes). Q8_0 then costs the file's 8.5 bits a weight instead of 9; the
 // scales convert exactly, so the products keep their bits.
+// The K-quants (Q4_K, Q5_K, Q6_K) keep their integer scales ("ints"), 8 groups to a
+// superblock: the 8 groups' values, then per group its integer scales [subs][16] (Q6_K:
+// int8) and, with offsets, integer minimums [16] (uint8), 32 bytes a group, then the
+// superblock's bases d [16] and dmin [16] as float16 (64 bytes). A scale is d * integer
+// and an offset -(dmin * integer), both exact in float32: the same values, and bits, as
+// float32 scales and offsets stored whole. Q4_K then costs 4.625 bits a weight, not 6.
 // Every part is a multiple of 64 bytes, so each vector load is aligned, and a product
 // reads one sequential stream (a layout with a tile's scales apart from its values, at
 // float16, saved 6% more bytes but ran large products 30% slower: the hardware
@@ -80,14 +86,34 @@ struct Format {
   int bits;        // 4, 5, 6 (nibbles and bit planes) or 8 (bytes)
   int levels;      // activation levels multiplied (see Acts): 2, or 1 for the output projection
   bool half;       // float16 scales, groups in pairs (subs 1, no offsets; see the top)
+  bool ints;       // integer scales on float16 bases, superblocks of 8 groups (see the top)
   int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
-  // Bytes a group: with half scales, half of a pair's (2 * values + 64).
-  int group_bytes() const { return half ? value_bytes() + 32 : value_bytes() + 64 * subs + (offsets ? 64 : 0); }
+  // Bytes a group: with half scales, half of a pair's (2 * values + 64); with integer
+  // scales, an eighth of a superblock's (8 * values + 8 * 32 + 64).
+  int group_bytes() const {
+    return half ? value_bytes() + 32 : ints ? value_bytes() + 40 : value_bytes() + 64 * subs + (offsets ? 64 : 0);
+  }
 };
+
+constexpr int kSuper = 8;  // groups per superblock of integer scales
+
+// Scales (SUB: 0 or 1) or, with OFFSET, offsets of group j of a superblock of integer
+// scales at `super_values` (its first group's values): integer times base, in float32.
+template <bool OFFSET, bool SIGNED>
+__attribute__((target("avx512f,avx512bw"), always_inline))
+inline __m512 int_scales(const uint8_t* super_values, int value_bytes, int j, int sub) {
+  const uint8_t* ints = super_values + kSuper * value_bytes + j * 32 + sub * 16;
+  const uint16_t* bases = (const uint16_t*)(super_values + kSuper * value_bytes + kSuper * 32) + (OFFSET ? 16 : 0);
+  __m128i i8 = _mm_loadu_si128((const __m128i*)ints);
+  __m512i i32 = SIGNED ? _mm512_cvtepi8_epi32(i8) : _mm512_cvtepu8_epi32(i8);
+  __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(i32), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)bases)));
+  if (OFFSET) v = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32((int)0x80000000u)));
+  return v;
+}
 
 bool same_format(const Format& a, const Format& b) {
   return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
-         a.bits == b.bits && a.levels == b.levels && a.half == b.half;
+         a.bits == b.bits && a.levels == b.levels && a.half == b.half && a.ints == b.ints;
 }
 
 // Activations of M rows, quantized per 32 k in two int8 levels: x ~ dx * q + dx2 * q2,
@@ -204,13 +230,15 @@ inline void step_pair_vnni(const uint8_t* w, int p, __m512i& w0, __m512i& w1) {
 // row and level: two (even and odd steps) for one or two rows, whose dependency chains
 // would otherwise bound a decode step, one for more (registers); integer sums are exact,
 // so this changes no bit.
-template <int R, int SUBS, bool OFFSETS, int BITS, int L, bool HALF>
+template <int R, int SUBS, bool OFFSETS, int BITS, int L, bool HALF, bool INTS>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
 void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
                int valid) {
   constexpr int kPairs = 4 / SUBS;  // step pairs per scale
   constexpr int kValueBytes = BITS == 8 ? 512 : 256 + (BITS - 4) * 64;
-  constexpr int kGroupBytes = HALF ? kValueBytes + 32 : kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
+  constexpr int kGroupBytes = HALF ? kValueBytes + 32
+                              : INTS ? kValueBytes + 40
+                                     : kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
   static_assert(!HALF || (SUBS == 1 && !OFFSETS), "half scales: one per group, no offsets");
   constexpr int C = R <= 2 ? 2 : 1;
   const int groups = a.groups, zero = f.zero;
@@ -241,6 +269,10 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       if (!(g & 1))
         for (int line = 0; line < 2 * kGroupBytes; line += 64)
           _mm_prefetch((const char*)(pair + kPrefetchBytes + line), _MM_HINT_T0);
+    } else if constexpr (INTS) {  // group g % 8 of superblock g / 8 (see the top)
+      for (int line = 0; line < kGroupBytes; line += 64)  // the stream, a group's share at a time
+        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+      w = tile + (size_t)(g / kSuper) * kSuper * kGroupBytes + (g % kSuper) * kValueBytes;
     } else {
       for (int line = 0; line < kGroupBytes; line += 64)
         _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
@@ -268,6 +300,8 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       __m512 sv;
       if constexpr (HALF)
         sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)halves));
+      else if constexpr (INTS)
+        sv = int_scales<false, SUBS == 2>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, s);
       else
         sv = _mm512_loadu_ps(scales + s * 16);
       for (int r = 0; r < R; r++)
@@ -281,7 +315,8 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
         }
     }
     if (OFFSETS) {
-      __m512 ov = _mm512_loadu_ps(scales + SUBS * 16);
+      __m512 ov = INTS ? int_scales<true, false>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, 1)
+                       : _mm512_loadu_ps(scales + SUBS * 16);
       for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(dxsum[r][g]), acc[r]);
     }
   }
@@ -315,6 +350,18 @@ inline __m256i step_half_avx2(const uint8_t* w, int bits, int t, int h) {
   return u;
 }
 
+// int_scales for 8 outputs (half: outputs 0-7 or 8-15), on the AVX2 path.
+__attribute__((target("avx2,fma,f16c")))
+inline __m256 int_scales_avx2(const uint8_t* super_values, int value_bytes, int j, int sub, int half,
+                              bool offset, bool is_signed) {
+  const uint8_t* ints = super_values + kSuper * value_bytes + j * 32 + sub * 16 + half * 8;
+  const uint16_t* bases = (const uint16_t*)(super_values + kSuper * value_bytes + kSuper * 32) + (offset ? 16 : 0) + half * 8;
+  __m128i i8 = _mm_loadl_epi64((const __m128i*)ints);
+  __m256i i32 = is_signed ? _mm256_cvtepi8_epi32(i8) : _mm256_cvtepu8_epi32(i8);
+  __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(i32), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)bases)));
+  return offset ? _mm256_xor_ps(v, _mm256_set1_ps(-0.f)) : v;
+}
+
 template <int R>
 __attribute__((target("avx2,fma,f16c")))
 void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, float* out, long ldo,
@@ -329,10 +376,14 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       const uint8_t* w = tile + (size_t)g * gb;
       const float* scales = (const float*)(w + vb);
       const uint16_t* halves = nullptr;
+      const uint8_t* super_values = nullptr;
       if (f.half) {  // group g of pair g / 2 (see the top)
         const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
         w = pair + (g & 1) * vb;
         halves = (const uint16_t*)(pair + 2 * vb) + (g & 1) * 16;
+      } else if (f.ints) {  // group g % 8 of superblock g / 8
+        super_values = tile + (size_t)(g / kSuper) * kSuper * gb;
+        w = super_values + (g % kSuper) * vb;
       }
       for (int s = 0; s < f.subs; s++) {
         __m256i ia[R][2];
@@ -353,8 +404,9 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
               ia[r][l] = _mm256_add_epi32(ia[r][l], p);
             }
         }
-        __m256 sv = f.half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(halves + half * 8)))
-                           : _mm256_loadu_ps(scales + s * 16 + half * 8);
+        __m256 sv = f.half   ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(halves + half * 8)))
+                    : f.ints ? int_scales_avx2(super_values, vb, g % kSuper, s, half, false, f.subs == 2)
+                             : _mm256_loadu_ps(scales + s * 16 + half * 8);
         for (int r = 0; r < R; r++)
           for (int l = 0; l < levels; l++) {
             size_t i = (size_t)(r0 + r) * a.groups + g;
@@ -367,7 +419,8 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
           }
       }
       if (f.offsets) {
-        __m256 ov = _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
+        __m256 ov = f.ints ? int_scales_avx2(super_values, vb, g % kSuper, 1, half, true, false)
+                           : _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
         for (int r = 0; r < R; r++)
           acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps((f.levels == 2 ? a.dxsum : a.dxsum1)[(size_t)(r0 + r) * a.groups + g]), acc[r]);
       }
@@ -383,17 +436,17 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
 
 using TileFn = void (*)(const uint8_t*, const Format&, const Acts&, int, float*, long, int);
 
-template <int S, bool O, int B, int L, bool H>
+template <int S, bool O, int B, int L, bool H, bool I>
 constexpr std::array<TileFn, kRows + 1> vnni_table() {
-  return {nullptr,                      tile_vnni<1, S, O, B, L, H>, tile_vnni<2, S, O, B, L, H>,
-          tile_vnni<3, S, O, B, L, H>, tile_vnni<4, S, O, B, L, H>, tile_vnni<5, S, O, B, L, H>,
-          tile_vnni<6, S, O, B, L, H>, tile_vnni<7, S, O, B, L, H>, tile_vnni<8, S, O, B, L, H>};
+  return {nullptr,                         tile_vnni<1, S, O, B, L, H, I>, tile_vnni<2, S, O, B, L, H, I>,
+          tile_vnni<3, S, O, B, L, H, I>, tile_vnni<4, S, O, B, L, H, I>, tile_vnni<5, S, O, B, L, H, I>,
+          tile_vnni<6, S, O, B, L, H, I>, tile_vnni<7, S, O, B, L, H, I>, tile_vnni<8, S, O, B, L, H, I>};
 }
 using RowFns = std::array<TileFn, kRows + 1>;
 template <int S, bool O, int L, bool H = false>
 constexpr std::array<RowFns, 4> vnni_tables() {
-  return {vnni_table<S, O, 4, L, H>(), vnni_table<S, O, 5, L, H>(), vnni_table<S, O, 6, L, H>(),
-          vnni_table<S, O, 8, L, H>()};
+  return {vnni_table<S, O, 4, L, H, false>(), vnni_table<S, O, 5, L, H, false>(), vnni_table<S, O, 6, L, H, false>(),
+          vnni_table<S, O, 8, L, H, false>()};
 }
 int bits_index(int bits) { return bits == 8 ? 3 : bits - 4; }
 // [levels - 1][subs - 1][offsets][bits_index][rows]
@@ -402,6 +455,14 @@ const std::array<RowFns, 4> vnni_fns[2][2][2] = {
     {{vnni_tables<1, false, 2>(), vnni_tables<1, true, 2>()}, {vnni_tables<2, false, 2>(), vnni_tables<2, true, 2>()}}};
 // Half scales (one per group, no offsets): [levels - 1][bits_index][rows]
 const std::array<RowFns, 4> vnni_half_fns[2] = {vnni_tables<1, false, 1, true>(), vnni_tables<1, false, 2, true>()};
+// Integer scales, the K-quants' formats only: [levels - 1][Q4_K, Q5_K, Q6_K][rows]
+template <int L>
+constexpr std::array<RowFns, 3> vnni_int_tables() {
+  return {vnni_table<1, true, 4, L, false, true>(), vnni_table<1, true, 5, L, false, true>(),
+          vnni_table<2, false, 6, L, false, true>()};
+}
+const std::array<RowFns, 3> vnni_int_fns[2] = {vnni_int_tables<1>(), vnni_int_tables<2>()};
+int int_index(const Format& f) { return f.bits - 4; }  // Q4_K 4, Q5_K 5, Q6_K 6 (checked by make_format)
 const TileFn avx2_fns[kRows + 1] = {nullptr,      tile_avx2<1>, tile_avx2<2>, tile_avx2<3>, tile_avx2<4>,
                                     tile_avx2<5>, tile_avx2<6>, tile_avx2<7>, tile_avx2<8>};
 
@@ -421,6 +482,7 @@ void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, fl
                     long t0, long t1, bool avx2) {
   const TileFn* fns = avx2     ? avx2_fns
                       : f.half ? vnni_half_fns[f.levels - 1][bits_index(f.bits)].data()
+                      : f.ints ? vnni_int_fns[f.levels - 1][int_index(f)].data()
                                : vnni_fns[f.levels - 1][f.subs - 1][f.offsets][bits_index(f.bits)].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
   for (int rb = 0; rb < a.M; rb += kRowBlock) {
@@ -513,10 +575,14 @@ class QuantRows : public mx::Primitive {
           const uint8_t* gw = tile + g * gb;
           const float* scales = (const float*)(gw + vb);
           float half_scale = 0.f;
+          const uint8_t* super_values = nullptr;
           if (f.half) {  // group g of pair g / 2 (see the top)
             const uint8_t* pair = tile + (g / 2) * 2 * gb;
             gw = pair + (g & 1) * vb;
             half_scale = half_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j]);
+          } else if (f.ints) {  // group g % 8 of superblock g / 8
+            super_values = tile + (g / kSuper) * kSuper * gb;
+            gw = super_values + (g % kSuper) * vb;
           }
           for (int k = 0; k < kGroup; k++) {
             int t = k / 4, byte = j * 4 + k % 4;  // step, byte of the step
@@ -529,9 +595,20 @@ class QuantRows : public mx::Primitive {
               for (int b = 0; b < f.bits - 4; b++)
                 u |= ((gw[256 + b * 64 + t * 8 + byte / 8] >> (byte % 8)) & 1) << (4 + b);
             }
-            float s = f.half ? half_scale : scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
+            float s, offset = 0.f;
+            if (f.ints) {
+              const uint8_t* ints = super_values + kSuper * vb + (g % kSuper) * 32;
+              const uint16_t* bases = (const uint16_t*)(super_values + kSuper * vb + kSuper * 32);
+              int sub = f.subs == 2 ? k / 16 : 0;
+              float sc = f.subs == 2 ? (float)(int8_t)ints[sub * 16 + j] : (float)ints[j];
+              s = sc * half_to_float(bases[j]);
+              if (f.offsets) offset = -((float)ints[16 + j] * half_to_float(bases[16 + j]));
+            } else {
+              s = f.half ? half_scale : scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
+              if (f.offsets) offset = scales[f.subs * 16 + j];
+            }
             float v = (float)(u - f.zero) * s;
-            if (f.offsets) v = v + scales[f.subs * 16 + j];
+            if (f.offsets) v = v + offset;
             o[g * kGroup + k] = v;
           }
         }
@@ -552,7 +629,7 @@ class QuantRows : public mx::Primitive {
   Format f_;
 };
 
-Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half) {
+Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half, bool ints) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
@@ -560,20 +637,25 @@ Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int le
   if (levels != 1 && levels != 2) throw std::invalid_argument("quant format: levels must be 1 or 2");
   if (half && (subs != 1 || offsets))
     throw std::invalid_argument("quant format: half scales need one scale per group and no offsets");
-  return Format{subs, offsets, zero, wide, bits, levels, half};
+  if (ints && !((subs == 1 && offsets && (bits == 4 || bits == 5)) || (subs == 2 && !offsets && bits == 6)))
+    throw std::invalid_argument("quant format: integer scales are the K-quants' (Q4_K, Q5_K, Q6_K)");
+  if (half && ints) throw std::invalid_argument("quant format: half or integer scales, not both");
+  return Format{subs, offsets, zero, wide, bits, levels, half, ints};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
   if (w.dtype() != mx::uint8 || w.ndim() != 3 || w.shape(2) != f.group_bytes() ||
-      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && w.shape(1) % 2))
+      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && w.shape(1) % 2) ||
+      (f.ints && w.shape(1) % kSuper))
     throw std::invalid_argument(std::string(what) +
                                 ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes], an even "
-                                "number of groups with half scales");
+                                "number of groups with half scales, a multiple of 8 with integer ones");
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, int bits, int levels, bool half, bool avx2, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide, bits, levels, half);
+                       int zero, bool wide, int bits, int levels, bool half, bool ints, bool avx2,
+                       mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide, bits, levels, half, ints);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -587,8 +669,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 }
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
-                     int zero, int bits, bool half, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false, bits, 1, half);
+                     int zero, int bits, bool half, bool ints, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false, bits, 1, half, ints);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -603,9 +685,9 @@ NB_MODULE(_quant_matmul, m) {
   kernelext::share_workers(m);
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "bits"_a, "levels"_a, "half"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+        "wide"_a, "bits"_a, "levels"_a, "half"_a, "ints"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "bits"_a, "half"_a, nb::kw_only(), "stream"_a = nb::none());
+        "bits"_a, "half"_a, "ints"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
   m.def("has_avx2", &has_avx2);
 }
