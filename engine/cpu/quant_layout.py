@@ -283,6 +283,8 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
                   for b in range(fmt.bits - 4)]
         values = np.concatenate([a.reshape(tiles, groups, -1) for a in [nibbles, *planes]], axis=-1)
     if fmt.ints:
+        if part.bases is None:
+            raise ValueError("integer-scale layout: the rows carry no bases (unpack_gguf gives them)")
         out[:] = _superblocks(part, values, padded, tiles, groups).reshape(tiles, groups, -1)
         return
     if fmt.half:
