@@ -242,6 +242,42 @@ def test_compact_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
                 assert np.array_equal(got[True], got[False]), (path, levels, rows)
 
 
+@needs_kernels
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32), (5, 128)])
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_mlx_affine_16_bit_scales_give_the_float32_layouts_bits(bits, group_size, kind, monkeypatch):
+    """An mlx-lm affine matrix whose scales and biases are float16 or bfloat16 keeps them
+    at 16 bits (64 bytes a group instead of 128): the same products on both paths and the
+    same rows as with float32 scales, bit for bit."""
+    n, k = 80, 384
+    q, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(bits)), group_size=group_size, bits=bits)
+    dtype = mx.float16 if kind == "f16" else mx.bfloat16
+    qn = np.array(q)
+    sn, bn = (np.array(a.astype(dtype).astype(mx.float32)) for a in (s, b))
+    weights = {}
+    for compact in (True, False):
+        part = quant_layout.unpack_mlx_affine(qn, sn, bn, bits, group_size, kind if compact else None)
+        fmt = part.format.packed_as(k)
+        assert fmt.half == compact
+        weight, view = quant_linear.QuantWeight.allocate(n, k, fmt)
+        quant_layout.pack_tiles(part, view, fmt)
+        weights[compact] = weight
+    assert weights[True].nbytes * (PACKED_BITS_AFFINE[bits] + 1) == weights[False].nbytes * PACKED_BITS_AFFINE[bits]
+    ids = mx.array([0, 33, n - 1])
+    assert np.array_equal(np.array(weights[True].rows(ids)), np.array(weights[False].rows(ids)))
+    x = mx.random.normal((9, k), key=mx.random.key(5))
+    paths = ["auto", "avx2"] if quant_linear._native.has_avx2() else ["auto"]
+    for path in paths:
+        monkeypatch.setenv("KERNELEXT_QUANT_KERNELS", path)
+        for rows in (1, 9):
+            got = [np.array(w.matmul(x[:rows])) for w in weights.values()]
+            assert np.array_equal(got[0], got[1]), (path, rows)
+
+
+# mlx affine bits per weight with 16-bit scales and offsets per 32 (float32 ones: one more)
+PACKED_BITS_AFFINE = {4: 5, 5: 6, 8: 9}
+
+
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
 def test_integer_scales_that_are_not_refuse_to_pack(qtype):
     """A K-quant matrix whose scales are not integers times its bases (never from a

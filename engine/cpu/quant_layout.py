@@ -18,6 +18,9 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
   Q8_0) when a row has an even number of groups, "half" scales, groups in pairs:
     values of group 2p, values of group 2p + 1, then both groups' float16 scales [2][16]
     (64 bytes: every part of a pair stays a multiple of 64 bytes)
+  or, for mlx-lm's affine checkpoints, whose scales and biases are float16 or bfloat16,
+  "half" scales with offsets, group by group:
+    values, then the 16-bit scales [16] and offsets [16] (64 bytes)
   or, for the K-quants (Q4_K, Q5_K, Q6_K), whose scales are small integers times a float16
   base per 256 inputs (and offsets minus integers times a second base), "ints", groups in
   superblocks of 8:
@@ -28,7 +31,8 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
     bits), so the scales and offsets are the float32 ones of the layout above, bit for bit.
 
 So a weight costs Q4_0 4.5 bits, Q5_0 5.5, Q8_0 8.5 (with an odd number of groups 5, 6,
-9), Q4_K 4.625, Q5_K 5.625, Q6_K 6.625 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56): a decode
+9), Q4_K 4.625, Q5_K 5.625, Q6_K 6.625 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56), an mlx-lm
+affine 4-bit weight 5 (float32 scales: 6; the checkpoint: 4.5 at group size 64): a decode
 step streams every weight once, so bytes are time.
 Rows are repacked a few thousand at a time into the final buffer, so a load never holds a
 float32 copy, nor more than one extra chunk.
@@ -67,8 +71,10 @@ class QuantFormat:
     zero: int
     wide: bool  # u uses all 8 bits (the AVX2 path multiplies those in signed form)
     bits: int = 8  # 4, 5, 6: nibbles and bit planes; 8: bytes
-    f16_scales: bool = False  # the scales are float16 values (GGUF Q4_0, Q5_0, Q8_0)
-    half: bool = False  # packed with float16 scales, groups in pairs (see the top)
+    # The scales (and offsets) are 16-bit values: "f16" (GGUF Q4_0, Q5_0, Q8_0; mlx-lm
+    # checkpoints in float16) or "bf16" (mlx-lm checkpoints in bfloat16)
+    scales16: str | None = None
+    half: bool = False  # packed with 16-bit scales (see the top)
     int_scales: bool = False  # scales and offsets are integers times bases per 256 (K-quants)
     ints: bool = False  # packed with integer scales, groups in superblocks of 8 (see the top)
 
@@ -80,7 +86,7 @@ class QuantFormat:
     def group_bytes(self) -> int:
         """Bytes a group takes in a tile (with half scales: half of a pair's)."""
         if self.half:
-            return self.value_bytes + 32
+            return self.value_bytes + (64 if self.offsets else 32)
         if self.ints:  # an eighth of a superblock's (8 values, 8 x 32 integers, 64 of bases)
             return self.value_bytes + 40
         return self.value_bytes + 64 * self.subs + (64 if self.offsets else 0)
@@ -88,7 +94,7 @@ class QuantFormat:
     def packed_as(self, k: int) -> QuantFormat:
         """The layout of a matrix of this format with k inputs: half or integer scales
         where they fit."""
-        half = self.f16_scales and self.subs == 1 and not self.offsets and (k // GROUP) % 2 == 0
+        half = self.scales16 is not None and self.subs == 1 and (self.offsets or (k // GROUP) % 2 == 0)
         ints = self.int_scales and k % (SUPER * GROUP) == 0
         return replace(self, half=half, ints=ints)
 
@@ -136,19 +142,19 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
 
 def _unpack_q8_0(b, n):
     d, q = b[..., :2], b[..., 2:]
-    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True, 8, f16_scales=True)
+    return (q ^ 0x80).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 128, True, 8, scales16="f16")
 
 
 def _unpack_q4_0(b, n):
     d, qs = b[..., :2], b[..., 2:]
-    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False, 4, f16_scales=True)
+    return _nibbles(qs).reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 8, False, 4, scales16="f16")
 
 
 def _unpack_q5_0(b, n):
     d, qh, qs = b[..., :2], b[..., 2:6], b[..., 6:]
     high = np.unpackbits(qh, axis=-1, bitorder="little")  # bit j: element j's fifth bit
     u = _nibbles(qs).reshape(*qs.shape[:-1], 32) | (high << 4)
-    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False, 5, f16_scales=True)
+    return u.reshape(n, -1), _f16(d).reshape(n, -1), None, QuantFormat(1, False, 16, False, 5, scales16="f16")
 
 
 def _k_scales(b):
@@ -221,9 +227,10 @@ def affine_supported(bits: int, group_size: int) -> bool:
 
 
 def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
-                      group_size: int) -> Unpacked:
+                      group_size: int, scales16: str | None = None) -> Unpacked:
     """Rows of an mlx affine-quantized matrix (weight uint32 [rows, k*bits/32], scales and
-    biases [rows, k/group_size]): mlx packs values as a little-endian bit stream."""
+    biases [rows, k/group_size]): mlx packs values as a little-endian bit stream.
+    scales16: "f16" or "bf16" when the checkpoint's scales and biases are of that type."""
     n = weight.shape[0]
     stream = np.unpackbits(np.ascontiguousarray(weight).view(np.uint8).reshape(n, -1), axis=-1,
                            bitorder="little")
@@ -232,7 +239,7 @@ def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray
     repeat = group_size // GROUP
     scales = np.repeat(scales.astype(np.float32), repeat, axis=1)
     biases = np.repeat(biases.astype(np.float32), repeat, axis=1)
-    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8, stored_bits(bits)))
+    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8, stored_bits(bits), scales16=scales16))
 
 
 def gguf_as_mlx_affine(qtype: str) -> int | None:
@@ -287,10 +294,14 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
             raise ValueError("integer-scale layout: the rows carry no bases (unpack_gguf gives them)")
         out[:] = _superblocks(part, values, padded, tiles, groups).reshape(tiles, groups, -1)
         return
+    if fmt.half and fmt.offsets:  # per group: values, 16-bit scales [16], 16-bit offsets [16]
+        s = [padded(_sixteen(a, fmt.scales16)).reshape(tiles, TILE, groups).transpose(0, 2, 1)
+             for a in (part.scales, part.offsets)]
+        s = np.ascontiguousarray(np.stack(s, axis=2)).view(np.uint8).reshape(tiles, groups, 64)
+        out[:] = np.concatenate([values, s], axis=-1)
+        return
     if fmt.half:
-        halves = part.scales.astype("<f2")
-        if not np.array_equal(halves.astype(np.float32), part.scales, equal_nan=True):
-            raise ValueError("half-scale layout: the scales are not float16 values")
+        halves = _sixteen(part.scales, fmt.scales16)
         s = padded(halves).reshape(tiles, TILE, groups).transpose(0, 2, 1)
         s = np.ascontiguousarray(s).view(np.uint8).reshape(tiles, groups // 2, 64)
         pairs = np.concatenate([values.reshape(tiles, groups // 2, -1), s], axis=-1)
@@ -303,6 +314,21 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
         o = padded(part.offsets).astype("<f4").reshape(tiles, TILE, groups).transpose(0, 2, 1)
         parts.append(np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1))
     out[:] = np.concatenate(parts, axis=-1)
+
+
+def _sixteen(floats: np.ndarray, kind: str) -> np.ndarray:
+    """float32 values as 16-bit ones of `kind` ("f16" or "bf16"), uint16 (else ValueError:
+    the layout could not give the values back)."""
+    f = np.ascontiguousarray(floats, np.float32)
+    if kind == "f16":
+        bits = f.astype("<f2").view(np.uint16)
+        back = bits.view("<f2").astype(np.float32)
+    else:
+        bits = (f.view(np.uint32) >> 16).astype(np.uint16)
+        back = (bits.astype(np.uint32) << 16).view(np.float32)
+    if not np.array_equal(back, f, equal_nan=True):
+        raise ValueError(f"16-bit scale layout: the scales are not {kind} values")
+    return bits
 
 
 def _integers(floats: np.ndarray, base: np.ndarray, sign: float, dtype) -> np.ndarray:

@@ -110,8 +110,11 @@ def _repacked(module, path: str, blocks: dict, files: _BlockFiles | None) -> qua
     bits, group = spec
     w, s, b = _host(module.weight), _host(module.scales), _host(module.biases)
     rows, cols = w.shape[0], w.shape[1] * 32 // bits
+    # 16-bit scales and biases stay 16-bit in the packed layout (quant_layout.py)
+    kinds = {mx.float16: "f16", mx.bfloat16: "bf16"}
+    scales16 = kinds.get(module.scales.dtype) if module.biases.dtype == module.scales.dtype else None
     return quant_linear.QuantWeight.repacked(
-        rows, cols, lambda a, c: quant_layout.unpack_mlx_affine(w[a:c], s[a:c], b[a:c], bits, group))
+        rows, cols, lambda a, c: quant_layout.unpack_mlx_affine(w[a:c], s[a:c], b[a:c], bits, group, scales16))
 
 
 def _replace(model: nn.Module, modules: dict, path: str, new: nn.Module) -> None:

@@ -15,6 +15,8 @@
 // number of groups: values of group 2p, values of group 2p + 1, then both groups' 16
 // scales (64 bytes). Q8_0 then costs the file's 8.5 bits a weight instead of 9; the
 // scales convert exactly, so the products keep their bits.
+// mlx-lm's affine checkpoints, whose scales and biases are float16 or bfloat16, keep them
+// so too, group by group: values, then the 16-bit scales [16] and offsets [16] (64 bytes).
 // The K-quants (Q4_K, Q5_K, Q6_K) keep their integer scales ("ints"), 8 groups to a
 // superblock: the 8 groups' values, then per group its integer scales [subs][16] (Q6_K:
 // int8) and, with offsets, integer minimums [16] (uint8), 32 bytes a group, then the
@@ -85,17 +87,27 @@ struct Format {
   bool wide;       // values use all 8 bits (the AVX2 path then multiplies in signed form)
   int bits;        // 4, 5, 6 (nibbles and bit planes) or 8 (bytes)
   int levels;      // activation levels multiplied (see Acts): 2, or 1 for the output projection
-  bool half;       // float16 scales, groups in pairs (subs 1, no offsets; see the top)
+  bool half;       // 16-bit scales (subs 1): groups in pairs, or with 16-bit offsets (see the top)
+  bool bf16;       // those are bfloat16, not float16
   bool ints;       // integer scales on float16 bases, superblocks of 8 groups (see the top)
   int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
-  // Bytes a group: with half scales, half of a pair's (2 * values + 64); with integer
+  // Bytes a group: with half scales, half of a pair's (2 * values + 64), or values and 64
+  // with offsets; with integer
   // scales, an eighth of a superblock's (8 * values + 8 * 32 + 64).
   int group_bytes() const {
-    return half ? value_bytes() + 32 : ints ? value_bytes() + 40 : value_bytes() + 64 * subs + (offsets ? 64 : 0);
+    return half ? value_bytes() + (offsets ? 64 : 32)
+                : ints ? value_bytes() + 40 : value_bytes() + 64 * subs + (offsets ? 64 : 0);
   }
 };
 
 constexpr int kSuper = 8;  // groups per superblock of integer scales
+
+// 16 scales (or offsets) stored as float16 or bfloat16, as float32 (exact either way).
+__attribute__((target("avx512f,avx512bw"), always_inline))
+inline __m512 sixteen_ps(const void* p, bool bf16) {
+  __m256i h = _mm256_loadu_si256((const __m256i*)p);
+  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+}
 
 // Scales (SUB: 0 or 1) or, with OFFSET, offsets of group j of a superblock of integer
 // scales at `super_values` (its first group's values): integer times base, in float32.
@@ -113,7 +125,7 @@ inline __m512 int_scales(const uint8_t* super_values, int value_bytes, int j, in
 
 bool same_format(const Format& a, const Format& b) {
   return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
-         a.bits == b.bits && a.levels == b.levels && a.half == b.half && a.ints == b.ints;
+         a.bits == b.bits && a.levels == b.levels && a.half == b.half && a.bf16 == b.bf16 && a.ints == b.ints;
 }
 
 // Activations of M rows, quantized per 32 k in two int8 levels: x ~ dx * q + dx2 * q2,
@@ -236,10 +248,10 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
                int valid) {
   constexpr int kPairs = 4 / SUBS;  // step pairs per scale
   constexpr int kValueBytes = BITS == 8 ? 512 : 256 + (BITS - 4) * 64;
-  constexpr int kGroupBytes = HALF ? kValueBytes + 32
+  constexpr int kGroupBytes = HALF ? kValueBytes + (OFFSETS ? 64 : 32)
                               : INTS ? kValueBytes + 40
                                      : kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
-  static_assert(!HALF || (SUBS == 1 && !OFFSETS), "half scales: one per group, no offsets");
+  static_assert(!HALF || SUBS == 1, "half scales: one per group");
   constexpr int C = R <= 2 ? 2 : 1;
   const int groups = a.groups, zero = f.zero;
   const int8_t* xq[R][2];
@@ -262,7 +274,11 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     const uint8_t* w = tile + (size_t)g * kGroupBytes;
     const float* scales = (const float*)(w + kValueBytes);
     const uint16_t* halves = nullptr;
-    if constexpr (HALF) {  // group g of pair g / 2 (see the top)
+    if constexpr (HALF && OFFSETS) {  // values, 16-bit scales, 16-bit offsets (see the top)
+      halves = (const uint16_t*)(w + kValueBytes);
+      for (int line = 0; line < kGroupBytes; line += 64)
+        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+    } else if constexpr (HALF) {  // group g of pair g / 2 (see the top)
       const uint8_t* pair = tile + (size_t)(g / 2) * 2 * kGroupBytes;
       w = pair + (g & 1) * kValueBytes;
       halves = (const uint16_t*)(pair + 2 * kValueBytes) + (g & 1) * 16;
@@ -299,7 +315,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       }
       __m512 sv;
       if constexpr (HALF)
-        sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)halves));
+        sv = sixteen_ps(halves, f.bf16);
       else if constexpr (INTS)
         sv = int_scales<false, SUBS == 2>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, s);
       else
@@ -315,8 +331,9 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
         }
     }
     if (OFFSETS) {
-      __m512 ov = INTS ? int_scales<true, false>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, 1)
-                       : _mm512_loadu_ps(scales + SUBS * 16);
+      __m512 ov = INTS   ? int_scales<true, false>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, 1)
+                  : HALF ? sixteen_ps(halves + 16, f.bf16)
+                         : _mm512_loadu_ps(scales + SUBS * 16);
       for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(dxsum[r][g]), acc[r]);
     }
   }
@@ -350,6 +367,13 @@ inline __m256i step_half_avx2(const uint8_t* w, int bits, int t, int h) {
   return u;
 }
 
+// sixteen_ps for 8 outputs, on the AVX2 path.
+__attribute__((target("avx2,f16c")))
+inline __m256 sixteen_avx2(const uint16_t* p, bool bf16) {
+  __m128i h = _mm_loadu_si128((const __m128i*)p);
+  return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+
 // int_scales for 8 outputs (half: outputs 0-7 or 8-15), on the AVX2 path.
 __attribute__((target("avx2,fma,f16c")))
 inline __m256 int_scales_avx2(const uint8_t* super_values, int value_bytes, int j, int sub, int half,
@@ -377,7 +401,9 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       const float* scales = (const float*)(w + vb);
       const uint16_t* halves = nullptr;
       const uint8_t* super_values = nullptr;
-      if (f.half) {  // group g of pair g / 2 (see the top)
+      if (f.half && f.offsets) {  // values, 16-bit scales, 16-bit offsets
+        halves = (const uint16_t*)(w + vb);
+      } else if (f.half) {  // group g of pair g / 2 (see the top)
         const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
         w = pair + (g & 1) * vb;
         halves = (const uint16_t*)(pair + 2 * vb) + (g & 1) * 16;
@@ -404,7 +430,7 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
               ia[r][l] = _mm256_add_epi32(ia[r][l], p);
             }
         }
-        __m256 sv = f.half   ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(halves + half * 8)))
+        __m256 sv = f.half   ? sixteen_avx2(halves + half * 8, f.bf16)
                     : f.ints ? int_scales_avx2(super_values, vb, g % kSuper, s, half, false, f.subs == 2)
                              : _mm256_loadu_ps(scales + s * 16 + half * 8);
         for (int r = 0; r < R; r++)
@@ -419,8 +445,9 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
           }
       }
       if (f.offsets) {
-        __m256 ov = f.ints ? int_scales_avx2(super_values, vb, g % kSuper, 1, half, true, false)
-                           : _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
+        __m256 ov = f.ints   ? int_scales_avx2(super_values, vb, g % kSuper, 1, half, true, false)
+                    : f.half ? sixteen_avx2(halves + 16 + half * 8, f.bf16)
+                             : _mm256_loadu_ps(scales + f.subs * 16 + half * 8);
         for (int r = 0; r < R; r++)
           acc[r] = _mm256_fmadd_ps(ov, _mm256_set1_ps((f.levels == 2 ? a.dxsum : a.dxsum1)[(size_t)(r0 + r) * a.groups + g]), acc[r]);
       }
@@ -453,8 +480,9 @@ int bits_index(int bits) { return bits == 8 ? 3 : bits - 4; }
 const std::array<RowFns, 4> vnni_fns[2][2][2] = {
     {{vnni_tables<1, false, 1>(), vnni_tables<1, true, 1>()}, {vnni_tables<2, false, 1>(), vnni_tables<2, true, 1>()}},
     {{vnni_tables<1, false, 2>(), vnni_tables<1, true, 2>()}, {vnni_tables<2, false, 2>(), vnni_tables<2, true, 2>()}}};
-// Half scales (one per group, no offsets): [levels - 1][bits_index][rows]
-const std::array<RowFns, 4> vnni_half_fns[2] = {vnni_tables<1, false, 1, true>(), vnni_tables<1, false, 2, true>()};
+// Half scales (one per group): [levels - 1][offsets][bits_index][rows]
+const std::array<RowFns, 4> vnni_half_fns[2][2] = {{vnni_tables<1, false, 1, true>(), vnni_tables<1, true, 1, true>()},
+                                                    {vnni_tables<1, false, 2, true>(), vnni_tables<1, true, 2, true>()}};
 // Integer scales, the K-quants' formats only: [levels - 1][Q4_K, Q5_K, Q6_K][rows]
 template <int L>
 constexpr std::array<RowFns, 3> vnni_int_tables() {
@@ -475,13 +503,20 @@ bool has_avx2() {
 }
 
 __attribute__((target("f16c"))) float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+float sixteen_to_float(uint16_t h, bool bf16) {
+  if (!bf16) return half_to_float(h);
+  uint32_t bits = (uint32_t)h << 16;
+  float v;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
 
 // Tiles [t0, t1) for all M rows: rows in blocks whose activations stay in cache, each
 // block through every tile, 8 rows per pass (a tile's weights are re-read from cache).
 void multiply_tiles(const Acts& a, const uint8_t* w, const Format& f, long N, float* out,
                     long t0, long t1, bool avx2) {
   const TileFn* fns = avx2     ? avx2_fns
-                      : f.half ? vnni_half_fns[f.levels - 1][bits_index(f.bits)].data()
+                      : f.half ? vnni_half_fns[f.levels - 1][f.offsets][bits_index(f.bits)].data()
                       : f.ints ? vnni_int_fns[f.levels - 1][int_index(f)].data()
                                : vnni_fns[f.levels - 1][f.subs - 1][f.offsets][bits_index(f.bits)].data();
   size_t tile_bytes = (size_t)a.groups * f.group_bytes();
@@ -576,7 +611,11 @@ class QuantRows : public mx::Primitive {
           const float* scales = (const float*)(gw + vb);
           float half_scale = 0.f;
           const uint8_t* super_values = nullptr;
-          if (f.half) {  // group g of pair g / 2 (see the top)
+          float half_offset = 0.f;
+          if (f.half && f.offsets) {  // values, 16-bit scales, 16-bit offsets
+            half_scale = sixteen_to_float(((const uint16_t*)(gw + vb))[j], f.bf16);
+            half_offset = sixteen_to_float(((const uint16_t*)(gw + vb))[16 + j], f.bf16);
+          } else if (f.half) {  // group g of pair g / 2 (see the top)
             const uint8_t* pair = tile + (g / 2) * 2 * gb;
             gw = pair + (g & 1) * vb;
             half_scale = half_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j]);
@@ -605,7 +644,7 @@ class QuantRows : public mx::Primitive {
               if (f.offsets) offset = -((float)ints[16 + j] * half_to_float(bases[16 + j]));
             } else {
               s = f.half ? half_scale : scales[(f.subs == 2 ? k / 16 : 0) * 16 + j];
-              if (f.offsets) offset = scales[f.subs * 16 + j];
+              if (f.offsets) offset = f.half ? half_offset : scales[f.subs * 16 + j];
             }
             float v = (float)(u - f.zero) * s;
             if (f.offsets) v = v + offset;
@@ -629,33 +668,34 @@ class QuantRows : public mx::Primitive {
   Format f_;
 };
 
-Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half, bool ints) {
+Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half, bool bf16,
+                   bool ints) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
   if (wide && bits != 8) throw std::invalid_argument("quant format: wide values need 8 bits");
   if (levels != 1 && levels != 2) throw std::invalid_argument("quant format: levels must be 1 or 2");
-  if (half && (subs != 1 || offsets))
-    throw std::invalid_argument("quant format: half scales need one scale per group and no offsets");
+  if (half && subs != 1) throw std::invalid_argument("quant format: half scales need one scale per group");
+  if (bf16 && !half) throw std::invalid_argument("quant format: bfloat16 scales are half scales");
   if (ints && !((subs == 1 && offsets && (bits == 4 || bits == 5)) || (subs == 2 && !offsets && bits == 6)))
     throw std::invalid_argument("quant format: integer scales are the K-quants' (Q4_K, Q5_K, Q6_K)");
   if (half && ints) throw std::invalid_argument("quant format: half or integer scales, not both");
-  return Format{subs, offsets, zero, wide, bits, levels, half, ints};
+  return Format{subs, offsets, zero, wide, bits, levels, half, bf16, ints};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
   if (w.dtype() != mx::uint8 || w.ndim() != 3 || w.shape(2) != f.group_bytes() ||
-      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && w.shape(1) % 2) ||
+      (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && !f.offsets && w.shape(1) % 2) ||
       (f.ints && w.shape(1) % kSuper))
     throw std::invalid_argument(std::string(what) +
                                 ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes], an even "
-                                "number of groups with half scales, a multiple of 8 with integer ones");
+                                "number of groups with half scales and no offsets, a multiple of 8 with integer scales");
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, int bits, int levels, bool half, bool ints, bool avx2,
+                       int zero, bool wide, int bits, int levels, bool half, bool bf16, bool ints, bool avx2,
                        mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide, bits, levels, half, ints);
+  Format f = make_format(subs, offsets, zero, wide, bits, levels, half, bf16, ints);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -669,8 +709,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 }
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
-                     int zero, int bits, bool half, bool ints, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false, bits, 1, half, ints);
+                     int zero, int bits, bool half, bool bf16, bool ints, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false, bits, 1, half, bf16, ints);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -685,9 +725,10 @@ NB_MODULE(_quant_matmul, m) {
   kernelext::share_workers(m);
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "bits"_a, "levels"_a, "half"_a, "ints"_a, "avx2"_a, nb::kw_only(), "stream"_a = nb::none());
+        "wide"_a, "bits"_a, "levels"_a, "half"_a, "bf16"_a, "ints"_a, "avx2"_a, nb::kw_only(),
+        "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "bits"_a, "half"_a, "ints"_a, nb::kw_only(), "stream"_a = nb::none());
+        "bits"_a, "half"_a, "bf16"_a, "ints"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
   m.def("has_avx2", &has_avx2);
 }
