@@ -17,11 +17,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .memory import release_freed_memory
+from .quant_layout import TILE as _TILE  # outputs per tile of the packed layout
 from .quant_linear import QuantLinear, QuantWeight
 
 # Attribute names of siblings that mlx-lm's layers call on the same input, in that order.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-_TILE = 16  # outputs per tile of the packed layout
 SHARED_ROWS = 16  # up to this many rows a call shares one product (the kernels' decode rows)
 
 

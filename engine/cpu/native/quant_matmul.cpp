@@ -271,27 +271,21 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int g = 0; g < groups; g++) {
-    const uint8_t* w = tile + (size_t)g * kGroupBytes;
+    const uint8_t* w = tile + (size_t)g * kGroupBytes;  // the stream's position: a group's share
+    for (int line = 0; line < kGroupBytes; line += 64)
+      _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
     const float* scales = (const float*)(w + kValueBytes);
     const uint16_t* halves = nullptr;
+    const uint8_t* super_values = nullptr;
     if constexpr (HALF && OFFSETS) {  // values, 16-bit scales, 16-bit offsets (see the top)
       halves = (const uint16_t*)(w + kValueBytes);
-      for (int line = 0; line < kGroupBytes; line += 64)
-        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
     } else if constexpr (HALF) {  // group g of pair g / 2 (see the top)
       const uint8_t* pair = tile + (size_t)(g / 2) * 2 * kGroupBytes;
       w = pair + (g & 1) * kValueBytes;
       halves = (const uint16_t*)(pair + 2 * kValueBytes) + (g & 1) * 16;
-      if (!(g & 1))
-        for (int line = 0; line < 2 * kGroupBytes; line += 64)
-          _mm_prefetch((const char*)(pair + kPrefetchBytes + line), _MM_HINT_T0);
     } else if constexpr (INTS) {  // group g % 8 of superblock g / 8 (see the top)
-      for (int line = 0; line < kGroupBytes; line += 64)  // the stream, a group's share at a time
-        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
-      w = tile + (size_t)(g / kSuper) * kSuper * kGroupBytes + (g % kSuper) * kValueBytes;
-    } else {
-      for (int line = 0; line < kGroupBytes; line += 64)
-        _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+      super_values = tile + (size_t)(g / kSuper) * kSuper * kGroupBytes;
+      w = super_values + (g % kSuper) * kValueBytes;
     }
 #pragma GCC unroll 2
     for (int s = 0; s < SUBS; s++) {
@@ -317,7 +311,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       if constexpr (HALF)
         sv = sixteen_ps(halves, f.bf16);
       else if constexpr (INTS)
-        sv = int_scales<false, SUBS == 2>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, s);
+        sv = int_scales<false, SUBS == 2>(super_values, kValueBytes, g % kSuper, s);
       else
         sv = _mm512_loadu_ps(scales + s * 16);
       for (int r = 0; r < R; r++)
@@ -331,7 +325,7 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
         }
     }
     if (OFFSETS) {
-      __m512 ov = INTS   ? int_scales<true, false>(w - (g % kSuper) * kValueBytes, kValueBytes, g % kSuper, 1)
+      __m512 ov = INTS   ? int_scales<true, false>(super_values, kValueBytes, g % kSuper, 1)
                   : HALF ? sixteen_ps(halves + 16, f.bf16)
                          : _mm512_loadu_ps(scales + SUBS * 16);
       for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(dxsum[r][g]), acc[r]);
@@ -618,7 +612,7 @@ class QuantRows : public mx::Primitive {
           } else if (f.half) {  // group g of pair g / 2 (see the top)
             const uint8_t* pair = tile + (g / 2) * 2 * gb;
             gw = pair + (g & 1) * vb;
-            half_scale = half_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j]);
+            half_scale = sixteen_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j], f.bf16);
           } else if (f.ints) {  // group g % 8 of superblock g / 8
             super_values = tile + (g / kSuper) * kSuper * gb;
             gw = super_values + (g % kSuper) * vb;
