@@ -22,11 +22,18 @@ PROMPTS = ["def fibonacci(n):", "Hello", "The quick brown fox jumps over the laz
 TEXT = ("The prefix cache keeps blocks of the prompt so that a repeated system prompt is "
         "computed once. def fibonacci(n): return n if n < 2 else fibonacci(n - 1) + "
         "fibonacci(n - 2). Hello, world! The quick brown fox jumps over the lazy dog. ")
-MODELS = [("gguf", f) for f in GGUF_FAMILIES] + [("mlx4", f) for f in ("llama", "gemma3_text", "qwen3_5")]
+# mlx-lm 4-bit directories: float32 scales at group size 32, and bfloat16 ones at mlx-lm's
+# default group size 64 (kept at 16 bits, once per pair of groups of 32: quant_layout.py)
+MODELS = [("gguf", f) for f in GGUF_FAMILIES] + [("mlx4", "llama"), ("mlx4-bf16-g64", "gemma3_text"),
+                                                 ("mlx4", "qwen3_5")]
 
 
 def model_path(kind, family):
-    return tiny_gguf_model(family) if kind == "gguf" else tiny_mlx_model(family, bits=4)
+    if kind == "gguf":
+        return tiny_gguf_model(family)
+    if kind == "mlx4-bf16-g64":
+        return tiny_mlx_model(family, bits=4, group_size=64, dtype="bfloat16")
+    return tiny_mlx_model(family, bits=4)
 
 
 @pytest.fixture(scope="module", params=MODELS, ids=lambda m: f"{m[0]}-{m[1]}")

@@ -247,8 +247,9 @@ def test_compact_scales_give_the_float32_layouts_bits(qtype, monkeypatch):
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_mlx_affine_16_bit_scales_give_the_float32_layouts_bits(bits, group_size, kind, monkeypatch):
     """An mlx-lm affine matrix whose scales and biases are float16 or bfloat16 keeps them
-    at 16 bits (64 bytes a group instead of 128): the same products on both paths and the
-    same rows as with float32 scales, bit for bit."""
+    at 16 bits, once per run of the groups of 32 that share them (64 bytes a run instead of
+    128 a group): it costs the checkpoint's bits a weight, and gives the same products on
+    both paths and the same rows as with float32 scales, bit for bit."""
     n, k = 80, 384
     q, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(bits)), group_size=group_size, bits=bits)
     dtype = mx.float16 if kind == "f16" else mx.bfloat16
@@ -262,7 +263,9 @@ def test_mlx_affine_16_bit_scales_give_the_float32_layouts_bits(bits, group_size
         weight, view = quant_linear.QuantWeight.allocate(n, k, fmt)
         quant_layout.pack_tiles(part, view, fmt)
         weights[compact] = weight
-    assert weights[True].nbytes * (PACKED_BITS_AFFINE[bits] + 1) == weights[False].nbytes * PACKED_BITS_AFFINE[bits]
+    assert weights[True].format.share == group_size // 32
+    assert weights[True].nbytes * 8 / (n * k) == bits + 32 / group_size  # the checkpoint's own
+    assert weights[False].nbytes * 8 / (n * k) == bits + 2  # float32 scale and offset per 32
     ids = mx.array([0, 33, n - 1])
     assert np.array_equal(np.array(weights[True].rows(ids)), np.array(weights[False].rows(ids)))
     x = mx.random.normal((9, k), key=mx.random.key(5))
@@ -274,8 +277,18 @@ def test_mlx_affine_16_bit_scales_give_the_float32_layouts_bits(bits, group_size
             assert np.array_equal(got[0], got[1]), (path, rows)
 
 
-# mlx affine bits per weight with 16-bit scales and offsets per 32 (float32 ones: one more)
-PACKED_BITS_AFFINE = {4: 5, 5: 6, 8: 9}
+def test_groups_that_share_a_scale_hold_one():
+    """Groups of 32 of one mlx-lm group share its scale; rows whose groups in a run differ
+    (never from a checkpoint) are refused rather than packed wrong."""
+    n, k = 16, 256
+    q, s, b = mx.quantize(mx.random.normal((n, k), key=mx.random.key(3)), group_size=64, bits=4)
+    part = quant_layout.unpack_mlx_affine(np.array(q), np.array(s.astype(mx.float16).astype(mx.float32)),
+                                          np.array(b.astype(mx.float16).astype(mx.float32)), 4, 64, "f16")
+    fmt = part.format.packed_as(k)
+    assert fmt.half and fmt.share == 2
+    part.scales[3, 1] = part.scales[3, 0] * 2
+    with pytest.raises(ValueError, match="groups that share a scale"):
+        quant_layout.pack_tiles(part, np.zeros(quant_layout.packed_shape(n, k, fmt), np.uint8), fmt)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])

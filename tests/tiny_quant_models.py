@@ -58,10 +58,12 @@ def tiny_gguf_model(family: str, seed: int = 0) -> Path:
 
 
 @functools.cache
-def tiny_mlx_model(family: str, bits: int = 4, group_size: int = 32) -> Path:
-    """mlx-lm's own quantization of the tiny model (`mlx_lm.convert`)."""
+def tiny_mlx_model(family: str, bits: int = 4, group_size: int = 32, dtype: str | None = None) -> Path:
+    """mlx-lm's own quantization of the tiny model (`mlx_lm.convert`); `dtype` "float16" or
+    "bfloat16" gives 16-bit scales and biases, as published checkpoints have."""
     from mlx_lm import convert
 
-    path = _cache_dir() / f"{family}-mlx{bits}-g{group_size}"
-    convert(str(tiny_model(family)), mlx_path=str(path), quantize=True, q_bits=bits, q_group_size=group_size)
+    path = _cache_dir() / f"{family}-mlx{bits}-g{group_size}{'-' + dtype if dtype else ''}"
+    convert(str(tiny_model(family)), mlx_path=str(path), quantize=True, q_bits=bits, q_group_size=group_size,
+            dtype=dtype)
     return path

@@ -19,8 +19,9 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
     values of group 2p, values of group 2p + 1, then both groups' float16 scales [2][16]
     (64 bytes: every part of a pair stays a multiple of 64 bytes)
   or, for mlx-lm's affine checkpoints, whose scales and biases are float16 or bfloat16,
-  "half" scales with offsets, group by group:
-    values, then the 16-bit scales [16] and offsets [16] (64 bytes)
+  "half" scales with offsets, in runs of the `share` groups that share them (the
+  checkpoint's group size / 32: 1, 2 or 4):
+    the run's values, then its 16-bit scales [16] and offsets [16] (64 bytes)
   or, for the K-quants (Q4_K, Q5_K, Q6_K), whose scales are small integers times a float16
   base per 256 inputs (and offsets minus integers times a second base), "ints", groups in
   superblocks of 8:
@@ -31,9 +32,9 @@ values equal gguf's own dequantization bit for bit; tests/test_quant_kernels.py)
     bits), so the scales and offsets are the float32 ones of the layout above, bit for bit.
 
 So a weight costs Q4_0 4.5 bits, Q5_0 5.5, Q8_0 8.5 (with an odd number of groups 5, 6,
-9), Q4_K 4.625, Q5_K 5.625, Q6_K 6.625 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56), an mlx-lm
-affine 4-bit weight 5 (float32 scales: 6; the checkpoint: 4.5 at group size 64): a decode
-step streams every weight once, so bytes are time.
+9), Q4_K 4.625, Q5_K 5.625, Q6_K 6.625 (the file: 4.5, 5.5, 8.5, 4.5, 5.5, 6.56), and an
+mlx-lm affine 4-bit weight what the checkpoint costs: 5 bits at group size 32, 4.5 at 64,
+4.25 at 128 (float32 scales: 6): a decode step streams every weight once, so bytes are time.
 Rows are repacked a few thousand at a time into the final buffer, so a load never holds a
 float32 copy, nor more than one extra chunk.
 
@@ -77,6 +78,9 @@ class QuantFormat:
     half: bool = False  # packed with 16-bit scales (see the top)
     int_scales: bool = False  # scales and offsets are integers times bases per 256 (K-quants)
     ints: bool = False  # packed with integer scales, groups in superblocks of 8 (see the top)
+    # Groups of 32 that share one scale and offset (mlx-lm's group size / 32: 1, 2 or 4); the
+    # 16-bit layout stores them once a run, the float32 one once a group
+    share: int = 1
 
     @property
     def value_bytes(self) -> int:
@@ -86,7 +90,7 @@ class QuantFormat:
     def group_bytes(self) -> int:
         """Bytes a group takes in a tile (with half scales: half of a pair's)."""
         if self.half:
-            return self.value_bytes + (64 if self.offsets else 32)
+            return self.value_bytes + (64 // self.share if self.offsets else 32)
         if self.ints:  # an eighth of a superblock's (8 values, 8 x 32 integers, 64 of bases)
             return self.value_bytes + 40
         return self.value_bytes + 64 * self.subs + (64 if self.offsets else 0)
@@ -96,7 +100,8 @@ class QuantFormat:
         where they fit."""
         half = self.scales16 is not None and self.subs == 1 and (self.offsets or (k // GROUP) % 2 == 0)
         ints = self.int_scales and k % (SUPER * GROUP) == 0
-        return replace(self, half=half, ints=ints)
+        share = self.share if half and self.offsets and (k // GROUP) % self.share == 0 else 1
+        return replace(self, half=half, ints=ints, share=share)
 
 
 def stored_bits(bits: int) -> int:
@@ -239,7 +244,9 @@ def unpack_mlx_affine(weight: np.ndarray, scales: np.ndarray, biases: np.ndarray
     repeat = group_size // GROUP
     scales = np.repeat(scales.astype(np.float32), repeat, axis=1)
     biases = np.repeat(biases.astype(np.float32), repeat, axis=1)
-    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8, stored_bits(bits), scales16=scales16))
+    share = repeat if repeat in (1, 2, 4) else 1  # mlx's group sizes: 32, 64, 128
+    return Unpacked(u, scales, biases, QuantFormat(1, True, 0, bits == 8, stored_bits(bits), scales16=scales16,
+                                                   share=share))
 
 
 def gguf_as_mlx_affine(qtype: str) -> int | None:
@@ -294,11 +301,12 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
             raise ValueError("integer-scale layout: the rows carry no bases (unpack_gguf gives them)")
         out[:] = _superblocks(part, values, padded, tiles, groups).reshape(tiles, groups, -1)
         return
-    if fmt.half and fmt.offsets:  # per group: values, 16-bit scales [16], 16-bit offsets [16]
-        s = [padded(_sixteen(a, fmt.scales16)).reshape(tiles, TILE, groups).transpose(0, 2, 1)
+    if fmt.half and fmt.offsets:  # per run: its values, 16-bit scales [16], 16-bit offsets [16]
+        runs = groups // fmt.share
+        s = [padded(_sixteen(_shared(a, fmt.share), fmt.scales16)).reshape(tiles, TILE, runs).transpose(0, 2, 1)
              for a in (part.scales, part.offsets)]
-        s = np.ascontiguousarray(np.stack(s, axis=2)).view(np.uint8).reshape(tiles, groups, 64)
-        out[:] = np.concatenate([values, s], axis=-1)
+        s = np.ascontiguousarray(np.stack(s, axis=2)).view(np.uint8).reshape(tiles, runs, 64)
+        out[:] = np.concatenate([values.reshape(tiles, runs, -1), s], axis=-1).reshape(tiles, groups, -1)
         return
     if fmt.half:
         halves = _sixteen(part.scales, fmt.scales16)
@@ -314,6 +322,15 @@ def pack_tiles(part: Unpacked, out: np.ndarray, fmt: QuantFormat | None = None) 
         o = padded(part.offsets).astype("<f4").reshape(tiles, TILE, groups).transpose(0, 2, 1)
         parts.append(np.ascontiguousarray(o).view(np.uint8).reshape(tiles, groups, -1))
     out[:] = np.concatenate(parts, axis=-1)
+
+
+def _shared(per_group: np.ndarray, share: int) -> np.ndarray:
+    """[rows, groups] -> [rows, groups / share]: the value each run of `share` groups shares
+    (else ValueError: the layout could not give the values back)."""
+    runs = per_group.reshape(per_group.shape[0], -1, share)
+    if not (runs == runs[..., :1]).all():
+        raise ValueError(f"shared-scale layout: groups that share a scale ({share} a run) hold different ones")
+    return runs[..., 0]
 
 
 def _sixteen(floats: np.ndarray, kind: str) -> np.ndarray:

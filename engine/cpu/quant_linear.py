@@ -61,7 +61,7 @@ def _binds() -> bool:
     try:
         fmt = QuantFormat(1, False, 0, False)
         mx.eval(_native.quant_matmul(mx.zeros((1, 32)), mx.zeros((1, 1, fmt.group_bytes), mx.uint8),
-                                     1, 1, False, 0, False, fmt.bits, 2, False, False, False, path() == "avx2"))
+                                     1, 1, False, 0, False, fmt.bits, 2, False, False, False, 1, path() == "avx2"))
         return True
     except TypeError:
         warnings.warn("kernelext: engine/cpu/_quant_matmul was built for another mlx; run `make native` "
@@ -112,13 +112,13 @@ class QuantWeight:
         f = self.format
         return _native.quant_matmul(x.astype(mx.float32), self.packed, self.n, f.subs, f.offsets,
                                     f.zero, f.wide, f.bits, self.levels, f.half, f.scales16 == "bf16", f.ints,
-                                    path() == "avx2")
+                                    f.share, path() == "avx2")
 
     def rows(self, ids: mx.array) -> mx.array:
         """W[ids], float32 [..., k]."""
         f = self.format
         return _native.quant_rows(ids, self.packed, self.n, f.subs, f.offsets, f.zero, f.bits, f.half,
-                                  f.scales16 == "bf16", f.ints)
+                                  f.scales16 == "bf16", f.ints, f.share)
 
 
 class QuantLinear(nn.Module):

@@ -16,7 +16,9 @@
 // scales (64 bytes). Q8_0 then costs the file's 8.5 bits a weight instead of 9; the
 // scales convert exactly, so the products keep their bits.
 // mlx-lm's affine checkpoints, whose scales and biases are float16 or bfloat16, keep them
-// so too, group by group: values, then the 16-bit scales [16] and offsets [16] (64 bytes).
+// so too, in runs of the groups that share them (`share`: the checkpoint's group size / 32,
+// 1, 2 or 4): the run's values, then its 16-bit scales [16] and offsets [16] (64 bytes).
+// A 4-bit weight at mlx-lm's default group size 64 then costs the checkpoint's 4.5 bits.
 // The K-quants (Q4_K, Q5_K, Q6_K) keep their integer scales ("ints"), 8 groups to a
 // superblock: the 8 groups' values, then per group its integer scales [subs][16] (Q6_K:
 // int8) and, with offsets, integer minimums [16] (uint8), 32 bytes a group, then the
@@ -90,12 +92,13 @@ struct Format {
   bool half;       // 16-bit scales (subs 1): groups in pairs, or with 16-bit offsets (see the top)
   bool bf16;       // those are bfloat16, not float16
   bool ints;       // integer scales on float16 bases, superblocks of 8 groups (see the top)
+  int share_shift; // half scales with offsets: log2 of the groups in a run sharing them
   int value_bytes() const { return bits == 8 ? 512 : 256 + (bits - 4) * 64; }
-  // Bytes a group: with half scales, half of a pair's (2 * values + 64), or values and 64
-  // with offsets; with integer
-  // scales, an eighth of a superblock's (8 * values + 8 * 32 + 64).
+  // Bytes a group: with half scales, half of a pair's (2 * values + 64), or with offsets
+  // its share of a run's (share * values + 64); with integer scales, an eighth of a
+  // superblock's (8 * values + 8 * 32 + 64).
   int group_bytes() const {
-    return half ? value_bytes() + (offsets ? 64 : 32)
+    return half ? value_bytes() + (offsets ? 64 >> share_shift : 32)
                 : ints ? value_bytes() + 40 : value_bytes() + 64 * subs + (offsets ? 64 : 0);
   }
 };
@@ -125,7 +128,8 @@ inline __m512 int_scales(const uint8_t* super_values, int value_bytes, int j, in
 
 bool same_format(const Format& a, const Format& b) {
   return a.subs == b.subs && a.offsets == b.offsets && a.zero == b.zero && a.wide == b.wide &&
-         a.bits == b.bits && a.levels == b.levels && a.half == b.half && a.bf16 == b.bf16 && a.ints == b.ints;
+         a.bits == b.bits && a.levels == b.levels && a.half == b.half && a.bf16 == b.bf16 && a.ints == b.ints &&
+         a.share_shift == b.share_shift;
 }
 
 // Activations of M rows, quantized per 32 k in two int8 levels: x ~ dx * q + dx2 * q2,
@@ -248,9 +252,11 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
                int valid) {
   constexpr int kPairs = 4 / SUBS;  // step pairs per scale
   constexpr int kValueBytes = BITS == 8 ? 512 : 256 + (BITS - 4) * 64;
-  constexpr int kGroupBytes = HALF ? kValueBytes + (OFFSETS ? 64 : 32)
+  constexpr int kGroupBytes = HALF ? kValueBytes + (OFFSETS ? 64 : 32)  // runs of one group
                               : INTS ? kValueBytes + 40
                                      : kValueBytes + 64 * SUBS + (OFFSETS ? 64 : 0);
+  const int shift = f.share_shift;
+  const int group_bytes = HALF && OFFSETS ? kValueBytes + (64 >> shift) : kGroupBytes;
   static_assert(!HALF || SUBS == 1, "half scales: one per group");
   constexpr int C = R <= 2 ? 2 : 1;
   const int groups = a.groups, zero = f.zero;
@@ -271,14 +277,16 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int g = 0; g < groups; g++) {
-    const uint8_t* w = tile + (size_t)g * kGroupBytes;  // the stream's position: a group's share
-    for (int line = 0; line < kGroupBytes; line += 64)
+    const uint8_t* w = tile + (size_t)g * group_bytes;  // the stream's position: a group's share
+    for (int line = 0; line < group_bytes; line += 64)
       _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
     const float* scales = (const float*)(w + kValueBytes);
     const uint16_t* halves = nullptr;
     const uint8_t* super_values = nullptr;
-    if constexpr (HALF && OFFSETS) {  // values, 16-bit scales, 16-bit offsets (see the top)
-      halves = (const uint16_t*)(w + kValueBytes);
+    if constexpr (HALF && OFFSETS) {  // group g % share of run g / share (see the top)
+      const uint8_t* run = tile + (size_t)(g >> shift) * ((kValueBytes << shift) + 64);
+      w = run + (g & ((1 << shift) - 1)) * kValueBytes;
+      halves = (const uint16_t*)(run + (kValueBytes << shift));
     } else if constexpr (HALF) {  // group g of pair g / 2 (see the top)
       const uint8_t* pair = tile + (size_t)(g / 2) * 2 * kGroupBytes;
       w = pair + (g & 1) * kValueBytes;
@@ -395,8 +403,10 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
       const float* scales = (const float*)(w + vb);
       const uint16_t* halves = nullptr;
       const uint8_t* super_values = nullptr;
-      if (f.half && f.offsets) {  // values, 16-bit scales, 16-bit offsets
-        halves = (const uint16_t*)(w + vb);
+      if (f.half && f.offsets) {  // group g % share of run g / share (see the top)
+        const uint8_t* run = tile + (size_t)(g >> f.share_shift) * ((vb << f.share_shift) + 64);
+        w = run + (g & ((1 << f.share_shift) - 1)) * vb;
+        halves = (const uint16_t*)(run + (vb << f.share_shift));
       } else if (f.half) {  // group g of pair g / 2 (see the top)
         const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
         w = pair + (g & 1) * vb;
@@ -606,9 +616,12 @@ class QuantRows : public mx::Primitive {
           float half_scale = 0.f;
           const uint8_t* super_values = nullptr;
           float half_offset = 0.f;
-          if (f.half && f.offsets) {  // values, 16-bit scales, 16-bit offsets
-            half_scale = sixteen_to_float(((const uint16_t*)(gw + vb))[j], f.bf16);
-            half_offset = sixteen_to_float(((const uint16_t*)(gw + vb))[16 + j], f.bf16);
+          if (f.half && f.offsets) {  // group g % share of run g / share (see the top)
+            const uint8_t* run = tile + (g >> f.share_shift) * ((vb << f.share_shift) + 64);
+            gw = run + (g & ((1 << f.share_shift) - 1)) * vb;
+            const uint16_t* halves = (const uint16_t*)(run + (vb << f.share_shift));
+            half_scale = sixteen_to_float(halves[j], f.bf16);
+            half_offset = sixteen_to_float(halves[16 + j], f.bf16);
           } else if (f.half) {  // group g of pair g / 2 (see the top)
             const uint8_t* pair = tile + (g / 2) * 2 * gb;
             gw = pair + (g & 1) * vb;
@@ -663,7 +676,7 @@ class QuantRows : public mx::Primitive {
 };
 
 Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int levels, bool half, bool bf16,
-                   bool ints) {
+                   bool ints, int share) {
   if (subs != 1 && subs != 2) throw std::invalid_argument("quant format: subs must be 1 or 2");
   if (bits != 4 && bits != 5 && bits != 6 && bits != 8)
     throw std::invalid_argument("quant format: bits must be 4, 5, 6 or 8");
@@ -674,22 +687,26 @@ Format make_format(int subs, bool offsets, int zero, bool wide, int bits, int le
   if (ints && !((subs == 1 && offsets && (bits == 4 || bits == 5)) || (subs == 2 && !offsets && bits == 6)))
     throw std::invalid_argument("quant format: integer scales are the K-quants' (Q4_K, Q5_K, Q6_K)");
   if (half && ints) throw std::invalid_argument("quant format: half or integer scales, not both");
-  return Format{subs, offsets, zero, wide, bits, levels, half, bf16, ints};
+  if (share != 1 && share != 2 && share != 4) throw std::invalid_argument("quant format: share must be 1, 2 or 4");
+  if (share != 1 && !(half && offsets))
+    throw std::invalid_argument("quant format: groups share scales only as 16-bit scales with offsets");
+  return Format{subs, offsets, zero, wide, bits, levels, half, bf16, ints, __builtin_ctz(share)};
 }
 
 void check_weights(const mx::array& w, long n, const Format& f, const char* what) {
   if (w.dtype() != mx::uint8 || w.ndim() != 3 || w.shape(2) != f.group_bytes() ||
       (long)w.shape(0) * kTile < n || (long)w.shape(0) * kTile >= n + kTile || (f.half && !f.offsets && w.shape(1) % 2) ||
-      (f.ints && w.shape(1) % kSuper))
+      (f.ints && w.shape(1) % kSuper) || w.shape(1) % (1 << f.share_shift))
     throw std::invalid_argument(std::string(what) +
                                 ": packed weights must be uint8 [ceil(N/16), K/32, group_bytes], an even "
-                                "number of groups with half scales and no offsets, a multiple of 8 with integer scales");
+                                "number of groups with half scales and no offsets, a multiple of 8 with integer "
+                                "scales, of share with shared scales");
 }
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs, bool offsets,
-                       int zero, bool wide, int bits, int levels, bool half, bool bf16, bool ints, bool avx2,
-                       mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, wide, bits, levels, half, bf16, ints);
+                       int zero, bool wide, int bits, int levels, bool half, bool bf16, bool ints, int share,
+                       bool avx2, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, wide, bits, levels, half, bf16, ints, share);
   check_weights(w, n, f, "quant_matmul");
   if (x.dtype() != mx::float32 || x.ndim() < 1 || x.shape(-1) != w.shape(1) * kGroup)
     throw std::invalid_argument("quant_matmul: x must be float32 [..., K]");
@@ -703,8 +720,8 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, long n, int subs,
 }
 
 mx::array quant_rows(const mx::array& ids, const mx::array& w, long n, int subs, bool offsets,
-                     int zero, int bits, bool half, bool bf16, bool ints, mx::StreamOrDevice s) {
-  Format f = make_format(subs, offsets, zero, false, bits, 1, half, bf16, ints);
+                     int zero, int bits, bool half, bool bf16, bool ints, int share, mx::StreamOrDevice s) {
+  Format f = make_format(subs, offsets, zero, false, bits, 1, half, bf16, ints, share);
   check_weights(w, n, f, "quant_rows");
   auto stream = mx::to_stream(s, mx::Device::cpu);
   auto shape = ids.shape();
@@ -719,10 +736,10 @@ NB_MODULE(_quant_matmul, m) {
   kernelext::share_workers(m);
   m.doc() = "x @ W.T with W in kernelext's quantized tile layout (engine/cpu/quant_layout.py)";
   m.def("quant_matmul", &quant_matmul, "x"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "wide"_a, "bits"_a, "levels"_a, "half"_a, "bf16"_a, "ints"_a, "avx2"_a, nb::kw_only(),
+        "wide"_a, "bits"_a, "levels"_a, "half"_a, "bf16"_a, "ints"_a, "share"_a, "avx2"_a, nb::kw_only(),
         "stream"_a = nb::none());
   m.def("quant_rows", &quant_rows, "ids"_a, "packed"_a, "n"_a, "subs"_a, "offsets"_a, "zero"_a,
-        "bits"_a, "half"_a, "bf16"_a, "ints"_a, nb::kw_only(), "stream"_a = nb::none());
+        "bits"_a, "half"_a, "bf16"_a, "ints"_a, "share"_a, nb::kw_only(), "stream"_a = nb::none());
   m.def("has_vnni", &has_vnni);
   m.def("has_avx2", &has_avx2);
 }
