@@ -4,6 +4,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 
 import mlx.core as mx
 import pytest
@@ -276,3 +277,22 @@ def test_the_front_imports_no_mlx():
             "assert engine.sampler is sys.modules['engine.sampling.sampler']; "
             "assert t.__spec__.name == 'engine.spec.tuning'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_idle_engine_hands_its_cached_memory_back(monkeypatch):
+    """MLX keeps the buffers a forward frees for the process's life; once the engine thread
+    has had no work for IDLE_RELEASE_S it hands them back, and what runs next is unchanged."""
+    from engine.core import worker
+
+    monkeypatch.setattr(worker, "IDLE_RELEASE_S", 60.0)
+    with Engine.load(tiny_model("llama"), EngineConfig(progress=False)) as e:
+        ids = e.encode(PROMPTS[6])
+        first = e.generate(ids, max_tokens=16).token_ids
+        assert mx.get_cache_memory() > 0  # the forwards' freed buffers, kept by MLX
+        monkeypatch.setattr(worker, "IDLE_RELEASE_S", 0.2)
+        e._worker.post(e.core, ("wake",))  # the thread's wait then takes the new value
+        deadline = time.monotonic() + 30
+        while mx.get_cache_memory() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert mx.get_cache_memory() == 0
+        assert e.generate(ids, max_tokens=16).token_ids == first

@@ -3,7 +3,9 @@
 MLX aborts the process at exit ("terminate called without an active
 exception") if a thread that ran MLX work has ended, so this thread is started
 once and lives until the interpreter exits. Engine fronts attach a core to it;
-it drains their commands and steps every core that has work, round-robin.
+it drains their commands and steps every core that has work, round-robin. When no core
+has had work for IDLE_RELEASE_S, it hands MLX's cached buffers and the heap's freed pages
+back to the OS (cpu/memory.py): a notebook's kernel left idle shrinks to its model.
 
 At exit the thread is parked: once the interpreter finalizes, a daemon thread that
 comes back from native code (an MLX eval in a step) and asks for the GIL is ended,
@@ -17,7 +19,15 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 from concurrent.futures import Future
+
+from ..cpu.memory import release_idle_memory
+
+# Seconds without work after which the thread hands cached memory back to the OS. Long
+# enough that an agent's next turn or a notebook's next cell, sent at once, finds the
+# buffers of the last one still there; short enough that a kernel left idle shrinks.
+IDLE_RELEASE_S = 2.0
 
 
 class MLXWorker:
@@ -62,18 +72,20 @@ class MLXWorker:
         return threading.current_thread() is self.thread
 
     def _loop(self) -> None:
+        last_step = None  # when a core last stepped, until the memory is released after it
         while True:
             busy = any(c.has_work() for c in self._cores)
+            timeout = None
+            if not busy and last_step is not None:
+                timeout = max(0.0, last_step + IDLE_RELEASE_S - time.monotonic())
             try:
-                core, item = self._inbox.get(block=not busy)
-                while True:
-                    try:
-                        self._dispatch(core, item)
-                    except Exception as e:  # never let one command kill the shared thread
-                        core.recover(e)
-                    core, item = self._inbox.get_nowait()
+                core, item = self._inbox.get(block=not busy, timeout=timeout)
             except queue.Empty:
-                pass
+                if not busy and last_step is not None:  # idle for IDLE_RELEASE_S since the last step
+                    release_idle_memory()
+                    last_step = None
+            else:
+                self._drain(core, item)
             working = [c for c in self._cores if c.has_work()]
             for core in working:
                 # An embedding core holds its batches to one step's budget while others wait.
@@ -83,6 +95,20 @@ class MLXWorker:
                         core.step()
                     except Exception as e:  # a bug must not kill the thread every engine needs
                         core.recover(e)
+            if working:
+                last_step = time.monotonic()
+
+    def _drain(self, core, item: tuple) -> None:
+        """Dispatch this command and every one queued behind it."""
+        while True:
+            try:
+                self._dispatch(core, item)
+            except Exception as e:  # never let one command kill the shared thread
+                core.recover(e)
+            try:
+                core, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
 
     def _dispatch(self, core, item: tuple) -> None:
         kind = item[0]
