@@ -21,6 +21,12 @@ class EngineConfig:
     # "auto": float32 weights on the CPU backend (bf16/quantized CPU kernels are
     # several times slower there), the checkpoint's own dtype on a GPU.
     dtype: str = "auto"
+    # The KV cache's type where the quantized CPU kernels run (with their exact attention):
+    # "auto" stores float16, as llama.cpp does, half the memory of the float32 activations
+    # (the attention widens each element exactly, so batching, chunking and cache hits keep
+    # a row's bits); "float32" keeps the activations' type. Elsewhere the KV cache has the
+    # activations' type either way.
+    kv_dtype: str = "auto"
     # Where converted models (GGUF -> mlx-lm directory) are kept; None = default.
     model_cache_dir: str | None = None
     # Longest prompt + completion; None = the model's max_position_embeddings.
@@ -98,6 +104,8 @@ class EngineConfig:
             raise InvalidRequestError(f"distributed_timeout must be >= 2 seconds, got {self.distributed_timeout!r}")
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             raise InvalidRequestError(f"hostfile {self.hostfile} does not exist")
+        if self.kv_dtype not in ("auto", "float32"):
+            raise InvalidRequestError(f"kv_dtype must be auto or float32; got {self.kv_dtype!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):
             raise InvalidRequestError(
                 f"dtype must be one of auto, float32, float16, bfloat16, model; got {self.dtype!r}"

@@ -85,3 +85,26 @@ def test_a_long_decode_step_matches_the_reference_and_its_prefill():
     assert np.abs(chunk - reference(q, k, v, 0.06, causal[None])).max() < 2e-5
     step = ca.causal_attention(q[:, :, -1:], k, v, scale=0.06)
     assert np.array_equal(np.array(step)[:, :, 0], chunk[:, :, -1])
+
+
+@pytest.mark.parametrize("keys,rows", [(70, 9), (1100, 1)])  # tiles on one thread; a decode step split
+def test_a_float16_cache_gives_the_bits_of_its_values_as_float32(keys, rows):
+    """A float16 KV cache is read as it is: each element widens exactly to float32, so the
+    result is bit for bit the one of the same values held as float32, with a causal mask, a
+    mask, a ring and keys that are not dense."""
+    dims = 256
+    q, k, v = tensors(2, 4, 1, rows, keys, dims, seed=5)
+    k16, v16 = k.astype(mx.float16), v.astype(mx.float16)
+    k32, v32 = k16.astype(mx.float32), v16.astype(mx.float32)
+    allowed = mx.array((np.arange(keys)[None] <= np.arange(keys - rows, keys)[:, None])[None, None])
+    mask = ca.visible(allowed, 2, rows, keys)
+    for kw in (dict(causal=True), dict(mask=mask), dict(ring=7)):
+        half = ca.causal_attention(q, k16, v16, scale=0.06, **kw)
+        assert np.array_equal(np.array(half), np.array(ca.causal_attention(q, k32, v32, scale=0.06, **kw))), kw
+    # every other dimension of a wider buffer: a last dimension that is not dense
+    wide_k = mx.repeat(k16, 2, axis=3)[..., ::2]
+    wide_v = mx.repeat(v16, 2, axis=3)[..., ::2]
+    got = ca.causal_attention(q, wide_k, wide_v, scale=0.06, causal=True)
+    assert np.array_equal(np.array(got), np.array(ca.causal_attention(q, k32, v32, scale=0.06, causal=True)))
+    with pytest.raises(ValueError, match="both float32 or both float16"):
+        ca.causal_attention(q, k16, v32, scale=0.06)

@@ -149,3 +149,32 @@ def test_without_the_kernels_on_a_gpu_blocks_become_mlx_quantized_modules(monkey
     assert not any(isinstance(m, nn.Linear) for _, m in mapped.model.named_modules())
     ids = mx.array([dense.tokenizer.encode(TEXT)[:24]])
     np.testing.assert_allclose(np.array(mapped.model(ids)), np.array(dense.model(ids)), rtol=1e-3, atol=1e-3)
+
+
+@needs_kernels
+def test_the_kv_cache_is_float16_unless_asked_float32(tmp_path):
+    """Where the quantized kernels run, caches hold float16 keys and values (half of
+    float32's memory; the exactness tests above run so) in prefill and in the decode batch;
+    kv_dtype="float32" keeps float32. The prefix cache keeps the two apart: blocks of one
+    are never restored into the other."""
+    from engine.errors import InvalidRequestError
+
+    path = tiny_gguf_model("gemma3_text")
+    ids_text = TEXT * 3
+    seen = {}
+    for kv in ("auto", "float32"):
+        with make_engine(path, kv_dtype=kv, cache_dir=str(tmp_path / "kv")) as eng:
+            runner = eng.core.runner
+            ids = eng.encode(ids_text)[:70]
+            first = eng.generate(ids, max_tokens=8)
+            handle = eng.submit(ids, max_tokens=400)
+            stream = iter(handle)
+            next(stream)  # decoding in the batch now
+            dtypes = eng.call(lambda: {c.state[0].dtype for c in runner.batch_cache or []})
+            handle.cancel()
+            handle.result()
+            seen[kv] = (dtypes, first.usage.cached_tokens, first.token_ids)
+    assert seen["auto"][0] == {mx.float16} and seen["float32"][0] == {mx.float32}
+    assert seen["auto"][1] == seen["float32"][1] == 0  # float32 found none of float16's blocks
+    with pytest.raises(InvalidRequestError, match="kv_dtype"):
+        EngineConfig(kv_dtype="int8")

@@ -89,7 +89,7 @@ class EngineCore:
             except NoDraftHeadError:
                 if config.drafter == "mtp":
                     raise
-        self.runner = ModelRunner(self.loaded.model, head, self.loaded.chunk_invariant)
+        self.runner = ModelRunner(self.loaded.model, head, self.loaded.chunk_invariant, config.kv_dtype)
         self.chunk_invariant = self.runner.chunk_invariant
         self.drafters = DrafterPool(self.runner, name)
         self.prefix_cache = self._make_prefix_cache(head_id)
@@ -113,8 +113,10 @@ class EngineCore:
         if not cfg.prefix_cache:
             return None
         kv_dir = self.kv_dir()
-        # With a draft head its KV is cached too, so the head is part of the identity.
-        fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}".encode()).hexdigest()
+        # With a draft head its KV is cached too, so the head is part of the identity; so is
+        # the KV's type (float16 where the runner stores it so).
+        kv = "" if self.runner.kv_dtype is None else f"|kv={self.runner.kv_dtype}"
+        fingerprint = hashlib.sha256(f"{self.fingerprint}|head={head_id}{kv}".encode()).hexdigest()
         # A rank's blocks hold its shard of the KV: their own identity and directory.
         fingerprint = distributed.cache_identity(fingerprint, self.group)
         blocks = kv_dir / "blocks" if self.group is None else kv_dir / "ranks" / "rank-0"

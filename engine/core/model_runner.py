@@ -14,7 +14,8 @@ hidden states, which the head consumes.
 A chunk-invariant model (models/loader.py's `chunk_invariant`: quantized CPU kernels and
 exact attention) leaves the same KV bits however a prompt is split into prefill calls, so
 the engine may prefill it in large chunks; with a draft head it may not (the head's float
-products depend on the row count).
+products depend on the row count). Its caches hold float16 KV unless the config says
+float32 (`kv_dtype`): every forward stores through `row_attention.storing_kv`.
 """
 
 from __future__ import annotations
@@ -30,11 +31,14 @@ from ..cache.recurrent_capture import RecurrentCapture
 
 
 class ModelRunner:
-    def __init__(self, model, head=None, chunk_invariant: bool = False):
+    def __init__(self, model, head=None, chunk_invariant: bool = False, kv_dtype: str = "auto"):
         self.model = model
         self.head = head
         self._exact_prefill = chunk_invariant
         self.chunk_invariant = chunk_invariant and head is None
+        # The KV caches' type where it is not the activations': a chunk-invariant model's
+        # exact attention reads float16 as it is (a head's caches would be written outside).
+        self.kv_dtype = mx.float16 if self.chunk_invariant and kv_dtype == "auto" else None
         self.n_trunk = len(make_prompt_cache(model))  # trunk layers come first in every cache list
         self.batch_cache: list | None = None  # one batch cache per layer
         self.hidden: mx.array | None = None  # trunk hidden states of the last decode/verify
@@ -46,9 +50,10 @@ class ModelRunner:
         return cache + self.head.make_cache() if self.head is not None else cache
 
     def _forward(self, inputs: mx.array, cache: list) -> mx.array:
-        if self.head is None:
-            return self.model(inputs, cache=cache)
-        logits, self.hidden = trunk_forward(self.model, inputs, cache[:self.n_trunk])
+        with row_attention.storing_kv(self.kv_dtype):
+            if self.head is None:
+                return self.model(inputs, cache=cache)
+            logits, self.hidden = trunk_forward(self.model, inputs, cache[:self.n_trunk])
         return logits
 
     def prefill(self, cache: list, tokens: list[int], next_tokens: list[int]) -> None:

@@ -21,11 +21,19 @@ cache) in the modules of the model's classes, not `mx.fast`'s.
 Without the native kernel (no AVX-512), decode and verify rows fall back to one fused call
 per query over its contiguous keys, which a lone decode step matches; prefill then stays
 in prefix-cache blocks (not chunk-invariant).
+
+Inside `storing_kv(mx.float16)` (core/model_runner.py, for chunk-invariant models) the
+caches store keys and values as float16: half the memory of float32, as llama.cpp keeps
+its KV. mlx-lm's attention layers hand their keys to `cache.update_and_fetch` themselves,
+so that method of mlx-lm's KV cache classes converts them first, on this thread, inside
+the context only (outside it, and for anyone else's mlx-lm caches, it is mlx-lm's). The
+kernel widens float16 exactly, so the bits stay independent of batching and chunking.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 
@@ -33,13 +41,14 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import base
-from mlx_lm.models.cache import BatchRotatingKVCache, RotatingKVCache
+from mlx_lm.models.cache import (BatchKVCache, BatchRotatingKVCache, ChunkedKVCache, ConcatenateKVCache,
+                                 KVCache, RotatingKVCache)
 
 from ..cpu import causal_attention
 
 _mlx_lm_attention = base.scaled_dot_product_attention
 _fused = mx.fast.scaled_dot_product_attention
-_local = threading.local()  # .model: the model whose forward is running exactly; .masks
+_local = threading.local()  # .model: the model whose forward is running exactly; .masks; .kv_dtype
 
 
 def install(model: nn.Module) -> bool:
@@ -67,19 +76,54 @@ def exact(model: nn.Module):
         _local.model, _local.masks = outer, {}
 
 
+@contextlib.contextmanager
+def storing_kv(dtype):
+    """Within: mlx-lm's KV caches store new keys and values as `dtype` (None: as given)."""
+    outer = getattr(_local, "kv_dtype", None)
+    _local.kv_dtype = dtype
+    if dtype is not None:
+        _convert_on_store()
+    try:
+        yield
+    finally:
+        _local.kv_dtype = outer
+
+
+@functools.cache
+def _convert_on_store() -> None:
+    """Give mlx-lm's KV cache classes' update_and_fetch the conversion (once)."""
+    for cls in (KVCache, RotatingKVCache, BatchKVCache, BatchRotatingKVCache, ChunkedKVCache, ConcatenateKVCache):
+        store = cls.update_and_fetch
+
+        def update_and_fetch(self, keys, values, _store=store):
+            dtype = getattr(_local, "kv_dtype", None)
+            if dtype is not None and keys.dtype != dtype:
+                keys, values = keys.astype(dtype), values.astype(dtype)
+            return _store(self, keys, values)
+
+        cls.update_and_fetch = update_and_fetch
+
+
 def _attention(queries, keys, values, cache, scale, mask, sinks=None):
     if (getattr(_local, "model", None) is None or sinks is not None or hasattr(cache, "bits")
-            or queries.dtype != mx.float32 or keys.dtype != mx.float32
+            or queries.dtype != mx.float32 or keys.dtype not in (mx.float32, mx.float16)
             or (isinstance(mask, mx.array) and mask.dtype != mx.bool_)):
-        return _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks)
+        return _mlx_lm_attention(queries, *_widened(queries, keys, values), cache, scale, mask, sinks)
     if not causal_attention.available():
-        return _per_query_fused(queries, keys, values, scale, mask)
+        return _per_query_fused(queries, *_widened(queries, keys, values), scale, mask)
     if getattr(cache, "keep", 0):  # a ring after `keep` pinned tokens: not one rotation
-        return _mlx_lm_attention(queries, keys, values, cache, scale, mask, sinks)
+        return _mlx_lm_attention(queries, *_widened(queries, keys, values), cache, scale, mask, sinks)
     causal = isinstance(mask, str)
     return causal_attention.causal_attention(
         queries, keys, values, scale=scale, causal=causal, ring=_ring_start(cache, keys.shape[2]),
         mask=None if causal or mask is None else _visible(mask, queries.shape[0], queries.shape[2], keys.shape[2]))
+
+
+def _widened(queries, keys, values):
+    """Keys and values of a float16 cache as the queries' type, for MLX's attention."""
+    if keys.dtype == mx.float16 and queries.dtype != mx.float16:
+        return keys.astype(queries.dtype), values.astype(queries.dtype)
+    return keys, values
 
 
 def _ring_start(cache, n: int) -> int:

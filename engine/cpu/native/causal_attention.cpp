@@ -1,8 +1,9 @@
 // Attention of decoder queries over their cached keys, with one fixed summation per query
 // (engine/models/row_attention.py says where and why).
 //
-// Inputs: q [B, Hq, L, D], k [B, Hkv, N, D], v [B, Hkv, N, Dv] (float32, query head h reads
-// KV head h / (Hq / Hkv)), and which keys each query sees: a mask [B, L, N] (uint8), or
+// Inputs: q [B, Hq, L, D] (float32), k [B, Hkv, N, D], v [B, Hkv, N, Dv] (both float32 or both
+// float16: a float16 KV cache is read as it is, each element widened exactly to float32, so
+// it gives the bits its values give as float32; query head h reads KV head h / (Hq / Hkv)), and which keys each query sees: a mask [B, L, N] (uint8), or
 // "causal" (query i sees keys 0 .. N - L + i), or none (all N). Keys are visited in the
 // order t = 0 .. N - 1 at buffer index (t + ring) % N: a sliding-window cache that decodes
 // in place keeps its keys in a ring whose oldest entry is at `ring`, so t is their order in
@@ -45,7 +46,7 @@ namespace mx = mlx::core;
 
 namespace {
 
-#define KX_TARGET __attribute__((target("avx512f,avx512dq,fma")))
+#define KX_TARGET __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,f16c,fma")))
 
 constexpr int kTileRows = 16;   // query rows (positions x the heads of one KV head) per task
 constexpr int kScoreRows = 4;   // score pass: 4 rows x 4 keys
@@ -56,13 +57,14 @@ constexpr int kPrefetchKeys = 16;  // how far ahead the passes prefetch their ke
 constexpr int kValueBlock = 64;    // keys a weighted-value pass takes before its next dimensions
 
 struct Problem {
-  const float *q, *k, *v;
+  const float* q;
+  const void *k, *v;  // float, or uint16_t (float16) with `half`
   const uint8_t* mask;  // [B, L, N] or null
   float* out;           // [B, Hq, L, Dv]
   int B, Hq, Hkv, G, L, N, D, Dv, ring, positions;  // positions: query positions per task
   long ks[3], vs[3];  // element strides of k and v over batch, head, key (a cache's keys are
                       // often a slice of a longer buffer: read in place, not copied)
-  bool causal;
+  bool causal, half;
   float scale;
   long key(int t) const {  // buffer index of the t-th key in time order
     int j = t + ring;
@@ -72,6 +74,16 @@ struct Problem {
 
 inline __mmask16 lanes(int n) {  // the first n (0..16) lanes
   return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
+
+// 16 (masked) keys' or values' elements as float32: T is float, or uint16_t holding float16
+// (widened exactly).
+template <typename T>
+KX_TARGET inline __m512 load16(__mmask16 m, const T* p) {
+  if constexpr (sizeof(T) == 2)
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  else
+    return _mm512_maskz_loadu_ps(m, p);
 }
 
 // The keys query i of batch row b sees: [first, end) in time order; `holes` when the
@@ -115,25 +127,26 @@ KX_TARGET inline __m512 lane_sums16(const __m512 v[16]) {
 }
 
 // scores[r][t - base] = scale * q_r . k_t for kScoreRows rows and keys t in [lo, hi).
-KX_TARGET void score_rows(const Problem& p, const float* kbase, const float* const q[kScoreRows], int rows,
+template <typename T>
+KX_TARGET void score_rows(const Problem& p, const T* kbase, const float* const q[kScoreRows], int rows,
                           int lo, int hi, int base, float* scores, long stride) {
   static_assert(kScoreRows * kScoreKeys == 16, "one lane_sums16 per pass");
   const int dvecs = (p.D + 15) / 16;
   const __mmask16 tail = lanes(p.D - (dvecs - 1) * 16);
   const __m512 scale = _mm512_set1_ps(p.scale);
   for (int t = lo; t < hi; t += kScoreKeys) {
-    const float* kp[kScoreKeys];
+    const T* kp[kScoreKeys];
     for (int c = 0; c < kScoreKeys; c++) kp[c] = kbase + p.key(std::min(t + c, hi - 1)) * p.ks[2];
     for (int c = 0; c < kScoreKeys && t + kPrefetchKeys + c < hi; c++) {
       const char* ahead = (const char*)(kbase + p.key(t + kPrefetchKeys + c) * p.ks[2]);
-      for (int b = 0; b < p.D * 4; b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
+      for (int b = 0; b < p.D * (int)sizeof(T); b += 64) _mm_prefetch(ahead + b, _MM_HINT_T0);
     }
     __m512 acc[kScoreRows * kScoreKeys];  // row r, key c at 4r + c
     for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
     for (int dv = 0; dv < dvecs; dv++) {
       const __mmask16 m = dv == dvecs - 1 ? tail : (__mmask16)0xffff;
       __m512 kv[kScoreKeys];
-      for (int c = 0; c < kScoreKeys; c++) kv[c] = _mm512_maskz_loadu_ps(m, kp[c] + dv * 16);
+      for (int c = 0; c < kScoreKeys; c++) kv[c] = load16(m, kp[c] + dv * 16);
       for (int r = 0; r < kScoreRows; r++) {
         const __m512 qv = _mm512_maskz_loadu_ps(m, q[r] + dv * 16);
         for (int c = 0; c < kScoreKeys; c++) acc[4 * r + c] = _mm512_fmadd_ps(qv, kv[c], acc[4 * r + c]);
@@ -177,8 +190,8 @@ KX_TARGET float softmax_row(float* s, int n, const uint8_t* visible) {
 // block stay in cache for the next 64 dimensions), and every output element is still one
 // FMA chain over its keys in time order. `prefetch`: bytes of each row from d0 to fetch
 // kPrefetchKeys keys ahead (0: none; the block's first pass fetches for the others).
-template <int R>
-KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* const w[kValueRows],
+template <int R, typename T>
+KX_TARGET void weigh_values(const Problem& p, const T* vbase, const float* const w[kValueRows],
                             const int* first, const int* end, float* acc_mem, int rows, int lo, int hi,
                             int d0, int prefetch) {
   const int nd = std::min(kValueVecs * 16, p.Dv - d0);
@@ -188,14 +201,14 @@ KX_TARGET void weigh_values(const Problem& p, const float* vbase, const float* c
   for (int r = 0; r < R; r++)
     for (int c = 0; c < kValueVecs; c++) acc[r][c] = _mm512_loadu_ps(acc_mem + (r * kValueVecs + c) * 16);
   for (int t = lo; t < hi; t++) {
-    const float* vr = vbase + p.key(t) * p.vs[2] + d0;
+    const T* vr = vbase + p.key(t) * p.vs[2] + d0;
     if (prefetch > 0 && t + kPrefetchKeys < hi) {  // a task reads part of each row: a
       // stride the hardware prefetcher does not follow, so each row would wait on DRAM
       const char* ahead = (const char*)(vbase + p.key(t + kPrefetchKeys) * p.vs[2] + d0);
       for (int c = 0; c < prefetch; c += 64) _mm_prefetch(ahead + c, _MM_HINT_T0);
     }
     __m512 vv[kValueVecs];
-    for (int c = 0; c < kValueVecs; c++) vv[c] = _mm512_maskz_loadu_ps(lm[c], vr + c * 16);
+    for (int c = 0; c < kValueVecs; c++) vv[c] = load16(lm[c], vr + c * 16);
     for (int r = 0; r < R; r++) {
       // rows outside their run, or missing, add nothing (no 0 * v term either)
       const __mmask16 on = r < rows && t >= first[r] && t < end[r] ? (__mmask16)0xffff : (__mmask16)0;
@@ -238,8 +251,9 @@ void tile_runs(const Problem& p, int b, int g, int i0, Tile& t) {
 }
 
 // Scores of keys [k0, k1) for every row of the tile.
+template <typename T>
 KX_TARGET void tile_scores(const Problem& p, Tile& t, int k0, int k1) {
-  const float* kbase = p.k + t.b * p.ks[0] + t.g * p.ks[1];
+  const T* kbase = (const T*)p.k + t.b * p.ks[0] + t.g * p.ks[1];
   for (int r0 = 0; r0 < t.rows; r0 += kScoreRows) {
     const int n = std::min(kScoreRows, t.rows - r0);
     const float* q[kScoreRows];
@@ -267,8 +281,9 @@ void tile_softmax(const Problem& p, Tile& t, int r, std::vector<uint8_t>& visibl
 }
 
 // Outputs [d0, d1) (multiples of 64 but the last) of every row of the tile.
+template <typename T>
 KX_TARGET void tile_values(const Problem& p, Tile& t, int d0, int d1) {
-  const float* vbase = p.v + t.b * p.vs[0] + t.g * p.vs[1];
+  const T* vbase = (const T*)p.v + t.b * p.vs[0] + t.g * p.vs[1];
   for (int r0 = 0; r0 < t.rows; r0 += kValueRows) {
     const int n = std::min(kValueRows, t.rows - r0);
     const float* w[kValueRows];
@@ -292,7 +307,7 @@ KX_TARGET void tile_values(const Problem& p, Tile& t, int d0, int d1) {
     for (int t0 = glo; t0 < ghi; t0 += kValueBlock) {
       const int t1 = std::min(ghi, t0 + kValueBlock);
       for (int c = 0; c < chunks; c++) {
-        const int d = d0 + c * kValueVecs * 16, prefetch = c == 0 ? (d1 - d0) * 4 : 0;
+        const int d = d0 + c * kValueVecs * 16, prefetch = c == 0 ? (d1 - d0) * (int)sizeof(T) : 0;
         if (n <= 4)  // a decode step's rows (4 query heads a KV head): no idle accumulators
           weigh_values<4>(p, vbase, w, f, e, acc.data() + c * per_chunk, n, t0, t1, d, prefetch);
         else
@@ -309,19 +324,21 @@ KX_TARGET void tile_values(const Problem& p, Tile& t, int d0, int d1) {
   }
 }
 
+template <typename T>
 void attend_tile(const Problem& p, int b, int g, int i0) {
   thread_local Tile t;
   thread_local std::vector<uint8_t> visible;
   tile_runs(p, b, g, i0, t);
-  tile_scores(p, t, 0, p.N);
+  tile_scores<T>(p, t, 0, p.N);
   for (int r = 0; r < t.rows; r++) tile_softmax(p, t, r, visible);
-  tile_values(p, t, 0, p.Dv);
+  tile_values<T>(p, t, 0, p.Dv);
 }
 
 constexpr int kSplitKeys = 256;  // keys per scoring task when a call's tiles are split
 constexpr int kSplitDims = 128;  // output dimensions per weighted-value task then: half of a
                                  // 256-dim row each, read as one run
 
+template <typename T>
 void attend_split(const Problem& p, int tiles_per_bg) {
   const int tiles = p.B * p.Hkv * tiles_per_bg;
   std::vector<Tile> ts(tiles);
@@ -331,32 +348,55 @@ void attend_split(const Problem& p, int tiles_per_bg) {
     tile_runs(p, bg / p.Hkv, bg % p.Hkv, c % tiles_per_bg * p.positions, ts[c]);
   }
   const int key_chunks = (p.N + kSplitKeys - 1) / kSplitKeys, dim_chunks = (p.Dv + kSplitDims - 1) / kSplitDims;
-  pool.run([&](int c) { tile_scores(p, ts[c / key_chunks], c % key_chunks * kSplitKeys,
+  pool.run([&](int c) { tile_scores<T>(p, ts[c / key_chunks], c % key_chunks * kSplitKeys,
                                     std::min(p.N, (c % key_chunks + 1) * kSplitKeys)); }, tiles * key_chunks);
   for (auto& t : ts) {
     thread_local std::vector<uint8_t> visible;
     for (int r = 0; r < t.rows; r++) tile_softmax(p, t, r, visible);
   }
-  pool.run([&](int c) { tile_values(p, ts[c / dim_chunks], c % dim_chunks * kSplitDims,
+  pool.run([&](int c) { tile_values<T>(p, ts[c / dim_chunks], c % dim_chunks * kSplitDims,
                                     std::min(p.Dv, (c % dim_chunks + 1) * kSplitDims)); }, tiles * dim_chunks);
 }
 
-std::shared_ptr<std::vector<float>> dense_copy(const mx::array& a) {
-  return a.strides()[3] == 1 ? nullptr : std::make_shared<std::vector<float>>(a.size());
+// Keys or values whose last dimension is not dense (never from mlx-lm's caches), copied
+// dense, as raw elements of 4 (float32) or 2 (float16) bytes.
+std::shared_ptr<std::vector<uint32_t>> dense_copy(const mx::array& a) {
+  return a.strides()[3] == 1 ? nullptr : std::make_shared<std::vector<uint32_t>>((a.size() * a.itemsize() + 3) / 4);
 }
 
-const float* fill_dense(const mx::array& a, std::vector<float>& dst) {
-  const float* src = a.data<float>();
+template <typename T>
+const void* fill_dense(const mx::array& a, std::vector<uint32_t>& buffer) {
+  const T* src = a.data<T>();
+  T* dst = (T*)buffer.data();
   long i = 0;
   for (int d0 = 0; d0 < a.shape(0); d0++)
     for (int d1 = 0; d1 < a.shape(1); d1++)
       for (int d2 = 0; d2 < a.shape(2); d2++)
         for (int d3 = 0; d3 < a.shape(3); d3++)
           dst[i++] = src[d0 * a.strides()[0] + d1 * a.strides()[1] + d2 * a.strides()[2] + d3 * a.strides()[3]];
-  return dst.data();
+  return dst;
 }
 
-bool supported() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq"); }
+bool supported() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c");
+}
+
+template <typename T>
+void attend(Problem& p, const mx::array& k, const mx::array& v, std::vector<uint32_t>* dense_k,
+            std::vector<uint32_t>* dense_v) {
+  if (dense_k) p.k = fill_dense<T>(k, *dense_k);
+  if (dense_v) p.v = fill_dense<T>(v, *dense_v);
+  if (p.N == 0) {
+    std::fill(p.out, p.out + (long)p.B * p.Hq * p.L * p.Dv, 0.f);
+    return;
+  }
+  const int tiles = (p.L + p.positions - 1) / p.positions;
+  kernelext::Workers& pool = kernelext::workers();
+  if (p.B * p.Hkv * tiles < pool.size() && p.N > kSplitKeys) return attend_split<T>(p, tiles);
+  pool.run([&](int c) { attend_tile<T>(p, c / tiles / p.Hkv, c / tiles % p.Hkv, c % tiles * p.positions); },
+           p.B * p.Hkv * tiles);
+}
 
 class CausalAttention : public mx::Primitive {
  public:
@@ -367,7 +407,8 @@ class CausalAttention : public mx::Primitive {
     mx::array& out = outputs[0];
     auto& encoder = kernelext::start_eval(stream(), inputs, out);
     Problem p{};
-    p.q = q.data<float>(), p.k = k.data<float>(), p.v = v.data<float>(), p.out = out.data<float>();
+    p.half = k.dtype() == mx::float16;
+    p.q = q.data<float>(), p.k = k.data<void>(), p.v = v.data<void>(), p.out = out.data<float>();
     p.mask = inputs.size() > 3 ? inputs[3].data<uint8_t>() : nullptr;
     p.B = q.shape(0), p.Hq = q.shape(1), p.L = q.shape(2), p.D = q.shape(3);
     p.Hkv = k.shape(1), p.N = k.shape(2), p.Dv = v.shape(3), p.G = p.Hq / p.Hkv;
@@ -380,17 +421,10 @@ class CausalAttention : public mx::Primitive {
     if (dense_k) p.ks[0] = (long)p.Hkv * p.N * p.D, p.ks[1] = (long)p.N * p.D, p.ks[2] = p.D;
     if (dense_v) p.vs[0] = (long)p.Hkv * p.N * p.Dv, p.vs[1] = (long)p.N * p.Dv, p.vs[2] = p.Dv;
     encoder.dispatch([p, k, v, dense_k, dense_v]() mutable {
-      if (dense_k) p.k = fill_dense(k, *dense_k);
-      if (dense_v) p.v = fill_dense(v, *dense_v);
-      if (p.N == 0) {
-        std::fill(p.out, p.out + (long)p.B * p.Hq * p.L * p.Dv, 0.f);
-        return;
-      }
-      const int tiles = (p.L + p.positions - 1) / p.positions;
-      kernelext::Workers& pool = kernelext::workers();
-      if (p.B * p.Hkv * tiles < pool.size() && p.N > kSplitKeys) return attend_split(p, tiles);
-      pool.run([&](int c) { attend_tile(p, c / tiles / p.Hkv, c / tiles % p.Hkv, c % tiles * p.positions); },
-               p.B * p.Hkv * tiles);
+      if (p.half)
+        attend<uint16_t>(p, k, v, dense_k.get(), dense_v.get());
+      else
+        attend<float>(p, k, v, dense_k.get(), dense_v.get());
     });
   }
   void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
@@ -411,9 +445,10 @@ class CausalAttention : public mx::Primitive {
 mx::array causal_attention(const mx::array& q, const mx::array& k, const mx::array& v,
                            const std::optional<mx::array>& mask, bool causal, int ring, float scale,
                            mx::StreamOrDevice s) {
-  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.dtype() != mx::float32 || k.dtype() != mx::float32 ||
-      v.dtype() != mx::float32)
-    throw std::invalid_argument("causal_attention: q, k, v float32 [B, heads, length, dims]");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.dtype() != mx::float32 ||
+      (k.dtype() != mx::float32 && k.dtype() != mx::float16) || v.dtype() != k.dtype())
+    throw std::invalid_argument(
+        "causal_attention: q float32, k and v both float32 or both float16, each [B, heads, length, dims]");
   const int B = q.shape(0), Hq = q.shape(1), L = q.shape(2), Hkv = k.shape(1), N = k.shape(2);
   if (k.shape(0) != B || v.shape(0) != B || v.shape(1) != Hkv || v.shape(2) != N || k.shape(3) != q.shape(3) ||
       Hkv < 1 || Hq % Hkv != 0 || Hq / Hkv > 8 * kTileRows)
