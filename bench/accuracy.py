@@ -72,9 +72,10 @@ def reference_dir(model_dir: Path, work: Path) -> Path:
     return out
 
 
-def compare(model, reference, tokens: list[int], bos: int) -> dict:
+def compare(model, reference, tokens: list[int], bos: int, kv_dtype=None) -> dict:
     """Perplexity of both models over the chunks, top-1 agreement and mean KL(ref || model).
-    Runs on the MLX thread."""
+    `model` attends through a KV cache of the engine's type (kv_dtype: float16, or None: the
+    activations'), as the engine's prefill does. Runs on the MLX thread."""
     import mlx.core as mx
 
     n_chunks = len(tokens) // N_CTX
@@ -85,7 +86,7 @@ def compare(model, reference, tokens: list[int], bos: int) -> dict:
         ids[0] = bos
         targets = mx.array(ids[first + 1:])
         x = mx.array(ids)[None]
-        logp = _log_softmax(_scored_logits(model, x, first))
+        logp = _log_softmax(_scored_logits(model, x, first, kv_dtype))
         logq = _log_softmax(_scored_logits(reference, x, first))
         rows = mx.arange(targets.size)
         step = [-logp[rows, targets].sum(), -logq[rows, targets].sum(),
@@ -101,16 +102,20 @@ def compare(model, reference, tokens: list[int], bos: int) -> dict:
             "kl": kl / count, "top1": agree / count, "scored": int(count), "chunks": n_chunks}
 
 
-def _scored_logits(model, x, first: int):
+def _scored_logits(model, x, first: int, kv_dtype=None):
     """Logits of positions first .. N_CTX-2 only: the trunk runs on the whole chunk, the
-    output projection (262k wide on Gemma) only on the scored half."""
+    output projection (262k wide on Gemma) only on the scored half. With kv_dtype, the
+    chunk's keys and values go through a KV cache stored as that type first."""
     import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
 
     from engine.models import row_attention
 
     lm = getattr(model, "language_model", model)
-    with row_attention.exact(model):  # the engine's attention where it has its own (else MLX's)
-        hidden = lm.model(x)[:, first:N_CTX - 1]
+    cache = make_prompt_cache(model) if kv_dtype is not None else None
+    # the engine's attention where it has its own (else MLX's)
+    with row_attention.exact(model), row_attention.storing_kv(kv_dtype):
+        hidden = lm.model(x, cache=cache)[:, first:N_CTX - 1]
     if getattr(lm, "lm_head", None) is not None and not getattr(lm, "tie_word_embeddings", False):
         logits = lm.lm_head(hidden)
     else:
@@ -138,12 +143,13 @@ def report(eng, gguf: Path, cpp, work: Path, chunks: int = CHUNKS, cpp_threads: 
 
     def run():
         reference, _ = load_model(ref_dir)  # float32, MLX's own kernels
-        return compare(eng._loaded.model, reference, tokens, bos)
+        return compare(eng._loaded.model, reference, tokens, bos, eng.core.runner.kv_dtype)
 
     t0 = time.perf_counter()
     r = eng.call(run)
     packed = eng.metrics().get("quantized_weight_bytes") or 0
     kind = "quantized, CPU kernels" if packed else eng.metrics().get("dtype")
+    kind += f", KV {eng.metrics().get('kv_dtype')}"
     print(f"kernelext weights ({kind}) vs the float32-dequantized reference, "
           f"{r['scored']:,} scored tokens in {r['chunks']} chunks ({time.perf_counter() - t0:.0f} s):")
     ppl_change = r["ppl"] / r["ppl_ref"] - 1

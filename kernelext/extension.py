@@ -24,7 +24,7 @@ import engine
 from engine import Engine, EngineConfig, ModelRegistry, SamplingParams
 
 # Traits that become EngineConfig fields (or pick the model): they apply at the next load.
-_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "max_batch", "cache_dir", "block_size",
+_LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "kv_dtype", "max_batch", "cache_dir", "block_size",
                 "cache_replies", "drafter")
 
 
@@ -41,6 +41,9 @@ class Kernelext(Configurable):
         "Where converted models are kept (None: the engine's default, ~/.cache/kernelext/models).")).tag(config=True)
     dtype = Enum(("auto", "float32", "float16", "bfloat16", "model"), EngineConfig.dtype,
                  help=_next_load("Weight dtype; auto = float32 on CPU.")).tag(config=True)
+    kv_dtype = Enum(("auto", "float32"), None, allow_none=True, help=_next_load(
+        "KV cache type where quantized weights run on the CPU: auto = float16 (half the "
+        "memory), float32 = the activations' (None: the engine's default).")).tag(config=True)
     max_batch = Int(EngineConfig.max_batch, help=_next_load(
         "Most requests decoded together.")).tag(config=True)
     cache_dir = Unicode(None, allow_none=True, help=_next_load(
@@ -111,7 +114,8 @@ class Kernelext(Configurable):
     def engine_config(self) -> EngineConfig:
         """EngineConfig from the traits. Settings left at None keep the engine's defaults;
         set ones this engine does not know yet (cache, speculation) are skipped with a notice."""
-        wanted = dict(model_cache_dir=self.model_cache_dir, dtype=self.dtype, max_batch=self.max_batch,
+        wanted = dict(model_cache_dir=self.model_cache_dir, dtype=self.dtype, kv_dtype=self.kv_dtype,
+                      max_batch=self.max_batch,
                       cache_dir=self.cache_dir, hot_cache_bytes=self.hot_cache_bytes,
                       ssd_cache_bytes=self.ssd_cache_bytes, block_size=self.block_size,
                       cache_replies=self.cache_replies, drafter=self.drafter, depth=self.depth)

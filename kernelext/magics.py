@@ -304,7 +304,7 @@ class LLMMagics(Magics):
         path = "" if str(eng.model_path) == m["model"] else f"  ({eng.model_path})"
         rows = {
             "model": m["model"] + path,
-            "backend": f"{m['backend']} · BLAS {m['blas']} · {m['dtype']}"
+            "backend": f"{m['backend']} · BLAS {m['blas']} · {m['dtype']} · KV {m.get('kv_dtype', 'activations')}"
                        + (f" · packed output projection {m['packed_output_bytes'] / 2**30:.1f} GiB"
                           if m.get("packed_output_bytes") else "")
                        + (f" · row kernels {m['row_kernel_bytes'] / 2**30:.1f} GiB"

@@ -228,9 +228,12 @@ def test_config_changes_take_effect(kernel):
     assert "next `%llm load`" in kernel.ok("%config Kernelext.max_batch = 4")
     kernel.ok("%config Kernelext.hot_cache_bytes = 12345678")
     assert kernel.ok("c = get_engine().config; print(c.max_batch, c.hot_cache_bytes)") == "16 12345678\n"
+    kernel.ok("%config Kernelext.kv_dtype = 'float32'")
     kernel.ok("%llm load")
     assert "max 4" in kernel.ok("%llm status")
+    assert kernel.ok("print(get_engine().config.kv_dtype)") == "float32\n"
     kernel.ok("%config Kernelext.max_batch = 16")
+    kernel.ok("%config Kernelext.kv_dtype = None")
     kernel.ok("%config Kernelext.hot_cache_bytes = None")
 
 

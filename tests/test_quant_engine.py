@@ -165,6 +165,7 @@ def test_the_kv_cache_is_float16_unless_asked_float32(tmp_path):
     for kv in ("auto", "float32"):
         with make_engine(path, kv_dtype=kv, cache_dir=str(tmp_path / "kv")) as eng:
             runner = eng.core.runner
+            assert eng.metrics()["kv_dtype"] == ("float16" if kv == "auto" else "activations")
             ids = eng.encode(ids_text)[:70]
             first = eng.generate(ids, max_tokens=8)
             handle = eng.submit(ids, max_tokens=400)

@@ -363,7 +363,8 @@ def test_stop_during_stream_cancels_and_frees_port(eng):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_cli_serves_and_exits_cleanly(sig):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kernelext", "serve", "--model", str(tiny_model("qwen3")), "--port", "0"],
+        [sys.executable, "-m", "kernelext", "serve", "--model", str(tiny_model("qwen3")), "--port", "0",
+         "--kv-dtype", "float32"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = queue.Queue()

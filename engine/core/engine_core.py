@@ -148,6 +148,7 @@ class EngineCore:
     def status(self) -> dict:
         """What metrics() shows beside the counters (plain reads, any thread)."""
         out = dict(backend=self.backend, blas=backend.blas(), dtype=self.loaded.dtype,
+                   kv_dtype=str(self.runner.kv_dtype or "").removeprefix("mlx.core.") or "activations",
                    packed_output_bytes=loader.packed_output_bytes(self.loaded.model),
                    row_kernel_bytes=self.loaded.row_kernel_bytes,
                    quantized_weight_bytes=self.loaded.quantized_weight_bytes,

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     distributed_arguments(serve, rank0="this process")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
+    serve.add_argument("--kv-dtype", choices=("auto", "float32"), default=EngineConfig.kv_dtype,
+                       help="KV cache type where quantized weights run on the CPU: auto = float16 "
+                            "(half the memory), float32 = the activations' (default: %(default)s)")
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
                        help="output limit of requests that set none (default: %(default)s); a larger "
                             "limit than the context allows is clamped")
@@ -50,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.model or [DEFAULT_MODEL]]
     budget = None if args.memory_budget is None else int(args.memory_budget * 2**30)
     try:
-        config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
+        config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context, kv_dtype=args.kv_dtype,
                               hostfile=args.hostfile, distributed_layout=args.layout)
     except EngineError as e:
         parser.exit(2, f"kernelext: {e}\n")
