@@ -5,10 +5,10 @@ JSON and repacking chunks in small blocks, a GGUF conversion more. `release_free
 hands them back to the OS. `release_idle_memory` also empties MLX's cache; the engine
 thread calls it once it has been idle a while (core/worker.py).
 
-While the engine works, MLX's own cache of freed buffers is left at MLX's default on purpose. Without it
-(`mx.set_cache_limit(0)`) glibc reuses the freed blocks without page faults, and while the
-prompt was prefilled in 32-token forwards the 512 + 128 run of bench/bench_llama_cpp.py
-peaked 44 MB lower (603 -> 559 MB: the cache held 32 MB of buffers of every size the
+While the engine works, MLX's own cache of freed buffers is left at MLX's default on
+purpose. Without it (`mx.set_cache_limit(0)`) glibc reuses the freed blocks without page
+faults, and while the prompt was prefilled in 32-token forwards the 512 + 128 run of
+bench/bench_llama_cpp.py peaked 44 MB lower (603 -> 559 MB: the cache held 32 MB of buffers of every size the
 forwards freed). Since a chunk-invariant prefill runs the 512 tokens as one forward, its
 own activations set the peak (567 vs 570 MB), while 8 HTTP clients x 128 tokens ran ~8%
 slower without the cache (298-327 vs 329-337 tok/s, interleaved) for 13 MB less.
