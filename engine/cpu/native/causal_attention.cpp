@@ -3,11 +3,12 @@
 //
 // Inputs: q [B, Hq, L, D] (float32), k [B, Hkv, N, D], v [B, Hkv, N, Dv] (both float32 or both
 // float16: a float16 KV cache is read as it is, each element widened exactly to float32, so
-// it gives the bits its values give as float32; query head h reads KV head h / (Hq / Hkv)), and which keys each query sees: a mask [B, L, N] (uint8), or
-// "causal" (query i sees keys 0 .. N - L + i), or none (all N). Keys are visited in the
-// order t = 0 .. N - 1 at buffer index (t + ring) % N: a sliding-window cache that decodes
-// in place keeps its keys in a ring whose oldest entry is at `ring`, so t is their order in
-// time, as a prefilled cache holds them.
+// it gives the bits its values give as float32; query head h reads KV head h / (Hq / Hkv)),
+// and which keys each query sees: a mask [B, L, N] (uint8), or "causal" (query i sees keys
+// 0 .. N - L + i), or none (all N). Keys are visited in the order t = 0 .. N - 1 at buffer
+// index (t + ring) % N: a sliding-window cache that decodes in place keeps its keys in a
+// ring whose oldest entry is at `ring`, so t is their order in time, as a prefilled cache
+// holds them.
 //
 // Exactness: what a query computes depends only on its own q and the keys it sees, in
 // time order, never on the other queries of the call (chunk size, batch rows, verify
