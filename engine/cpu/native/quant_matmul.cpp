@@ -105,6 +105,34 @@ struct Format {
 
 constexpr int kSuper = 8;  // groups per superblock of integer scales
 
+// Where group g of a tile lies in the layout (see the top): its values, its 16-bit scales
+// (and offsets) with half scales, its superblock's first values with integer scales; else
+// its float32 scales follow its values. One place for the three readers (the VNNI and
+// AVX2 tiles, the embedding rows); the VNNI tile passes its layout as constants, so the
+// branches fold away there. vb, gb: value and group bytes; shift: Format::share_shift.
+struct GroupAt {
+  const uint8_t* values;
+  const uint16_t* halves = nullptr;
+  const uint8_t* super_values = nullptr;
+};
+
+__attribute__((always_inline)) inline GroupAt group_at(const uint8_t* tile, long g, bool half, bool offsets,
+                                                       bool ints, int shift, int vb, int gb) {
+  if (half && offsets) {  // group g % share of run g / share
+    const uint8_t* run = tile + (size_t)(g >> shift) * ((vb << shift) + 64);
+    return {run + (g & ((1 << shift) - 1)) * vb, (const uint16_t*)(run + (vb << shift))};
+  }
+  if (half) {  // group g of pair g / 2
+    const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
+    return {pair + (g & 1) * vb, (const uint16_t*)(pair + 2 * vb) + (g & 1) * 16};
+  }
+  if (ints) {  // group g % 8 of superblock g / 8
+    const uint8_t* super_values = tile + (size_t)(g / kSuper) * kSuper * gb;
+    return {super_values + (g % kSuper) * vb, nullptr, super_values};
+  }
+  return {tile + (size_t)g * gb};
+}
+
 // 16 scales (or offsets) stored as float16 or bfloat16, as float32 (exact either way).
 __attribute__((target("avx512f,avx512bw"), always_inline))
 inline __m512 sixteen_ps(const void* p, bool bf16) {
@@ -277,24 +305,14 @@ void tile_vnni(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int g = 0; g < groups; g++) {
-    const uint8_t* w = tile + (size_t)g * group_bytes;  // the stream's position: a group's share
+    const uint8_t* stream = tile + (size_t)g * group_bytes;  // the stream's position: a group's share
     for (int line = 0; line < group_bytes; line += 64)
-      _mm_prefetch((const char*)(w + kPrefetchBytes + line), _MM_HINT_T0);
+      _mm_prefetch((const char*)(stream + kPrefetchBytes + line), _MM_HINT_T0);
+    const GroupAt at = group_at(tile, g, HALF, OFFSETS, INTS, shift, kValueBytes, kGroupBytes);
+    const uint8_t* w = at.values;
     const float* scales = (const float*)(w + kValueBytes);
-    const uint16_t* halves = nullptr;
-    const uint8_t* super_values = nullptr;
-    if constexpr (HALF && OFFSETS) {  // group g % share of run g / share (see the top)
-      const uint8_t* run = tile + (size_t)(g >> shift) * ((kValueBytes << shift) + 64);
-      w = run + (g & ((1 << shift) - 1)) * kValueBytes;
-      halves = (const uint16_t*)(run + (kValueBytes << shift));
-    } else if constexpr (HALF) {  // group g of pair g / 2 (see the top)
-      const uint8_t* pair = tile + (size_t)(g / 2) * 2 * kGroupBytes;
-      w = pair + (g & 1) * kValueBytes;
-      halves = (const uint16_t*)(pair + 2 * kValueBytes) + (g & 1) * 16;
-    } else if constexpr (INTS) {  // group g % 8 of superblock g / 8 (see the top)
-      super_values = tile + (size_t)(g / kSuper) * kSuper * kGroupBytes;
-      w = super_values + (g % kSuper) * kValueBytes;
-    }
+    const uint16_t* halves = at.halves;
+    const uint8_t* super_values = at.super_values;
 #pragma GCC unroll 2
     for (int s = 0; s < SUBS; s++) {
       __m512i ia[R][L][C];
@@ -399,22 +417,11 @@ void tile_avx2(const uint8_t* tile, const Format& f, const Acts& a, int r0, floa
     __m256 acc[R];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int g = 0; g < a.groups; g++) {
-      const uint8_t* w = tile + (size_t)g * gb;
+      const GroupAt at = group_at(tile, g, f.half, f.offsets, f.ints, f.share_shift, vb, gb);
+      const uint8_t* w = at.values;
       const float* scales = (const float*)(w + vb);
-      const uint16_t* halves = nullptr;
-      const uint8_t* super_values = nullptr;
-      if (f.half && f.offsets) {  // group g % share of run g / share (see the top)
-        const uint8_t* run = tile + (size_t)(g >> f.share_shift) * ((vb << f.share_shift) + 64);
-        w = run + (g & ((1 << f.share_shift) - 1)) * vb;
-        halves = (const uint16_t*)(run + (vb << f.share_shift));
-      } else if (f.half) {  // group g of pair g / 2 (see the top)
-        const uint8_t* pair = tile + (size_t)(g / 2) * 2 * gb;
-        w = pair + (g & 1) * vb;
-        halves = (const uint16_t*)(pair + 2 * vb) + (g & 1) * 16;
-      } else if (f.ints) {  // group g % 8 of superblock g / 8
-        super_values = tile + (size_t)(g / kSuper) * kSuper * gb;
-        w = super_values + (g % kSuper) * vb;
-      }
+      const uint16_t* halves = at.halves;
+      const uint8_t* super_values = at.super_values;
       for (int s = 0; s < f.subs; s++) {
         __m256i ia[R][2];
         const int levels = f.levels;
@@ -611,24 +618,14 @@ class QuantRows : public mx::Primitive {
         const uint8_t* tile = wp + (id / kTile) * tile_bytes;
         int j = (int)(id % kTile);
         for (long g = 0; g < groups; g++) {
-          const uint8_t* gw = tile + g * gb;
+          const GroupAt at = group_at(tile, g, f.half, f.offsets, f.ints, f.share_shift, (int)vb, (int)gb);
+          const uint8_t* gw = at.values;
           const float* scales = (const float*)(gw + vb);
-          float half_scale = 0.f;
-          const uint8_t* super_values = nullptr;
-          float half_offset = 0.f;
-          if (f.half && f.offsets) {  // group g % share of run g / share (see the top)
-            const uint8_t* run = tile + (g >> f.share_shift) * ((vb << f.share_shift) + 64);
-            gw = run + (g & ((1 << f.share_shift) - 1)) * vb;
-            const uint16_t* halves = (const uint16_t*)(run + (vb << f.share_shift));
-            half_scale = sixteen_to_float(halves[j], f.bf16);
-            half_offset = sixteen_to_float(halves[16 + j], f.bf16);
-          } else if (f.half) {  // group g of pair g / 2 (see the top)
-            const uint8_t* pair = tile + (g / 2) * 2 * gb;
-            gw = pair + (g & 1) * vb;
-            half_scale = sixteen_to_float(((const uint16_t*)(pair + 2 * vb))[(g & 1) * 16 + j], f.bf16);
-          } else if (f.ints) {  // group g % 8 of superblock g / 8
-            super_values = tile + (g / kSuper) * kSuper * gb;
-            gw = super_values + (g % kSuper) * vb;
+          const uint8_t* super_values = at.super_values;
+          float half_scale = 0.f, half_offset = 0.f;
+          if (f.half) {
+            half_scale = sixteen_to_float(at.halves[j], f.bf16);
+            if (f.offsets) half_offset = sixteen_to_float(at.halves[16 + j], f.bf16);
           }
           for (int k = 0; k < kGroup; k++) {
             int t = k / 4, byte = j * 4 + k % 4;  // step, byte of the step
