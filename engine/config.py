@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .errors import InvalidRequestError
 
+# EngineConfig.kv_dtype's values (the notebook's trait and the server's flag offer these)
+KV_DTYPES = ("auto", "float32")
+
 
 @dataclass
 class EngineConfig:
@@ -104,8 +107,8 @@ class EngineConfig:
             raise InvalidRequestError(f"distributed_timeout must be >= 2 seconds, got {self.distributed_timeout!r}")
         if self.hostfile is not None and not Path(self.hostfile).is_file():
             raise InvalidRequestError(f"hostfile {self.hostfile} does not exist")
-        if self.kv_dtype not in ("auto", "float32"):
-            raise InvalidRequestError(f"kv_dtype must be auto or float32; got {self.kv_dtype!r}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise InvalidRequestError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {self.kv_dtype!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "model"):
             raise InvalidRequestError(
                 f"dtype must be one of auto, float32, float16, bfloat16, model; got {self.dtype!r}"

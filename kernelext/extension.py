@@ -22,6 +22,7 @@ from traitlets.config import Configurable
 
 import engine
 from engine import Engine, EngineConfig, ModelRegistry, SamplingParams
+from engine.config import KV_DTYPES
 
 # Traits that become EngineConfig fields (or pick the model): they apply at the next load.
 _LOAD_TRAITS = ("model", "model_cache_dir", "dtype", "kv_dtype", "max_batch", "cache_dir", "block_size",
@@ -41,7 +42,7 @@ class Kernelext(Configurable):
         "Where converted models are kept (None: the engine's default, ~/.cache/kernelext/models).")).tag(config=True)
     dtype = Enum(("auto", "float32", "float16", "bfloat16", "model"), EngineConfig.dtype,
                  help=_next_load("Weight dtype; auto = float32 on CPU.")).tag(config=True)
-    kv_dtype = Enum(("auto", "float32"), None, allow_none=True, help=_next_load(
+    kv_dtype = Enum(KV_DTYPES, None, allow_none=True, help=_next_load(
         "KV cache type where quantized weights run on the CPU: auto = float16 (half the "
         "memory), float32 = the activations' (None: the engine's default).")).tag(config=True)
     max_batch = Int(EngineConfig.max_batch, help=_next_load(

@@ -11,6 +11,7 @@ import signal
 import threading
 
 from engine import DEFAULT_MODEL, EngineConfig, EngineError, ModelRegistry
+from engine.config import KV_DTYPES
 from engine.distributed.hostfile import add_arguments as distributed_arguments
 
 from .app import DEFAULT_MAX_TOKENS
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed_arguments(serve, rank0="this process")
     serve.add_argument("--max-batch", type=int, default=EngineConfig.max_batch)
     serve.add_argument("--max-context", type=int, default=None)
-    serve.add_argument("--kv-dtype", choices=("auto", "float32"), default=EngineConfig.kv_dtype,
+    serve.add_argument("--kv-dtype", choices=KV_DTYPES, default=EngineConfig.kv_dtype,
                        help="KV cache type where quantized weights run on the CPU: auto = float16 "
                             "(half the memory), float32 = the activations' (default: %(default)s)")
     serve.add_argument("--default-max-tokens", type=int, default=DEFAULT_MAX_TOKENS, metavar="N",
